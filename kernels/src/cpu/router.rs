@@ -1,9 +1,10 @@
 //! MoE routers: which experts each token visits and with what weight.
 //!
 //! V3 (`noaux_tc`): `s = sigmoid(logits)`; choose on `s + bias`; groups scored by the sum of
-//! their two best; keep `topk_group` groups, masked experts score 0 (not -inf, as in
-//! transformers); weights gathered from `s`, normalized if asked, times the scaling factor.
-//! V2: `s = softmax(logits)`; `greedy` or `group_limited_greedy` (groups scored by their max).
+//! their two best; keep `topk_group` groups (experts of other groups can never win: -inf);
+//! weights gathered from `s`, normalized if asked, always times the scaling factor.
+//! V2: `s = softmax(logits)`; `greedy` or `group_limited_greedy` (groups scored by their max,
+//! experts of other groups score 0, as transformers masks them); no normalization.
 //! Outputs are sorted by expert id so results are deterministic.
 
 /// How scores are made from router logits, and how groups are scored.
@@ -58,9 +59,13 @@ pub fn route(cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, ids: &mut
             })
             .collect();
         let keep = top_indices(&group_scores, cfg.topk_group);
+        let masked = match cfg.kind {
+            RouterKind::SigmoidNoAuxTc => f32::NEG_INFINITY,
+            _ => 0.0,
+        };
         for (gi, g) in choice.chunks_exact_mut(per).enumerate() {
             if !keep.contains(&gi) {
-                g.iter_mut().for_each(|v| *v = 0.0);
+                g.iter_mut().for_each(|v| *v = masked);
             }
         }
     }
@@ -72,7 +77,8 @@ pub fn route(cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, ids: &mut
         weights[slot] = scores[x];
         sum += scores[x];
     }
-    let norm = if cfg.norm_topk_prob && cfg.top_k > 1 { 1.0 / (sum + 1e-20) } else { 1.0 };
+    let normalize = cfg.norm_topk_prob && cfg.kind == RouterKind::SigmoidNoAuxTc;
+    let norm = if normalize { 1.0 / (sum + 1e-20) } else { 1.0 };
     for w in weights.iter_mut() {
         *w = *w * norm * cfg.routed_scaling_factor;
     }
@@ -130,15 +136,31 @@ mod tests {
     }
 
     #[test]
-    fn masked_experts_score_zero_not_minus_infinity() {
-        // Kept group {0,1} has negative choice scores; masked experts score 0 and win, as in
-        // transformers' masked_fill(…, 0.0).
+    fn v3_masked_experts_never_win_even_over_negative_scores() {
+        // Kept group {0,1} has negative choice scores; masked experts are -inf in V3.
         let logits = [0.0; 8];
         let bias = [-1.0, -1.0, -1.0, -1.0, -2.0, -2.0, -2.0, -2.0];
-        let cfg = RouterConfig { top_k: 3, ..v3(4, 1, false) };
+        let (mut ids, mut w) = ([0u32; 2], [0f32; 2]);
+        route(&v3(4, 1, false), &logits, Some(&bias), &mut ids, &mut w);
+        assert_eq!(ids, [0, 1]);
+    }
+
+    #[test]
+    fn v2_masked_experts_score_zero() {
+        let cfg = RouterConfig {
+            kind: RouterKind::SoftmaxGroupLimited,
+            n_experts: 4,
+            top_k: 3,
+            n_group: 2,
+            topk_group: 1,
+            norm_topk_prob: true,
+            routed_scaling_factor: 1.0,
+        };
         let (mut ids, mut w) = ([0u32; 3], [0f32; 3]);
-        route(&cfg, &logits, Some(&bias), &mut ids, &mut w);
-        assert_eq!(ids, [2, 3, 4], "masked zeros beat kept negatives");
+        route(&cfg, &[5.0, 4.0, 0.0, 0.0], None, &mut ids, &mut w);
+        assert_eq!(ids, [0, 1, 2], "the third pick is a masked expert at score 0, lowest index");
+        assert_eq!(w[2], 0.0);
+        assert!(w[0] + w[1] < 1.0, "V2 ignores norm_topk_prob, as transformers does");
     }
 
     #[test]

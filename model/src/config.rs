@@ -1,0 +1,373 @@
+//! `config.json` of a DeepSeek-V3/V2 checkpoint, parsed and validated once.
+//!
+//! Accepts both rope layouts: `rope_theta` + `rope_scaling` (official repos) and
+//! transformers 5's `rope_parameters`. Unknown fields are ignored (HF configs carry many).
+
+use crate::ModelError;
+use kernels::cpu::rope::Yarn;
+use kernels::cpu::router::{RouterConfig, RouterKind};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Which DeepSeek generation's semantics to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    DeepseekV3,
+    DeepseekV2,
+}
+
+/// FP8 block quantization declared in `quantization_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Blocks {
+    pub block: (usize, usize),
+}
+
+/// The validated model shape and semantics.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: ModelType,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub n_shared_experts: usize,
+    pub n_routed_experts: usize,
+    pub first_k_dense_replace: usize,
+    pub router: RouterConfig,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub yarn: Option<Yarn>,
+    pub rope_interleave: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub fp8: Option<Fp8Blocks>,
+    pub num_nextn_predict_layers: usize,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    n_shared_experts: Option<usize>,
+    n_routed_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    topk_method: Option<String>,
+    norm_topk_prob: Option<bool>,
+    routed_scaling_factor: Option<f64>,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    rope_interleave: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    quantization_config: Option<Value>,
+    num_nextn_predict_layers: Option<usize>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        Self::from_json(&text, &path)
+    }
+
+    /// Parses `text`; `path` only names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self, ModelError> {
+        let raw: Raw = serde_json::from_str(text).map_err(|source| ModelError::Json { path: path.into(), source })?;
+        Parser { path: path.to_path_buf() }.parse(raw)
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.first_k_dense_replace && self.n_routed_experts > 0
+    }
+
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Softmax scale: `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN.
+    pub fn softmax_scale(&self) -> f32 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        let m = match &self.yarn {
+            Some(y) => match y.mscale_all_dim {
+                Some(a) if a != 0.0 => kernels::cpu::rope::yarn_mscale(y.factor, a),
+                _ => 1.0,
+            },
+            None => 1.0,
+        };
+        (base * m * m) as f32
+    }
+
+    /// Values per token per layer in the latent cache (`kv_lora_rank + qk_rope_head_dim`).
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+struct Parser {
+    path: PathBuf,
+}
+
+impl Parser {
+    fn err(&self, field: &str, reason: impl Into<String>) -> ModelError {
+        ModelError::Config { path: self.path.clone(), field: field.into(), reason: reason.into() }
+    }
+
+    fn req(&self, v: Option<usize>, field: &str) -> Result<usize, ModelError> {
+        match v {
+            Some(0) => Err(self.err(field, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Err(self.err(field, "is required")),
+        }
+    }
+
+    fn parse(&self, r: Raw) -> Result<ModelConfig, ModelError> {
+        let model_type = match r.model_type.as_deref() {
+            Some("deepseek_v3") => ModelType::DeepseekV3,
+            Some("deepseek_v2") => ModelType::DeepseekV2,
+            Some(other) => {
+                return Err(ModelError::UnsupportedModelType { path: self.path.clone(), model_type: other.into() });
+            }
+            None => return Err(self.err("model_type", "is required")),
+        };
+        let hidden_size = self.req(r.hidden_size, "hidden_size")?;
+        let n_routed_experts = r.n_routed_experts.unwrap_or(0);
+        let top_k = if n_routed_experts > 0 { self.req(r.num_experts_per_tok, "num_experts_per_tok")? } else { 0 };
+        if top_k > n_routed_experts {
+            return Err(self.err("num_experts_per_tok", format!("{top_k} exceeds n_routed_experts {n_routed_experts}")));
+        }
+        let n_group = r.n_group.unwrap_or(1).max(1);
+        let topk_group = r.topk_group.unwrap_or(1).max(1);
+        if n_routed_experts > 0 && n_routed_experts % n_group != 0 {
+            return Err(self.err("n_group", format!("{n_group} does not divide n_routed_experts {n_routed_experts}")));
+        }
+        if topk_group > n_group {
+            return Err(self.err("topk_group", format!("{topk_group} exceeds n_group {n_group}")));
+        }
+        let kind = match model_type {
+            ModelType::DeepseekV3 => RouterKind::SigmoidNoAuxTc,
+            ModelType::DeepseekV2 => match r.topk_method.as_deref().unwrap_or("greedy") {
+                "greedy" => RouterKind::SoftmaxGreedy,
+                "group_limited_greedy" => RouterKind::SoftmaxGroupLimited,
+                other => return Err(self.err("topk_method", format!("{other:?} is not supported for deepseek_v2"))),
+            },
+        };
+        let router = RouterConfig {
+            kind,
+            n_experts: n_routed_experts,
+            top_k,
+            n_group,
+            topk_group,
+            norm_topk_prob: r.norm_topk_prob.unwrap_or(false),
+            routed_scaling_factor: r.routed_scaling_factor.unwrap_or(1.0) as f32,
+        };
+        let qk_rope_head_dim = self.req(r.qk_rope_head_dim, "qk_rope_head_dim")?;
+        if qk_rope_head_dim % 2 != 0 {
+            return Err(self.err("qk_rope_head_dim", "must be even"));
+        }
+        let max_position_embeddings = self.req(r.max_position_embeddings, "max_position_embeddings")?;
+        let (rope_theta, yarn) = self.rope(&r, max_position_embeddings)?;
+        let rms_norm_eps = r.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps > 0.0) {
+            return Err(self.err("rms_norm_eps", "must be positive"));
+        }
+        Ok(ModelConfig {
+            model_type,
+            vocab_size: self.req(r.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: self.req(r.intermediate_size, "intermediate_size")?,
+            moe_intermediate_size: if n_routed_experts > 0 {
+                self.req(r.moe_intermediate_size, "moe_intermediate_size")?
+            } else {
+                0
+            },
+            num_hidden_layers: self.req(r.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads: self.req(r.num_attention_heads, "num_attention_heads")?,
+            n_shared_experts: r.n_shared_experts.unwrap_or(0),
+            n_routed_experts,
+            first_k_dense_replace: r.first_k_dense_replace.unwrap_or(0),
+            router,
+            q_lora_rank: r.q_lora_rank.filter(|&q| q > 0),
+            kv_lora_rank: self.req(r.kv_lora_rank, "kv_lora_rank")?,
+            qk_nope_head_dim: self.req(r.qk_nope_head_dim, "qk_nope_head_dim")?,
+            qk_rope_head_dim,
+            v_head_dim: self.req(r.v_head_dim, "v_head_dim")?,
+            max_position_embeddings,
+            rms_norm_eps: rms_norm_eps as f32,
+            rope_theta,
+            yarn,
+            // transformers' V2 always uses interleaved (complex) pairs; V3 defaults to true.
+            rope_interleave: match model_type {
+                ModelType::DeepseekV2 => true,
+                ModelType::DeepseekV3 => r.rope_interleave.unwrap_or(true),
+            },
+            tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: self.token_ids(r.bos_token_id.as_ref(), "bos_token_id")?.first().copied(),
+            eos_token_ids: self.token_ids(r.eos_token_id.as_ref(), "eos_token_id")?,
+            fp8: self.fp8(r.quantization_config.as_ref())?,
+            num_nextn_predict_layers: r.num_nextn_predict_layers.unwrap_or(0),
+        })
+    }
+
+    /// `(rope_theta, yarn)` from either layout.
+    fn rope(&self, r: &Raw, max_pos: usize) -> Result<(f64, Option<Yarn>), ModelError> {
+        let (params, field) = match (&r.rope_parameters, &r.rope_scaling) {
+            (Some(p @ Value::Object(_)), _) => (Some(p), "rope_parameters"),
+            (_, Some(s @ Value::Object(_))) => (Some(s), "rope_scaling"),
+            _ => (None, "rope_scaling"),
+        };
+        let get = |k: &str| params.and_then(|p| p.get(k)).filter(|v| !v.is_null());
+        let num = |k: &str| -> Result<Option<f64>, ModelError> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(&format!("{field}.{k}"), "must be a number")),
+            }
+        };
+        let theta = match (num("rope_theta")?, r.rope_theta) {
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => 10000.0,
+        };
+        if !(theta > 1.0) {
+            return Err(self.err("rope_theta", "must be greater than 1"));
+        }
+        let kind = get("rope_type").or_else(|| get("type")).and_then(Value::as_str).unwrap_or("default");
+        match kind {
+            "default" => Ok((theta, None)),
+            "yarn" => {
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => match num("original_max_position_embeddings")? {
+                        Some(o) => max_pos as f64 / o,
+                        None => return Err(self.err(&format!("{field}.factor"), "is required for yarn")),
+                    },
+                };
+                let original = num("original_max_position_embeddings")?.unwrap_or(max_pos as f64);
+                let nonzero = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d);
+                Ok((
+                    theta,
+                    Some(Yarn {
+                        factor,
+                        original_max_position_embeddings: original,
+                        beta_fast: nonzero(num("beta_fast")?, 32.0),
+                        beta_slow: nonzero(num("beta_slow")?, 1.0),
+                        mscale: num("mscale")?,
+                        mscale_all_dim: num("mscale_all_dim")?,
+                        attention_factor: num("attention_factor")?,
+                        truncate: get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                    }),
+                ))
+            }
+            other => Err(self.err(&format!("{field}.rope_type"), format!("{other:?} is not supported (default, yarn)"))),
+        }
+    }
+
+    fn token_ids(&self, v: Option<&Value>, field: &str) -> Result<Vec<u32>, ModelError> {
+        let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        match v {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(a)) => a.iter().map(|x| as_id(x).ok_or_else(|| self.err(field, "must hold token ids"))).collect(),
+            Some(x) => as_id(x).map(|id| vec![id]).ok_or_else(|| self.err(field, "must be a token id")),
+        }
+    }
+
+    fn fp8(&self, q: Option<&Value>) -> Result<Option<Fp8Blocks>, ModelError> {
+        let Some(q) = q.filter(|q| !q.is_null()) else { return Ok(None) };
+        let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+        if method != "fp8" {
+            return Err(self.err("quantization_config.quant_method", format!("{method:?} is not supported (fp8)")));
+        }
+        if let Some(fmt) = q.get("fmt").and_then(Value::as_str)
+            && fmt != "e4m3"
+        {
+            return Err(self.err("quantization_config.fmt", format!("{fmt:?} is not supported (e4m3)")));
+        }
+        let block = match q.get("weight_block_size").and_then(Value::as_array) {
+            Some(b) if b.len() == 2 => (b[0].as_u64(), b[1].as_u64()),
+            None => (Some(128), Some(128)),
+            Some(_) => (None, None),
+        };
+        match block {
+            (Some(a), Some(b)) if a > 0 && b > 0 => Ok(Some(Fp8Blocks { block: (a as usize, b as usize) })),
+            _ => Err(self.err("quantization_config.weight_block_size", "must be two positive integers")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V3: &str = r#"{"model_type":"deepseek_v3","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+      "moe_intermediate_size":32,"num_hidden_layers":3,"num_attention_heads":4,"n_shared_experts":1,
+      "n_routed_experts":16,"num_experts_per_tok":4,"first_k_dense_replace":1,"n_group":4,"topk_group":2,
+      "norm_topk_prob":true,"routed_scaling_factor":2.5,"q_lora_rank":48,"kv_lora_rank":32,
+      "qk_nope_head_dim":16,"qk_rope_head_dim":8,"v_head_dim":16,"max_position_embeddings":256,
+      "rope_theta":10000,"rope_scaling":{"type":"yarn","factor":4,"original_max_position_embeddings":64,
+      "beta_fast":32,"beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0},"bos_token_id":0,"eos_token_id":1}"#;
+
+    fn parse(s: &str) -> Result<ModelConfig, ModelError> {
+        ModelConfig::from_json(s, Path::new("config.json"))
+    }
+
+    #[test]
+    fn parses_official_layout() {
+        let c = parse(V3).unwrap();
+        assert_eq!(c.model_type, ModelType::DeepseekV3);
+        assert_eq!(c.latent_dim(), 40);
+        let y = c.yarn.as_ref().unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 64.0));
+        let m = 0.1 * 4f64.ln() + 1.0;
+        assert!((c.softmax_scale() as f64 - 24f64.powf(-0.5) * m * m).abs() < 1e-6);
+        assert_eq!(c.eos_token_ids, vec![1]);
+    }
+
+    #[test]
+    fn parses_rope_parameters_layout() {
+        let s = V3.replace(
+            r#""rope_theta":10000,"rope_scaling":{"type":"yarn","#,
+            r#""rope_parameters":{"rope_theta":5000,"rope_type":"yarn","#,
+        );
+        let c = parse(&s).unwrap();
+        assert_eq!(c.rope_theta, 5000.0);
+        assert!(c.yarn.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse(&V3.replace(r#""kv_lora_rank":32,"#, "")).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("kv_lora_rank"), "{e}");
+        let e = parse(&V3.replace("deepseek_v3", "llama")).unwrap_err().to_string();
+        assert!(e.contains("unsupported model_type \"llama\""), "{e}");
+        let e = parse(&V3.replace(r#""n_group":4"#, r#""n_group":3"#)).unwrap_err().to_string();
+        assert!(e.contains("n_group"), "{e}");
+        let e = parse("{").unwrap_err().to_string();
+        assert!(e.contains("invalid JSON"), "{e}");
+    }
+}

@@ -1,0 +1,287 @@
+//! The engine API: sequences are added, prefilled in batches, stepped in batched decode, and
+//! released; a sequence's latent cache can be exported and imported (prefill/decode split).
+//!
+//! Invariants: a sequence's cache blocks for its whole budget (prompt + max_new_tokens) are
+//! reserved when it is added, so a running sequence never fails for lack of cache; blocks
+//! return to the pool exactly once, on release.
+
+use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
+use crate::experts::ExpertBackend;
+use crate::forward::{LogitsWanted, Model, Segment};
+use crate::sampling::{Sampler, SamplingParams, top_logits};
+use crate::EngineError;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// A sequence's id, chosen by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+impl fmt::Display for SeqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It emitted a stop token.
+    Stop,
+    /// It reached max_new_tokens.
+    Length,
+}
+
+/// Engine sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Tokens of latent cache (all sequences together).
+    pub cache_tokens: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { cache_tokens: 16 * 1024, block_size: 16 }
+    }
+}
+
+/// One token produced for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    pub seq: SeqId,
+    pub token: u32,
+    pub finish: Option<FinishReason>,
+    /// After prefill, when asked: the largest logits at the last prompt position.
+    pub prompt_logits_top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Running,
+    Finished,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose latent rows are in the cache.
+    cached: usize,
+    blocks: Vec<u32>,
+    sampler: Sampler,
+    phase: Phase,
+    prompt_logits_top: usize,
+}
+
+/// A batch-capable inference engine over one model.
+#[derive(Debug)]
+pub struct Engine {
+    model: Arc<Model>,
+    experts: Arc<dyn ExpertBackend>,
+    cache: LatentCache,
+    seqs: HashMap<SeqId, Sequence>,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Self {
+        let c = &model.config;
+        let layout = CacheLayout {
+            num_layers: c.num_hidden_layers,
+            latent_dim: c.latent_dim(),
+            block_size: opts.block_size.max(1),
+            num_blocks: opts.cache_tokens.div_ceil(opts.block_size.max(1)),
+        };
+        Engine { cache: LatentCache::new(layout), model, experts, seqs: HashMap::new() }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn cache_layout(&self) -> CacheLayout {
+        self.cache.layout()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.cache.free_blocks()
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Checks a request against the model without admitting it.
+    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        params.validate()?;
+        let c = &self.model.config;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfVocab { id, vocab: c.vocab_size });
+        }
+        if prompt.len() + params.max_new_tokens > c.max_position_embeddings {
+            return Err(EngineError::ContextExceeded {
+                prompt: prompt.len(),
+                max_new: params.max_new_tokens,
+                context: c.max_position_embeddings,
+            });
+        }
+        Ok(())
+    }
+
+    /// Admits a sequence, reserving cache for prompt + max_new_tokens. `prompt_logits_top` > 0
+    /// asks prefill to report that many of the largest last-prompt-position logits.
+    pub fn add_sequence(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        prompt_logits_top: usize,
+    ) -> Result<(), EngineError> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id.0));
+        }
+        self.validate(&prompt, &params)?;
+        let needed = self.cache.layout().blocks_for(prompt.len() + params.max_new_tokens);
+        let blocks = self
+            .cache
+            .allocate(needed)
+            .ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
+        let seq = Sequence {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            cached: 0,
+            blocks,
+            sampler: Sampler::new(params),
+            phase: Phase::Waiting,
+            prompt_logits_top,
+        };
+        self.seqs.insert(id, seq);
+        Ok(())
+    }
+
+    /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token.
+    pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+        self.run(ids, Phase::Waiting)
+    }
+
+    /// One decode step for every sequence in `ids` (all running).
+    pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+        self.run(ids, Phase::Running)
+    }
+
+    fn run(&mut self, ids: &[SeqId], phase: Phase) -> Result<Vec<StepOutput>, EngineError> {
+        let mut seen = std::collections::HashSet::new();
+        for id in ids {
+            let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
+            if s.phase != phase || !seen.insert(*id) {
+                let what = if phase == Phase::Waiting { "waiting for prefill" } else { "running" };
+                return Err(EngineError::WrongState(id.0, what));
+            }
+        }
+        let segments: Vec<Segment<'_>> = ids
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                Segment {
+                    tokens: &s.tokens[s.cached..],
+                    start_pos: s.cached,
+                    block_table: &s.blocks,
+                    logits: LogitsWanted::Last,
+                }
+            })
+            .collect();
+        let out = self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?;
+        let mut results = Vec::with_capacity(ids.len());
+        for (id, logits) in ids.iter().zip(out.logits) {
+            let s = self.seqs.get_mut(id).expect("checked above");
+            s.cached = s.tokens.len();
+            let token = s.sampler.sample(&logits);
+            let prompt_logits_top =
+                if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
+            s.tokens.push(token);
+            let p = s.sampler.params();
+            let finish = if p.stop_token_ids.contains(&token)
+                || (p.stop_token_ids.is_empty() && self.model.config.eos_token_ids.contains(&token))
+            {
+                Some(FinishReason::Stop)
+            } else if s.tokens.len() - s.prompt_len >= p.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
+            results.push(StepOutput { seq: *id, token, finish, prompt_logits_top });
+        }
+        Ok(results)
+    }
+
+    /// Tokens generated so far by `id`.
+    pub fn generated(&self, id: SeqId) -> Result<&[u32], EngineError> {
+        let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        Ok(&s.tokens[s.prompt_len..])
+    }
+
+    /// Frees the sequence and its cache blocks.
+    pub fn release(&mut self, id: SeqId) -> Result<(), EngineError> {
+        let s = self.seqs.remove(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        self.cache.free(&s.blocks);
+        Ok(())
+    }
+
+    /// The sequence's cached latent rows, layer by layer.
+    pub fn export_cache(&self, id: SeqId) -> Result<SequenceCacheExport, EngineError> {
+        let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        let layout = self.cache.layout();
+        Ok(SequenceCacheExport {
+            num_tokens: s.cached,
+            latent_dim: layout.latent_dim,
+            layers: (0..layout.num_layers).map(|l| self.cache.export_layer(l, &s.blocks, s.cached)).collect(),
+        })
+    }
+
+    /// Admits a sequence whose prompt was prefilled elsewhere: `tokens` is the prompt plus
+    /// the tokens generated there (at least the first), `export` the prompt's cache.
+    pub fn import_sequence(
+        &mut self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+        export: &SequenceCacheExport,
+    ) -> Result<(), EngineError> {
+        let layout = self.cache.layout();
+        let bad = |m: String| Err(EngineError::BadCacheImport(m));
+        if export.latent_dim != layout.latent_dim || export.layers.len() != layout.num_layers {
+            return bad(format!(
+                "shape {}x{} does not match this model's {} layers x {}",
+                export.layers.len(),
+                export.latent_dim,
+                layout.num_layers,
+                layout.latent_dim
+            ));
+        }
+        if export.num_tokens + 1 != tokens.len() || prompt_len == 0 || prompt_len > export.num_tokens {
+            return bad(format!("{} cached tokens do not fit {} tokens (prompt {prompt_len})", export.num_tokens, tokens.len()));
+        }
+        let row_bytes = layout.latent_dim * 4 * export.num_tokens;
+        if let Some(l) = export.layers.iter().position(|b| b.len() != row_bytes) {
+            return bad(format!("layer {l} has {} bytes, expected {row_bytes}", export.layers[l].len()));
+        }
+        self.add_sequence(id, tokens[..prompt_len].to_vec(), params, 0)?;
+        let s = self.seqs.get_mut(&id).expect("just added");
+        for (l, bytes) in export.layers.iter().enumerate() {
+            self.cache.import_layer(l, &s.blocks, bytes);
+        }
+        s.tokens = tokens;
+        s.cached = export.num_tokens;
+        s.phase = Phase::Running;
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! Errors at the model boundary: loading (naming the file, tensor or field) and running.
+
+use std::path::PathBuf;
+
+/// A checkpoint or tokenizer could not be loaded. Every variant names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: field `{field}`: {reason}")]
+    Config { path: PathBuf, field: String, reason: String },
+    #[error("{path}: unsupported model_type {model_type:?} (supported: deepseek_v3, deepseek_v2)")]
+    UnsupportedModelType { path: PathBuf, model_type: String },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("tensor `{tensor}` is missing from the checkpoint in {dir}")]
+    MissingTensor { dir: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)")]
+    Dtype { path: PathBuf, tensor: String, dtype: String },
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+}
+
+/// A request the engine refuses, or a failure while running it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(u64),
+    #[error("unknown sequence {0}")]
+    UnknownSequence(u64),
+    #[error("empty prompt: at least one token is required")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus max_new_tokens {max_new} exceeds the model's context of {context} tokens")]
+    ContextExceeded { prompt: usize, max_new: usize, context: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfVocab { id: u32, vocab: usize },
+    #[error("invalid sampling parameter: {0}")]
+    InvalidSampling(String),
+    #[error("not enough cache: {needed} blocks needed, {free} free")]
+    CacheFull { needed: usize, free: usize },
+    #[error("sequence {0} is not in the expected state: {1}")]
+    WrongState(u64, &'static str),
+    #[error("cache import rejected: {0}")]
+    BadCacheImport(String),
+    #[error(transparent)]
+    Experts(#[from] crate::ExpertError),
+}

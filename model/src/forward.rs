@@ -1,0 +1,451 @@
+//! The batched forward pass of DeepSeek-V3/V2 over a paged latent cache.
+//!
+//! A batch is a list of segments (consecutive tokens of one sequence starting at some
+//! position): a prompt being prefilled, or the single newest token of a decoding sequence.
+//! All tokens of a layer are written to the cache before any of them attends, so causal
+//! attention inside a prompt is just "attend to positions <= mine".
+
+use crate::cache::LatentCache;
+use crate::config::ModelConfig;
+use crate::experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
+use crate::weights::{Matrix, WeightReader};
+use crate::ModelError;
+use kernels::cpu::activation::silu_mul;
+use kernels::cpu::mla::attend;
+use kernels::cpu::norm::rms_norm;
+use kernels::cpu::rope::RopeTable;
+use kernels::cpu::router::route;
+use kernels::cpu::{Precision, matmul};
+use rayon::prelude::*;
+
+/// eps of `q_a_layernorm` / `kv_a_layernorm` (fixed in DeepSeek's code, not `rms_norm_eps`).
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+impl Mlp {
+    pub(crate) fn load(r: &WeightReader<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Self, ModelError> {
+        Ok(Mlp {
+            gate: r.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
+            up: r.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
+            down: r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.gate.bytes() + self.up.bytes() + self.down.bytes()
+    }
+
+    /// `x: [m, hidden]` → `out: [m, hidden]`.
+    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32], p: Precision) {
+        let (h, i) = (self.gate.cols, self.gate.rows);
+        let mut g = vec![0f32; m * i];
+        let mut u = vec![0f32; m * i];
+        matmul(x, m, h, self.gate.weight(), i, &mut g, p);
+        matmul(x, m, h, self.up.weight(), i, &mut u, p);
+        silu_mul(&mut g, &u);
+        matmul(&g, m, i, self.down.weight(), h, out, p);
+    }
+}
+
+#[derive(Debug)]
+enum QProj {
+    Full(Matrix),
+    Lora { a: Matrix, norm: Vec<f32>, b: Matrix },
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: QProj,
+    kv_a: Matrix,
+    kv_a_norm: Vec<f32>,
+    /// Per head `W_UKᵀ`: `[kv_lora_rank, qk_nope_head_dim]` (absorbs the key up-projection).
+    w_uk_t: Vec<Matrix>,
+    /// Per head `W_UV`: `[v_head_dim, kv_lora_rank]`.
+    w_uv: Vec<Matrix>,
+    o_proj: Matrix,
+}
+
+#[derive(Debug)]
+struct Moe {
+    /// Router weight `[n_routed_experts, hidden]`, f32.
+    gate: Matrix,
+    bias: Option<Vec<f32>>,
+    shared: Option<Mlp>,
+}
+
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    attn: Attention,
+    ffn: Ffn,
+}
+
+/// The non-expert weights of a model (routed experts live behind [`ExpertBackend`]).
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Option<Matrix>,
+    rope: RopeTable,
+    scale: f32,
+    precision: Precision,
+}
+
+/// Which positions of a segment need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// Consecutive tokens of one sequence, starting at `start_pos`, whose cache rows live in the
+/// blocks of `block_table` (which must cover `start_pos + tokens.len()` positions).
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+/// Logits per segment: one row (`Last`), one per token (`All`) or none.
+#[derive(Debug, Default)]
+pub struct ForwardOutput {
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Router choices recorded during a forward: `layers[i] = (layer, ids)` where `ids` holds
+/// `top_k` ascending expert ids per token of the batch, in batch order.
+#[derive(Debug, Default, Clone)]
+pub struct RouterTrace {
+    pub layers: Vec<(usize, Vec<u32>)>,
+}
+
+impl Model {
+    pub(crate) fn load(r: &WeightReader<'_>, config: ModelConfig, progress: &dyn Fn(u64)) -> Result<Self, ModelError> {
+        let c = &config;
+        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let (dn, dr, dv, rank) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let embed = r.matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        progress(1);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let q = match c.q_lora_rank {
+                None => QProj::Full(r.matrix(&format!("{p}.self_attn.q_proj.weight"), heads * (dn + dr), h)?),
+                Some(qr) => QProj::Lora {
+                    a: r.matrix(&format!("{p}.self_attn.q_a_proj.weight"), qr, h)?,
+                    norm: r.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), qr)?,
+                    b: r.matrix(&format!("{p}.self_attn.q_b_proj.weight"), heads * (dn + dr), qr)?,
+                },
+            };
+            let kv_b = r.matrix(&format!("{p}.self_attn.kv_b_proj.weight"), heads * (dn + dv), rank)?;
+            let per = dn + dv;
+            let w_uk_t = (0..heads).map(|hd| kv_b.gather_rows(hd * per..hd * per + dn).transposed()).collect();
+            let w_uv = (0..heads).map(|hd| kv_b.gather_rows(hd * per + dn..(hd + 1) * per)).collect();
+            let attn = Attention {
+                q,
+                kv_a: r.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), rank + dr, h)?,
+                kv_a_norm: r.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), rank)?,
+                w_uk_t,
+                w_uv,
+                o_proj: r.matrix(&format!("{p}.self_attn.o_proj.weight"), h, heads * dv)?,
+            };
+            let ffn = if c.is_moe_layer(l) {
+                let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
+                Ffn::Moe(Moe {
+                    gate: f32_reader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, h)?,
+                    bias: match c.model_type {
+                        crate::ModelType::DeepseekV3 => {
+                            Some(r.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), c.n_routed_experts)?)
+                        }
+                        crate::ModelType::DeepseekV2 => None,
+                    },
+                    shared: if c.n_shared_experts > 0 {
+                        Some(Mlp::load(r, &format!("{p}.mlp.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)?)
+                    } else {
+                        None
+                    },
+                })
+            } else {
+                Ffn::Dense(Mlp::load(r, &format!("{p}.mlp"), h, c.intermediate_size)?)
+            };
+            let layer = Layer {
+                input_norm: r.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                post_norm: r.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                attn,
+                ffn,
+            };
+            progress(1);
+            layers.push(layer);
+        }
+        let norm = r.vector("model.norm.weight", h)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(r.matrix("lm_head.weight", c.vocab_size, h)?) };
+        progress(1);
+        let rope = RopeTable::new(dr, c.rope_theta, c.yarn.as_ref(), c.rope_interleave);
+        let scale = c.softmax_scale();
+        Ok(Model { config, embed, layers, norm, lm_head, rope, scale, precision: Precision::Exact })
+    }
+
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// Runs `segments` through the model, writing their latent rows into `cache`.
+    pub fn forward(
+        &self,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        experts: &dyn ExpertBackend,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<ForwardOutput, ExpertError> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        // Flatten: token i belongs to segment seg_of[i] at absolute position pos[i].
+        let mut tokens = Vec::new();
+        let mut pos = Vec::new();
+        let mut seg_of = Vec::new();
+        for (si, s) in segments.iter().enumerate() {
+            for (j, &t) in s.tokens.iter().enumerate() {
+                tokens.push(t);
+                pos.push(s.start_pos + j);
+                seg_of.push(si);
+            }
+        }
+        let n = tokens.len();
+        let mut x = vec![0f32; n * h];
+        for (i, &t) in tokens.iter().enumerate() {
+            self.embed.row_f32(t as usize, &mut x[i * h..(i + 1) * h]);
+        }
+        let mut hn = vec![0f32; n * h];
+        let mut out = vec![0f32; n * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            hn.copy_from_slice(&x);
+            rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
+            self.attention(li, &layer.attn, &hn, &pos, &seg_of, segments, cache, &mut out);
+            add(&mut x, &out);
+            hn.copy_from_slice(&x);
+            rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);
+            match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&hn, n, &mut out, self.precision),
+                Ffn::Moe(moe) => self.moe(li, moe, &hn, n, experts, trace.as_deref_mut(), &mut out)?,
+            }
+            add(&mut x, &out);
+        }
+        Ok(self.logits(&x, segments))
+    }
+
+    fn logits(&self, x: &[f32], segments: &[Segment<'_>]) -> ForwardOutput {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for s in segments {
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => rows.push(start + s.tokens.len() - 1),
+                LogitsWanted::All => rows.extend(start..start + s.tokens.len()),
+            }
+            start += s.tokens.len();
+        }
+        let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+        rms_norm(&mut hs, &self.norm, self.config.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut all = vec![0f32; rows.len() * vocab];
+        matmul(&hs, rows.len(), h, head.weight(), vocab, &mut all, self.precision);
+        let mut logits = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for s in segments {
+            let k = match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => s.tokens.len(),
+            };
+            logits.push(all[row * vocab..(row + k) * vocab].to_vec());
+            row += k;
+        }
+        ForwardOutput { logits }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        hn: &[f32],
+        pos: &[usize],
+        seg_of: &[usize],
+        segments: &[Segment<'_>],
+        cache: &mut LatentCache,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let p = self.precision;
+        let (n, h, heads) = (pos.len(), c.hidden_size, c.num_attention_heads);
+        let (dn, dr, dv, rank) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let dq = dn + dr;
+        // Queries: [n, heads * (dn + dr)].
+        let mut q = vec![0f32; n * heads * dq];
+        match &a.q {
+            QProj::Full(w) => matmul(hn, n, h, w.weight(), heads * dq, &mut q, p),
+            QProj::Lora { a: wa, norm, b } => {
+                let mut qa = vec![0f32; n * wa.rows];
+                matmul(hn, n, h, wa.weight(), wa.rows, &mut qa, p);
+                rms_norm(&mut qa, norm, LATENT_NORM_EPS);
+                matmul(&qa, n, wa.rows, b.weight(), heads * dq, &mut q, p);
+            }
+        }
+        // Latents: [n, rank + dr] → normalize c_kv, rope k_pe, store in the cache.
+        let lat = rank + dr;
+        let mut kv = vec![0f32; n * lat];
+        matmul(hn, n, h, a.kv_a.weight(), lat, &mut kv, p);
+        let half = dr / 2;
+        let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
+        for i in 0..n {
+            self.rope.cos_sin(pos[i], &mut cos[i * half..(i + 1) * half], &mut sin[i * half..(i + 1) * half]);
+        }
+        for i in 0..n {
+            let row = &mut kv[i * lat..(i + 1) * lat];
+            let (ckv, kpe) = row.split_at_mut(rank);
+            rms_norm(ckv, &a.kv_a_norm, LATENT_NORM_EPS);
+            self.rope.apply(kpe, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+            let s = &segments[seg_of[i]];
+            cache.write_row(layer, s.block_table, pos[i], row);
+        }
+        // Split queries per head; rope the rope part; absorb W_UK into the nope part.
+        let mut q_pe = vec![0f32; n * heads * dr];
+        let mut q_lat = vec![0f32; n * heads * rank];
+        let mut q_nope_h = vec![0f32; n * dn];
+        let mut q_lat_h = vec![0f32; n * rank];
+        for hd in 0..heads {
+            for i in 0..n {
+                let src = &q[(i * heads + hd) * dq..(i * heads + hd + 1) * dq];
+                q_nope_h[i * dn..(i + 1) * dn].copy_from_slice(&src[..dn]);
+                let pe = &mut q_pe[(i * heads + hd) * dr..(i * heads + hd + 1) * dr];
+                pe.copy_from_slice(&src[dn..]);
+                self.rope.apply(pe, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+            }
+            matmul(&q_nope_h, n, dn, a.w_uk_t[hd].weight(), rank, &mut q_lat_h, p);
+            for i in 0..n {
+                q_lat[(i * heads + hd) * rank..(i * heads + hd + 1) * rank]
+                    .copy_from_slice(&q_lat_h[i * rank..(i + 1) * rank]);
+            }
+        }
+        // Attention per token (parallel over tokens), in latent space: o_lat [n, heads, rank].
+        let view = cache.view(layer, rank, dr);
+        let mut o_lat = vec![0f32; n * heads * rank];
+        o_lat.par_chunks_mut(heads * rank).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+            let s = &segments[seg_of[i]];
+            attend(
+                view,
+                s.block_table,
+                pos[i] + 1,
+                &q_lat[i * heads * rank..(i + 1) * heads * rank],
+                &q_pe[i * heads * dr..(i + 1) * heads * dr],
+                self.scale,
+                heads,
+                scores,
+                o,
+            );
+        });
+        // Up-project values per head: [n, heads * dv], then o_proj.
+        let mut o = vec![0f32; n * heads * dv];
+        let mut o_lat_h = vec![0f32; n * rank];
+        let mut o_h = vec![0f32; n * dv];
+        for hd in 0..heads {
+            for i in 0..n {
+                o_lat_h[i * rank..(i + 1) * rank]
+                    .copy_from_slice(&o_lat[(i * heads + hd) * rank..(i * heads + hd + 1) * rank]);
+            }
+            matmul(&o_lat_h, n, rank, a.w_uv[hd].weight(), dv, &mut o_h, p);
+            for i in 0..n {
+                o[(i * heads + hd) * dv..(i * heads + hd + 1) * dv].copy_from_slice(&o_h[i * dv..(i + 1) * dv]);
+            }
+        }
+        matmul(&o, n, heads * dv, a.o_proj.weight(), h, out, p);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        layer: usize,
+        moe: &Moe,
+        hn: &[f32],
+        n: usize,
+        experts: &dyn ExpertBackend,
+        trace: Option<&mut RouterTrace>,
+        out: &mut [f32],
+    ) -> Result<(), ExpertError> {
+        let c = &self.config;
+        let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.router.top_k);
+        let mut logits = vec![0f32; n * e];
+        matmul(hn, n, h, moe.gate.weight(), e, &mut logits, Precision::Exact);
+        let mut ids = vec![0u32; n * k];
+        let mut weights = vec![0f32; n * k];
+        for i in 0..n {
+            route(
+                &c.router,
+                &logits[i * e..(i + 1) * e],
+                moe.bias.as_deref(),
+                &mut ids[i * k..(i + 1) * k],
+                &mut weights[i * k..(i + 1) * k],
+            );
+        }
+        if let Some(t) = trace {
+            t.layers.push((layer, ids.clone()));
+        }
+        // Group (token, slot) pairs by expert, ascending: the order transformers sums in.
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        for i in 0..n {
+            for j in 0..k {
+                by_expert[ids[i * k + j] as usize].push((i, weights[i * k + j]));
+            }
+        }
+        let mut groups = Vec::new();
+        let mut inputs = Vec::with_capacity(n * k * h);
+        for (x, rows) in by_expert.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            groups.push(ExpertGroup { expert: ExpertId(x as u32), num_tokens: rows.len() });
+            for &(i, _) in rows {
+                inputs.extend_from_slice(&hn[i * h..(i + 1) * h]);
+            }
+        }
+        let mut outputs = vec![0f32; inputs.len()];
+        experts.run(&ExpertBatch { layer, hidden: h, groups: &groups, inputs: &inputs }, &mut outputs)?;
+        out.iter_mut().for_each(|v| *v = 0.0);
+        let mut row = 0;
+        for rows in by_expert.iter().filter(|r| !r.is_empty()) {
+            for &(i, w) in rows {
+                for (o, v) in out[i * h..(i + 1) * h].iter_mut().zip(&outputs[row * h..(row + 1) * h]) {
+                    *o += v * w;
+                }
+                row += 1;
+            }
+        }
+        if let Some(shared) = &moe.shared {
+            let mut s = vec![0f32; n * h];
+            shared.forward(hn, n, &mut s, self.precision);
+            add(out, &s);
+        }
+        Ok(())
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}

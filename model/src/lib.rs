@@ -1,0 +1,32 @@
+//! The DeepSeek-V3/V2 model: reads HuggingFace checkpoints, runs the batched forward pass
+//! over a paged latent (MLA) cache, and exposes the engine API that serving roles build on
+//! (add / prefill / decode / release sequences, export and import a sequence's cache).
+//!
+//! Routed experts are reached through [`ExpertBackend`], so they can run in this process
+//! ([`LocalExperts`]) or elsewhere.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod default_model;
+mod engine;
+mod error;
+mod experts;
+mod forward;
+mod load;
+pub mod sampling;
+pub mod tokenizer;
+mod weights;
+
+pub use cache::{CacheLayout, LatentCache, SequenceCacheExport};
+pub use config::{ModelConfig, ModelType};
+pub use engine::{Engine, EngineOptions, FinishReason, SeqId, StepOutput};
+pub use error::{EngineError, ModelError};
+pub use experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, LocalExperts};
+pub use forward::{ForwardOutput, LogitsWanted, Model, RouterTrace};
+pub use load::{LoadOptions, LoadProgress, load_model};
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;
+pub use weights::WeightDtype;
+pub use forward::Segment;
+pub use load::Loaded;
