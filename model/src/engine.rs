@@ -270,6 +270,19 @@ impl Engine {
         if export.num_tokens + 1 != tokens.len() || prompt_len == 0 || prompt_len > export.num_tokens {
             return bad(format!("{} cached tokens do not fit {} tokens (prompt {prompt_len})", export.num_tokens, tokens.len()));
         }
+        // Generated tokens are embedded by the next decode step and the cache is reserved for
+        // prompt + max_new_tokens: both must hold for them too, not only for the prompt.
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfVocab { id, vocab });
+        }
+        if tokens.len() - prompt_len >= params.max_new_tokens {
+            return bad(format!(
+                "{} tokens already generated leave nothing to decode under max_new_tokens {}",
+                tokens.len() - prompt_len,
+                params.max_new_tokens
+            ));
+        }
         let row_bytes = layout.latent_dim * 4 * export.num_tokens;
         if let Some(l) = export.layers.iter().position(|b| b.len() != row_bytes) {
             return bad(format!("layer {l} has {} bytes, expected {row_bytes}", export.layers[l].len()));

@@ -38,10 +38,6 @@ impl Mlp {
         })
     }
 
-    pub fn bytes(&self) -> usize {
-        self.gate.bytes() + self.up.bytes() + self.down.bytes()
-    }
-
     /// `x: [m, hidden]` → `out: [m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32], p: Precision) {
         let (h, i) = (self.gate.cols, self.gate.rows);

@@ -67,15 +67,6 @@ impl Matrix {
         }
     }
 
-    pub fn from_f32(rows: usize, cols: usize, v: Vec<f32>, dtype: WeightDtype) -> Self {
-        debug_assert_eq!(v.len(), rows * cols);
-        let data = match dtype {
-            WeightDtype::Bf16 => MatData::Bf16(Buf::Owned(v.into_iter().map(bf16::from_f32).collect())),
-            WeightDtype::F32 | WeightDtype::Auto => MatData::F32(Buf::Owned(v)),
-        };
-        Matrix { rows, cols, data }
-    }
-
     /// Row `r` widened to f32 (for embeddings).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let c = self.cols;
@@ -112,13 +103,6 @@ impl Matrix {
                 let v = (0..c * r).map(|i| w[(i % r) * c + i / r]).collect();
                 Matrix { rows: c, cols: r, data: MatData::Bf16(Buf::Owned(v)) }
             }
-        }
-    }
-
-    pub fn bytes(&self) -> usize {
-        match &self.data {
-            MatData::F32(_) => self.rows * self.cols * 4,
-            MatData::Bf16(_) => self.rows * self.cols * 2,
         }
     }
 }

@@ -1,0 +1,149 @@
+//! `expertmesh generate`: load a checkpoint, run one prompt, print the continuation.
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, WeightDtype, load_model};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How many of the largest last-prompt-position logits `--json` reports.
+const LOGITS_TOP: usize = 20;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (HuggingFace layout). Default: the embedded random-weight model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text (BOS is prepended).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, used exactly as given (no BOS added), e.g. 0,15,27.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Render the prompt as a user turn with the checkpoint's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Dtype weights are kept in.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    /// Compute device: cpu, or cuda:N (needs a CUDA build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Serialize)]
+struct JsonOut {
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    text: String,
+    last_prompt_logits_top: Vec<(u32, f32)>,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let device: kernels::Device = args.device.parse()?;
+    if device != kernels::Device::Cpu {
+        bail!("device {device} is not supported by this engine yet; use --device cpu");
+    }
+    let dir = crate::model_dir::resolve(args.model.clone())?;
+    let weight_dtype = match args.dtype {
+        DtypeArg::Auto => WeightDtype::Auto,
+        DtypeArg::F32 => WeightDtype::F32,
+        DtypeArg::Bf16 => WeightDtype::Bf16,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} ({elapsed})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(dir.display().to_string());
+    let loaded = load_model(&dir, LoadOptions { weight_dtype, local_experts: true }, &|p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })
+    .with_context(|| format!("loading {}", dir.display()))?;
+    bar.finish_and_clear();
+    let prompt_ids = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = loaded.tokenizer.as_ref().with_context(|| format!("{} has no tokenizer.json", dir.display()))?;
+            if args.chat { tok.encode_chat(text)? } else { tok.encode(text)? }
+        }
+        (None, None) => bail!("one of --prompt or --prompt-ids is required"),
+    };
+    let experts = loaded.experts.context("local experts were requested")?;
+    let model = Arc::new(loaded.model);
+    let cache_tokens = prompt_ids.len() + args.max_new_tokens;
+    let mut engine = Engine::new(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16 });
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+        stop_token_ids: Vec::new(),
+    };
+    let id = SeqId(0);
+    engine.add_sequence(id, prompt_ids.clone(), params, LOGITS_TOP)?;
+    let mut out = engine.prefill(&[id])?;
+    let top = std::mem::take(&mut out[0].prompt_logits_top);
+    let tokenizer = loaded.tokenizer.as_ref();
+    let mut stdout = std::io::stdout().lock();
+    let mut printed = String::new();
+    loop {
+        if !args.json
+            && let Some(tok) = tokenizer
+        {
+            // Stream: print what the decoded text gained since last time.
+            // Hold back while the last character is an incomplete UTF-8 sequence.
+            let text = tok.decode(engine.generated(id)?)?;
+            if let Some(new) = text.strip_prefix(printed.as_str()).filter(|n| !n.ends_with('\u{FFFD}')) {
+                write!(stdout, "{new}")?;
+                stdout.flush()?;
+                printed = text;
+            }
+        }
+        if out[0].finish.is_some() {
+            break;
+        }
+        out = engine.decode_step(&[id])?;
+    }
+    let generated_ids = engine.generated(id)?.to_vec();
+    let text = match tokenizer {
+        Some(t) => t.decode(&generated_ids)?,
+        None => String::new(),
+    };
+    if args.json {
+        let json = JsonOut { prompt_ids, generated_ids, text, last_prompt_logits_top: top };
+        writeln!(stdout, "{}", serde_json::to_string(&json)?)?;
+    } else if tokenizer.is_none() {
+        writeln!(stdout, "{generated_ids:?}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
