@@ -59,7 +59,7 @@ impl Checkpoint {
         } else {
             return Err(ModelError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(
+                err: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in this directory",
                 ),
@@ -68,10 +68,10 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(names.len());
         let mut tensors = HashMap::new();
         for path in names {
-            let file = std::fs::File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let file = std::fs::File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
             // SAFETY: the mapping is read-only and checkpoint files are not modified while an
             // engine runs from them (documented operator contract, as for every mmap loader).
-            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
             let (header_len, meta) = SafeTensors::read_metadata(&map[..])
                 .map_err(|e| ModelError::Safetensors { path: path.clone(), reason: e.to_string() })?;
             let data_start = 8 + header_len;
@@ -123,9 +123,9 @@ impl Checkpoint {
 }
 
 fn shard_names(index: &Path) -> Result<BTreeSet<String>, ModelError> {
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io { path: index.into(), source })?;
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io { path: index.into(), err: source })?;
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.into(), source })?;
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.into(), err: source })?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
         path: index.into(),
         field: "weight_map".into(),

@@ -94,13 +94,13 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
         Self::from_json(&text, &path)
     }
 
     /// Parses `text`; `path` only names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ModelError> {
-        let raw: Raw = serde_json::from_str(text).map_err(|source| ModelError::Json { path: path.into(), source })?;
+        let raw: Raw = serde_json::from_str(text).map_err(|source| ModelError::Json { path: path.into(), err: source })?;
         Parser { path: path.to_path_buf() }.parse(raw)
     }
 

@@ -37,7 +37,7 @@ const EXPERTS: usize = 16;
 pub fn ensure(dir: &Path) -> Result<(), ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
+        move |source| ModelError::Io { path, err: source }
     };
     let marker = dir.join(MARKER);
     if std::fs::read_to_string(&marker).is_ok_and(|m| m.contains(&format!("\"version\":{VERSION}"))) {

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 /// A checkpoint or tokenizer could not be loaded. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: invalid JSON: {err}")]
+    Json { path: PathBuf, err: serde_json::Error },
     #[error("{path}: field `{field}`: {reason}")]
     Config { path: PathBuf, field: String, reason: String },
     #[error("{path}: unsupported model_type {model_type:?} (supported: deepseek_v3, deepseek_v2)")]

@@ -35,9 +35,9 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text =
-                std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), source })?;
+                std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), err: source })?;
             let v: Value =
-                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
+                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), err: source })?;
             t.chat_template = chat_template(&v);
         }
         Ok(Some(t))

@@ -1,0 +1,156 @@
+//! `engine-bench`: prefill and batched-decode throughput of the in-process engine on a
+//! checkpoint, plus the machine's read bandwidth and the fraction of the batch-1
+//! bandwidth limit reached. Prints one line per figure and a final JSON summary.
+
+use clap::{Parser, ValueEnum};
+use kernels::cpu::Precision;
+use model::{Engine, EngineOptions, LoadOptions, ModelConfig, SamplingParams, SeqId, WeightDtype, load_model};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Parser)]
+#[command(about = "Engine throughput benchmark")]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    dtype: Dtype,
+    /// exact: f32 activations; bf16: activations rounded to bf16 (AVX-512 BF16 dot products).
+    #[arg(long, value_enum, default_value_t = Prec::Exact)]
+    precision: Prec,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    /// Bytes read by the bandwidth probe.
+    #[arg(long, default_value_t = 1 << 30)]
+    bandwidth_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Dtype {
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Prec {
+    Exact,
+    Bf16,
+}
+
+/// Weight bytes one decoded token reads: every non-expert weight, `top_k` routed experts
+/// per MoE layer, the router, and the LM head (one embedding row is negligible).
+fn active_bytes_per_token(c: &ModelConfig, weight_size: usize) -> f64 {
+    let (h, heads) = (c.hidden_size, c.num_attention_heads);
+    let q = match c.q_lora_rank {
+        None => h * heads * c.qk_head_dim(),
+        Some(r) => h * r + r * heads * c.qk_head_dim(),
+    };
+    let attn = q + h * c.latent_dim() + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim) + heads * c.v_head_dim * h;
+    let mlp = |inter: usize| 3 * h * inter;
+    let mut params = 0usize;
+    let mut router_bytes = 0usize;
+    for l in 0..c.num_hidden_layers {
+        params += attn;
+        if c.is_moe_layer(l) {
+            params += mlp(c.moe_intermediate_size) * (c.n_shared_experts + c.router.top_k);
+            router_bytes += c.n_routed_experts * h * 4;
+        } else {
+            params += mlp(c.intermediate_size);
+        }
+    }
+    params += c.vocab_size * h;
+    (params * weight_size + router_bytes) as f64
+}
+
+fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let weight_dtype = match args.dtype {
+        Dtype::Auto => WeightDtype::Auto,
+        Dtype::F32 => WeightDtype::F32,
+        Dtype::Bf16 => WeightDtype::Bf16,
+    };
+    let precision = match args.precision {
+        Prec::Exact => Precision::Exact,
+        Prec::Bf16 => Precision::Bf16Activations,
+    };
+    println!("threads: {}", rayon::current_num_threads());
+    let bw = kernels::cpu::bandwidth::measure_read_bandwidth(args.bandwidth_bytes, 5);
+    println!("read bandwidth: {bw:.1} GB/s");
+    let t = Instant::now();
+    let loaded = load_model(&args.model, LoadOptions { weight_dtype, local_experts: true }, &|_| {})?;
+    println!("load: {:.1} s", t.elapsed().as_secs_f64());
+    let mut m = loaded.model;
+    m.set_precision(precision);
+    let experts = loaded.experts.expect("local experts were requested").with_precision(precision);
+    let model = Arc::new(m);
+    let experts: Arc<dyn model::ExpertBackend> = Arc::new(experts);
+    let c = model.config.clone();
+    let weight_size = match weight_dtype {
+        WeightDtype::F32 => 4,
+        _ => 2,
+    };
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let cache_tokens = (max_batch + 1) * (args.prompt_len + args.steps + 8);
+    let opts = EngineOptions { cache_tokens, block_size: 16 };
+    let params = |n: usize| SamplingParams { max_new_tokens: n, stop_token_ids: vec![c.vocab_size as u32], ..Default::default() };
+
+    // Prefill: one prompt, after a short warm-up.
+    let mut engine = Engine::new(model.clone(), experts.clone(), opts);
+    engine.add_sequence(SeqId(0), prompt(8, c.vocab_size, 0), params(2), 0)?;
+    engine.prefill(&[SeqId(0)])?;
+    engine.release(SeqId(0))?;
+    engine.add_sequence(SeqId(1), prompt(args.prompt_len, c.vocab_size, 1), params(2), 0)?;
+    let t = Instant::now();
+    engine.prefill(&[SeqId(1)])?;
+    let prefill_tps = args.prompt_len as f64 / t.elapsed().as_secs_f64();
+    engine.release(SeqId(1))?;
+    println!("prefill {} tokens: {prefill_tps:.1} tokens/s", args.prompt_len);
+
+    let bytes = active_bytes_per_token(&c, weight_size);
+    let mut decode = Vec::new();
+    for &b in &args.batches {
+        let ids: Vec<SeqId> = (0..b as u64).map(|i| SeqId(100 + i)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            // Different lengths per sequence, like a real batch.
+            let len = 16 + (i * 5) % 32;
+            engine.add_sequence(*id, prompt(len, c.vocab_size, i + 2), params(args.steps + 2), 0)?;
+        }
+        engine.prefill(&ids)?;
+        engine.decode_step(&ids)?; // warm-up
+        let t = Instant::now();
+        for _ in 0..args.steps {
+            engine.decode_step(&ids)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let tps = (b * args.steps) as f64 / secs;
+        let step_ms = secs * 1e3 / args.steps as f64;
+        print!("decode batch {b}: {tps:.1} tokens/s ({step_ms:.1} ms/step)");
+        if b == 1 {
+            let limit = bw * 1e9 / bytes;
+            print!(", {:.2} GB/token, bandwidth limit {limit:.1} tokens/s, {:.0}% of it", bytes / 1e9, 100.0 * tps / limit);
+        }
+        println!();
+        decode.push(serde_json::json!({"batch": b, "tokens_per_s": tps, "ms_per_step": step_ms}));
+        for id in ids {
+            engine.release(id)?;
+        }
+    }
+    let summary = serde_json::json!({
+        "dtype": format!("{:?}", args.dtype), "precision": format!("{:?}", args.precision),
+        "bandwidth_gb_s": bw, "active_gb_per_token": bytes / 1e9,
+        "prefill_tokens_per_s": prefill_tps, "decode": decode,
+    });
+    println!("{summary}");
+    Ok(())
+}
