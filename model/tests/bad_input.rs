@@ -1,0 +1,591 @@
+//! Bad checkpoints and bad requests: each gives an error (never a panic) that names the file,
+//! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
+
+use model::{
+    Engine, EngineError, EngineOptions, LoadOptions, Loaded, ModelError, SamplingParams, SeqId, SequenceCacheExport,
+    WeightDtype, load_model,
+};
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+const OPTS: LoadOptions = LoadOptions { weight_dtype: WeightDtype::F32, local_experts: true };
+
+/// A copy of fixture `name` in a fresh temporary directory.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let entry = entry.expect("dir entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy fixture file");
+    }
+    tmp
+}
+
+/// Loads `dir`, which must fail with an error (a panic fails the test with a clear message).
+fn load_err(dir: &Path) -> ModelError {
+    match catch_unwind(AssertUnwindSafe(|| load_model(dir, OPTS, &|_| {}))) {
+        Err(_) => panic!("load_model panicked on {} instead of returning an error", dir.display()),
+        Ok(Ok(_)) => panic!("load_model accepted the broken checkpoint in {}", dir.display()),
+        Ok(Err(e)) => e,
+    }
+}
+
+/// Asserts that `msg` contains every one of `parts`.
+fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "error message {msg:?} does not name {p:?}");
+    }
+}
+
+struct Owned {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// Rewrites the safetensors file at `path` after `edit` changes its tensor list.
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Owned>)) {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
+    let mut tensors: Vec<Owned> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| Owned { name, dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })
+        .collect();
+    let before = tensors.len();
+    edit(&mut tensors);
+    assert!(tensors.len() <= before);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let v = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).expect("consistent edit");
+            (t.name.clone(), v)
+        })
+        .collect();
+    let out = safetensors::serialize(views, None).expect("serialize");
+    std::fs::write(path, out).expect("write safetensors");
+}
+
+fn find<'a>(tensors: &'a mut [Owned], name: &str) -> &'a mut Owned {
+    tensors.iter_mut().find(|t| t.name == name).unwrap_or_else(|| panic!("fixture has no tensor {name}"))
+}
+
+// ---------------------------------------------------------------- checkpoint directory
+
+#[test]
+fn missing_directory_names_config_json() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("no_such_model");
+    let e = load_err(&dir);
+    assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["no_such_model", "config.json"]);
+}
+
+#[test]
+fn missing_config_json_is_named() {
+    let tmp = copy_fixture("v3_f32");
+    std::fs::remove_file(tmp.path().join("config.json")).expect("rm");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["config.json"]);
+}
+
+#[test]
+fn missing_model_safetensors_is_named() {
+    let tmp = copy_fixture("v3_f32");
+    std::fs::remove_file(tmp.path().join("model.safetensors")).expect("rm");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+    assert_names(&e.to_string(), &[&tmp.path().display().to_string(), "model.safetensors"]);
+}
+
+#[test]
+fn invalid_json_config_names_the_file() {
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, &text[..text.len() / 2]).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Json { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn unsupported_model_type_is_named() {
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert!(text.contains("\"deepseek_v3\""));
+    std::fs::write(&path, text.replace("\"deepseek_v3\"", "\"mixtral\"")).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(&e, ModelError::UnsupportedModelType { model_type, .. } if model_type == "mixtral"), "{e:?}");
+    assert_names(&e.to_string(), &["config.json", "mixtral", "model_type"]);
+}
+
+#[test]
+fn missing_and_zero_config_fields_are_named() {
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("config.json");
+    let original = std::fs::read_to_string(&path).expect("read");
+    let mut v: serde_json::Value = serde_json::from_str(&original).expect("json");
+    v.as_object_mut().expect("object").remove("kv_lora_rank");
+    std::fs::write(&path, v.to_string()).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(&e, ModelError::Config { field, .. } if field == "kv_lora_rank"), "{e:?}");
+    assert_names(&e.to_string(), &["config.json", "kv_lora_rank"]);
+
+    let mut v: serde_json::Value = serde_json::from_str(&original).expect("json");
+    v["num_attention_heads"] = 0.into();
+    std::fs::write(&path, v.to_string()).expect("write");
+    let e = load_err(tmp.path());
+    assert_names(&e.to_string(), &["config.json", "num_attention_heads"]);
+}
+
+// ---------------------------------------------------------------- safetensors files
+
+#[test]
+fn truncated_safetensors_is_refused_naming_the_file() {
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("model.safetensors");
+    let full = std::fs::read(&path).expect("read");
+    for cut in [full.len() / 2, full.len() - 3, 12, 4, 0] {
+        std::fs::write(&path, &full[..cut]).expect("write");
+        let e = load_err(tmp.path());
+        assert!(matches!(e, ModelError::Safetensors { .. } | ModelError::Io { .. }), "cut to {cut} bytes: {e:?}");
+        assert_names(&e.to_string(), &["model.safetensors"]);
+    }
+    // Extra bytes after the last tensor are refused too (the header does not cover them).
+    let mut longer = full.clone();
+    longer.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&path, longer).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Safetensors { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["model.safetensors"]);
+}
+
+#[test]
+fn garbage_header_is_refused_naming_the_file() {
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("model.safetensors");
+    let full = std::fs::read(&path).expect("read");
+    let n = u64::from_le_bytes(full[..8].try_into().expect("8 bytes")) as usize;
+    // Not JSON, right length.
+    let mut bad = full.clone();
+    bad[8..8 + n].fill(b'#');
+    std::fs::write(&path, &bad).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Safetensors { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["model.safetensors", "not a valid safetensors file"]);
+    // A header length far beyond the file.
+    let mut bad = full.clone();
+    bad[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&path, &bad).expect("write");
+    let e = load_err(tmp.path());
+    assert_names(&e.to_string(), &["model.safetensors"]);
+    // Random bytes.
+    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&path, junk).expect("write");
+    let e = load_err(tmp.path());
+    assert_names(&e.to_string(), &["model.safetensors"]);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    for name in ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.7.up_proj.weight", "model.norm.weight"]
+    {
+        let tmp = copy_fixture("v3_f32");
+        rewrite(&tmp.path().join("model.safetensors"), |t| t.retain(|t| t.name != name));
+        let e = load_err(tmp.path());
+        assert!(matches!(&e, ModelError::MissingTensor { tensor, .. } if tensor == name), "{e:?}");
+        assert_names(&e.to_string(), &[name, &tmp.path().display().to_string()]);
+    }
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let tmp = copy_fixture("v3_f32");
+    let name = "model.layers.1.self_attn.q_b_proj.weight"; // [96, 48]
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let w = find(t, name);
+        assert_eq!(w.shape, [96, 48]);
+        w.shape = vec![48, 96];
+    });
+    let e = load_err(tmp.path());
+    assert!(matches!(&e, ModelError::Shape { tensor, got, expected, .. }
+        if tensor == name && got == &[48, 96] && expected == &[96, 48]), "{e:?}");
+    assert_names(&e.to_string(), &["model.safetensors", name, "[48, 96]", "[96, 48]"]);
+
+    // A vector one element short, and a config whose vocab disagrees with the embedding.
+    let tmp = copy_fixture("v3_f32");
+    let name = "model.layers.0.input_layernorm.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let w = find(t, name);
+        w.shape = vec![63];
+        w.data.truncate(63 * 4);
+    });
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Shape { .. }), "{e:?}");
+    assert_names(&e.to_string(), &[name, "[63]", "[64]"]);
+
+    let tmp = copy_fixture("v3_f32");
+    let path = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, text.replace("\"vocab_size\": 512", "\"vocab_size\": 500")).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Shape { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["model.embed_tokens.weight", "512", "500"]);
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    // A matrix stored as I32 (same bytes, relabelled).
+    let tmp = copy_fixture("v3_f32");
+    let name = "model.layers.0.mlp.down_proj.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| find(t, name).dtype = Dtype::I32);
+    let e = load_err(tmp.path());
+    assert!(matches!(&e, ModelError::Dtype { tensor, .. } if tensor == name), "{e:?}");
+    assert_names(&e.to_string(), &["model.safetensors", name, "I32"]);
+
+    // A routed expert's matrix and a norm vector stored as F64.
+    for name in ["model.layers.1.mlp.experts.3.gate_proj.weight", "model.norm.weight"] {
+        let tmp = copy_fixture("v3_f32");
+        rewrite(&tmp.path().join("model.safetensors"), |t| {
+            let w = find(t, name);
+            assert_eq!(w.dtype, Dtype::F32);
+            w.data = w
+                .data
+                .chunks_exact(4)
+                .flat_map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
+                .collect();
+            w.dtype = Dtype::F64;
+        });
+        let e = load_err(tmp.path());
+        assert!(matches!(&e, ModelError::Dtype { tensor, .. } if tensor == name), "{e:?}");
+        assert_names(&e.to_string(), &["model.safetensors", name, "F64"]);
+    }
+}
+
+#[test]
+fn fp8_weight_without_scale_names_the_scale() {
+    for name in ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.0.down_proj.weight"] {
+        let tmp = copy_fixture("v3_fp8");
+        let scale = format!("{name}_scale_inv");
+        rewrite(&tmp.path().join("model.safetensors"), |t| {
+            assert_eq!(find(t, name).dtype, Dtype::F8_E4M3);
+            t.retain(|t| t.name != scale);
+        });
+        let e = load_err(tmp.path());
+        assert!(matches!(&e, ModelError::MissingTensor { tensor, .. } if *tensor == scale), "{e:?}");
+        assert_names(&e.to_string(), &[&scale]);
+    }
+    // A scale of the wrong block grid.
+    let tmp = copy_fixture("v3_fp8");
+    let scale = "model.layers.1.self_attn.o_proj.weight_scale_inv"; // [2, 1]
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let s = find(t, scale);
+        assert_eq!(s.shape, [2, 1]);
+        s.shape = vec![1, 2];
+    });
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Shape { .. }), "{e:?}");
+    assert_names(&e.to_string(), &[scale, "[1, 2]", "[2, 1]"]);
+}
+
+#[test]
+fn index_naming_a_missing_shard_is_named() {
+    let tmp = copy_fixture("v3_sharded");
+    let shard = "model-00003-of-00004.safetensors";
+    std::fs::remove_file(tmp.path().join(shard)).expect("rm");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+    assert_names(&e.to_string(), &[shard]);
+}
+
+#[test]
+fn bad_index_json_is_named() {
+    let tmp = copy_fixture("v3_sharded");
+    let index = tmp.path().join("model.safetensors.index.json");
+    std::fs::write(&index, "{\"weight_map\": ").expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Json { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["model.safetensors.index.json"]);
+
+    std::fs::write(&index, "{\"metadata\": {}}").expect("write");
+    let e = load_err(tmp.path());
+    assert_names(&e.to_string(), &["model.safetensors.index.json", "weight_map"]);
+
+    std::fs::write(&index, r#"{"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}"#).expect("write");
+    let e = load_err(tmp.path());
+    assert_names(&e.to_string(), &["model.safetensors.index.json", "weight_map", "elsewhere"]);
+}
+
+#[test]
+fn truncated_shard_is_named() {
+    let tmp = copy_fixture("v3_sharded");
+    let shard = tmp.path().join("model-00002-of-00004.safetensors");
+    let full = std::fs::read(&shard).expect("read");
+    std::fs::write(&shard, &full[..full.len() - 5]).expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Safetensors { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["model-00002-of-00004.safetensors"]);
+}
+
+#[test]
+fn broken_tokenizer_json_is_named() {
+    let tmp = copy_fixture("v3_f32");
+    std::fs::write(tmp.path().join("tokenizer.json"), "{\"model\": 42}").expect("write");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Tokenizer { .. }), "{e:?}");
+    assert_names(&e.to_string(), &["tokenizer.json"]);
+}
+
+// ---------------------------------------------------------------- engine requests
+
+#[derive(Deserialize)]
+struct Expected {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt_ids: Vec<u32>,
+    greedy: Vec<u32>,
+}
+
+fn loaded() -> (Arc<model::Model>, Arc<dyn model::ExpertBackend>) {
+    let Loaded { model, experts, .. } = load_model(&fixture("v3_f32"), OPTS, &|_| {}).expect("load v3_f32");
+    (Arc::new(model), Arc::new(experts.expect("local experts")))
+}
+
+fn engine(cache_tokens: usize) -> Engine {
+    let (m, x) = loaded();
+    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4 })
+}
+
+fn expected() -> Expected {
+    let text = std::fs::read_to_string(fixture("v3_f32").join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("parse expected.json")
+}
+
+fn greedy(max_new_tokens: usize) -> SamplingParams {
+    SamplingParams { max_new_tokens, stop_token_ids: vec![512], ..SamplingParams::default() }
+}
+
+/// Runs `id` (already added) to completion; returns its generated tokens.
+fn run_to_end(e: &mut Engine, id: SeqId) -> Vec<u32> {
+    let mut out = e.prefill(&[id]).expect("prefill");
+    while out[0].finish.is_none() {
+        out = e.decode_step(&[id]).expect("decode");
+    }
+    e.generated(id).expect("generated").to_vec()
+}
+
+/// `add_sequence` must fail (not panic) and leave the engine unchanged.
+fn add_err(e: &mut Engine, id: u64, prompt: Vec<u32>, params: SamplingParams) -> EngineError {
+    let (free, n) = (e.free_blocks(), e.num_sequences());
+    let r = catch_unwind(AssertUnwindSafe(|| e.add_sequence(SeqId(id), prompt, params, 0)))
+        .unwrap_or_else(|_| panic!("add_sequence panicked instead of returning an error"));
+    let err = r.expect_err("add_sequence accepted a bad request");
+    assert_eq!((e.free_blocks(), e.num_sequences()), (free, n), "a refused request must not hold cache: {err}");
+    err
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let mut e = engine(1024);
+    let long: Vec<u32> = (0..257).map(|i| i % 512).collect();
+    let err = add_err(&mut e, 1, long, greedy(1));
+    assert!(matches!(err, EngineError::ContextExceeded { prompt: 257, max_new: 1, context: 256 }), "{err:?}");
+    // Prompt fits but prompt + max_new_tokens does not.
+    let err = add_err(&mut e, 1, vec![0; 250], greedy(7));
+    assert!(matches!(err, EngineError::ContextExceeded { prompt: 250, max_new: 7, context: 256 }), "{err:?}");
+    assert_names(&err.to_string(), &["250", "7", "256"]);
+    // Exactly the context is fine.
+    e.add_sequence(SeqId(1), vec![0; 250], greedy(6), 0).expect("250 + 6 = 256 fits");
+}
+
+#[test]
+fn bad_prompts_and_sampling_parameters_are_refused() {
+    let mut e = engine(256);
+    let err = add_err(&mut e, 1, vec![], greedy(4));
+    assert!(matches!(err, EngineError::EmptyPrompt), "{err:?}");
+    let err = add_err(&mut e, 1, vec![0, 5, 512, 7], greedy(4));
+    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 512, vocab: 512 }), "{err:?}");
+    let err = add_err(&mut e, 1, vec![0, u32::MAX], greedy(4));
+    assert!(matches!(err, EngineError::TokenOutOfVocab { id: u32::MAX, .. }), "{err:?}");
+    let cases: [(SamplingParams, &str); 7] = [
+        (SamplingParams { max_new_tokens: 0, ..greedy(1) }, "max_new_tokens"),
+        (SamplingParams { temperature: -0.5, ..greedy(4) }, "temperature"),
+        (SamplingParams { temperature: f32::NAN, ..greedy(4) }, "temperature"),
+        (SamplingParams { temperature: f32::INFINITY, ..greedy(4) }, "temperature"),
+        (SamplingParams { top_p: 0.0, ..greedy(4) }, "top_p"),
+        (SamplingParams { top_p: 1.5, ..greedy(4) }, "top_p"),
+        (SamplingParams { top_p: f32::NAN, ..greedy(4) }, "top_p"),
+    ];
+    for (params, field) in cases {
+        let what = format!("{params:?}");
+        let err = add_err(&mut e, 1, vec![0, 5], params);
+        assert!(matches!(err, EngineError::InvalidSampling(_)), "{what}: {err:?}");
+        assert_names(&err.to_string(), &[field]);
+    }
+    assert_eq!(e.num_sequences(), 0);
+}
+
+#[test]
+fn duplicate_unknown_and_wrong_state_sequences_are_refused() {
+    let exp = expected();
+    let case = &exp.cases[0];
+    let mut e = engine(256);
+    let initial = e.free_blocks();
+    e.add_sequence(SeqId(7), case.prompt_ids.clone(), greedy(case.greedy.len()), 0).expect("add");
+    let err = add_err(&mut e, 7, vec![0, 1, 2], greedy(2));
+    assert!(matches!(err, EngineError::DuplicateSequence(7)), "{err:?}");
+    // Decoding before prefill.
+    let err = e.decode_step(&[SeqId(7)]).expect_err("decode of a waiting sequence");
+    assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
+    // Unknown ids anywhere.
+    for err in [
+        e.prefill(&[SeqId(8)]).expect_err("prefill unknown"),
+        e.decode_step(&[SeqId(8)]).expect_err("decode unknown"),
+        e.release(SeqId(8)).expect_err("release unknown"),
+        e.export_cache(SeqId(8)).expect_err("export unknown"),
+    ] {
+        assert!(matches!(err, EngineError::UnknownSequence(8)), "{err:?}");
+    }
+    assert!(matches!(e.generated(SeqId(8)), Err(EngineError::UnknownSequence(8))));
+    // The same id twice in one batch.
+    let err = e.prefill(&[SeqId(7), SeqId(7)]).expect_err("duplicate id in a batch");
+    assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
+    // A refused batch changed nothing: the sequence still runs to the reference tokens.
+    let out = e.prefill(&[SeqId(7)]).expect("prefill");
+    assert_eq!(out[0].token, case.greedy[0]);
+    let err = e.prefill(&[SeqId(7)]).expect_err("prefill twice");
+    assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
+    let mut last = out;
+    while last[0].finish.is_none() {
+        last = e.decode_step(&[SeqId(7)]).expect("decode");
+    }
+    assert_eq!(e.generated(SeqId(7)).expect("seq"), &case.greedy[..]);
+    let err = e.decode_step(&[SeqId(7)]).expect_err("decode after finish");
+    assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
+    e.release(SeqId(7)).expect("release");
+    assert!(matches!(e.release(SeqId(7)), Err(EngineError::UnknownSequence(7))));
+    assert_eq!(e.free_blocks(), initial);
+}
+
+#[test]
+fn bad_cache_imports_are_refused() {
+    let exp = expected();
+    let case = &exp.cases[1];
+    let mut a = engine(256);
+    let params = greedy(case.greedy.len());
+    a.add_sequence(SeqId(1), case.prompt_ids.clone(), params.clone(), 0).expect("add");
+    let first = a.prefill(&[SeqId(1)]).expect("prefill")[0].token;
+    let export = a.export_cache(SeqId(1)).expect("export");
+    let n = case.prompt_ids.len();
+    assert_eq!(export.num_tokens, n);
+    let mut tokens = case.prompt_ids.clone();
+    tokens.push(first);
+
+    let mut b = engine(256);
+    let initial = b.free_blocks();
+    let mut refuse = |what: &str, tokens: Vec<u32>, prompt_len: usize, params: SamplingParams, x: &SequenceCacheExport| {
+        let r = catch_unwind(AssertUnwindSafe(|| b.import_sequence(SeqId(2), tokens, prompt_len, params, x)))
+            .unwrap_or_else(|_| panic!("{what}: import_sequence panicked"));
+        let err = r.expect_err(what);
+        assert_eq!((b.free_blocks(), b.num_sequences()), (initial, 0), "{what}: a refused import must not hold cache");
+        err
+    };
+    let wrong = |f: &dyn Fn(&mut SequenceCacheExport)| {
+        let mut x = export.clone();
+        f(&mut x);
+        x
+    };
+    let bad_layers = wrong(&|x| {
+        x.layers.pop();
+    });
+    let err = refuse("missing layer", tokens.clone(), n, params.clone(), &bad_layers);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    assert_names(&err.to_string(), &["2x40", "3 layers x 40"]);
+    let bad_dim = wrong(&|x| x.latent_dim = 24);
+    let err = refuse("latent_dim", tokens.clone(), n, params.clone(), &bad_dim);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    let short = wrong(&|x| {
+        let len = x.layers[1].len();
+        x.layers[1].truncate(len - 4);
+    });
+    let err = refuse("short layer", tokens.clone(), n, params.clone(), &short);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    assert_names(&err.to_string(), &["layer 1"]);
+    let err = refuse("tokens do not match the cache", case.prompt_ids.clone(), n, params.clone(), &export);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    let err = refuse("prompt_len 0", tokens.clone(), 0, params.clone(), &export);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    let err = refuse("prompt_len beyond the cache", tokens.clone(), n + 1, params.clone(), &export);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    let mut oov = tokens.clone();
+    *oov.last_mut().expect("token") = 512;
+    let err = refuse("generated token outside the vocab", oov, n, params.clone(), &export);
+    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 512, .. }), "{err:?}");
+    // More tokens already generated than the request's max_new_tokens leaves room for:
+    // the prompt's cache was reserved for prompt + max_new_tokens only.
+    let err = refuse("generated beyond max_new_tokens", tokens.clone(), 1, greedy(2), &export);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    assert_names(&err.to_string(), &["max_new_tokens"]);
+    let err = refuse("bad sampling", tokens.clone(), n, SamplingParams { top_p: 2.0, ..params.clone() }, &export);
+    assert!(matches!(err, EngineError::InvalidSampling(_)), "{err:?}");
+
+    // The good import still works after all that, and finishes with the reference tokens.
+    b.import_sequence(SeqId(2), tokens, n, params, &export).expect("good import");
+    let err = b.import_sequence(SeqId(2), vec![0, 1], 1, greedy(2), &wrong(&|x| {
+        x.num_tokens = 1;
+        x.layers.iter_mut().for_each(|l| l.truncate(40 * 4));
+    }));
+    assert!(matches!(err, Err(EngineError::DuplicateSequence(2))), "{err:?}");
+    let mut out = b.decode_step(&[SeqId(2)]).expect("decode");
+    while out[0].finish.is_none() {
+        out = b.decode_step(&[SeqId(2)]).expect("decode");
+    }
+    assert_eq!(b.generated(SeqId(2)).expect("seq"), &case.greedy[..]);
+}
+
+#[test]
+fn cache_full_is_refused_and_the_engine_keeps_serving() {
+    let exp = expected();
+    let (a, b) = (&exp.cases[2], &exp.cases[1]);
+    // 15 + 8 = 23 tokens → 6 blocks of 4; the cache has 8 blocks.
+    let mut e = engine(32);
+    let initial = e.free_blocks();
+    assert_eq!(initial, 8);
+    e.add_sequence(SeqId(1), a.prompt_ids.clone(), greedy(a.greedy.len()), 0).expect("first fits");
+    let out = e.prefill(&[SeqId(1)]).expect("prefill");
+    assert_eq!(out[0].token, a.greedy[0]);
+    // 9 + 8 = 17 tokens → 5 blocks; 2 are free.
+    let err = add_err(&mut e, 2, b.prompt_ids.clone(), greedy(b.greedy.len()));
+    assert!(matches!(err, EngineError::CacheFull { needed: 5, free: 2 }), "{err:?}");
+    assert_names(&err.to_string(), &["5", "2"]);
+    assert!(matches!(e.prefill(&[SeqId(2)]), Err(EngineError::UnknownSequence(2))));
+    let mut out = out;
+    while out[0].finish.is_none() {
+        out = e.decode_step(&[SeqId(1)]).expect("decode");
+    }
+    assert_eq!(e.generated(SeqId(1)).expect("seq"), &a.greedy[..], "the admitted sequence is unharmed");
+    e.release(SeqId(1)).expect("release");
+    assert_eq!(e.free_blocks(), initial);
+    // Now the refused one fits and runs correctly.
+    e.add_sequence(SeqId(2), b.prompt_ids.clone(), greedy(b.greedy.len()), 0).expect("fits after release");
+    assert_eq!(run_to_end(&mut e, SeqId(2)), b.greedy);
+    e.release(SeqId(2)).expect("release");
+    assert_eq!(e.free_blocks(), initial);
+    // A cache of zero tokens refuses everything without panicking.
+    let mut z = engine(0);
+    let err = add_err(&mut z, 1, vec![0], greedy(1));
+    assert!(matches!(err, EngineError::CacheFull { needed: 1, free: 0 }), "{err:?}");
+}
