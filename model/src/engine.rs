@@ -180,7 +180,10 @@ impl Engine {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
             let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
-            if s.phase != phase || !seen.insert(*id) {
+            if !seen.insert(*id) {
+                return Err(EngineError::RepeatedInBatch(id.0));
+            }
+            if s.phase != phase {
                 let what = if phase == Phase::Waiting { "waiting for prefill" } else { "running" };
                 return Err(EngineError::WrongState(id.0, what));
             }
@@ -207,9 +210,7 @@ impl Engine {
                 if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
             s.tokens.push(token);
             let p = s.sampler.params();
-            let finish = if p.stop_token_ids.contains(&token)
-                || (p.stop_token_ids.is_empty() && self.model.config.eos_token_ids.contains(&token))
-            {
+            let finish = if is_stop(&self.model.config.eos_token_ids, p, token) {
                 Some(FinishReason::Stop)
             } else if s.tokens.len() - s.prompt_len >= p.max_new_tokens {
                 Some(FinishReason::Length)
@@ -294,7 +295,14 @@ impl Engine {
         }
         s.tokens = tokens;
         s.cached = export.num_tokens;
-        s.phase = Phase::Running;
+        // A sequence whose last token was a stop token is already finished.
+        let last = *s.tokens.last().expect("checked: at least one generated token");
+        s.phase = if is_stop(&self.model.config.eos_token_ids, s.sampler.params(), last) { Phase::Finished } else { Phase::Running };
         Ok(())
     }
+}
+
+/// `token` ends generation: one of the request's stop ids, or the model's EOS when it gave none.
+fn is_stop(eos: &[u32], p: &SamplingParams, token: u32) -> bool {
+    if p.stop_token_ids.is_empty() { eos.contains(&token) } else { p.stop_token_ids.contains(&token) }
 }

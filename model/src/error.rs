@@ -30,6 +30,8 @@ pub enum ModelError {
 pub enum EngineError {
     #[error("sequence {0} already exists")]
     DuplicateSequence(u64),
+    #[error("sequence {0} appears twice in one batch")]
+    RepeatedInBatch(u64),
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
     #[error("empty prompt: at least one token is required")]

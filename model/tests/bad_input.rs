@@ -462,7 +462,7 @@ fn duplicate_unknown_and_wrong_state_sequences_are_refused() {
     assert!(matches!(e.generated(SeqId(8)), Err(EngineError::UnknownSequence(8))));
     // The same id twice in one batch.
     let err = e.prefill(&[SeqId(7), SeqId(7)]).expect_err("duplicate id in a batch");
-    assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
+    assert!(matches!(err, EngineError::RepeatedInBatch(7)), "{err:?}");
     // A refused batch changed nothing: the sequence still runs to the reference tokens.
     let out = e.prefill(&[SeqId(7)]).expect("prefill");
     assert_eq!(out[0].token, case.greedy[0]);

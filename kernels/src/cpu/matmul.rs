@@ -1,9 +1,26 @@
 //! `out = x · Wᵀ` for activations `x: [m, k]` (f32) and weights `W: [n, k]` (PyTorch
 //! `Linear` layout) stored as f32 or bf16.
 //!
+//! Paths, chosen per call:
+//! * x86_64 with AVX-512 F/BW (runtime detection): the register-tiled kernels of
+//!   `matmul_avx512` for every `m` — bf16 weights widened to f32 (`Exact`), `vdpbf16ps` on
+//!   bf16-rounded activations (`Bf16Activations`; needs AVX512-BF16, otherwise the widening
+//!   kernel on rounded activations), f32 weights with `vfmadd`.
+//! * Elsewhere: the portable dot products below (rayon over `n`), except f32 weights with
+//!   `m >= GEMM_MIN_M`, which go to the `gemm` crate.
+//!
 //! Invariant (batch invariance): each output element is reduced over `k` in the same order
 //! whatever `m` is and whichever rows share a call, so a sequence computes the same bits
-//! alone or in a batch. Threads split the `n` dimension only.
+//! alone or in a batch. Threads split the `n` dimension only. The one exception is the
+//! `gemm` fallback (f32 weights, `m >= GEMM_MIN_M`, no AVX-512): gemm's blocking makes its
+//! reduction order depend on `m` (measured: a row alone differs in the last bits from the
+//! same row in a batch of 16+), so there a row matches itself only across batches below
+//! `GEMM_MIN_M` rows. On AVX-512 machines gemm is not used: our f32 kernel is invariant and
+//! was measured as fast or faster (gemm 0.19 without its `x86-v4` feature runs AVX2 code).
+//!
+//! `Precision::Bf16Activations` rounds activations to bf16 (nearest-even, as
+//! `bf16::from_f32`) once per call; products of two bf16 values are exact in f32, so every
+//! path computes the same mathematical sum and differs only in f32 summation rounding.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -35,13 +52,25 @@ pub enum Precision {
     /// "bf16 weights upcast to f32" up to summation order.
     #[default]
     Exact,
-    /// Activations are rounded to bf16 and multiplied with bf16 dot-product instructions
-    /// where the CPU has them (AVX-512 BF16), accumulating in f32. Faster when compute-bound.
+    /// Activations are rounded to bf16 (nearest, ties to even, once per call) and multiplied
+    /// with bf16 dot-product instructions where the CPU has them (AVX-512 BF16), accumulating
+    /// in f32. About twice the FLOP rate of `Exact` when compute-bound. f32 weights ignore
+    /// this (always exact).
     Bf16Activations,
 }
 
-/// Output rows per parallel task: big enough to amortize scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 32;
+/// Without AVX-512, f32 weights with this many activation rows or more go through `gemm`
+/// (see the module docs).
+pub const GEMM_MIN_M: usize = 16;
+
+/// Whether f32 weights with `m` activation rows take the (not batch-invariant) gemm path.
+pub fn f32_uses_gemm(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul_avx512::available() {
+        return false;
+    }
+    m >= GEMM_MIN_M
+}
 
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]`.
 pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &mut [f32], precision: Precision) {
@@ -51,8 +80,82 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
     if m == 0 || n == 0 {
         return;
     }
-    let _ = precision;
-    // Work on column blocks of `out`: task t owns output columns [t*R, (t+1)*R) of every row.
+    match w {
+        WeightRef::F32(w) => {
+            #[cfg(target_arch = "x86_64")]
+            if super::matmul_avx512::matmul_f32(x, m, k, w, n, out) {
+                return;
+            }
+            if f32_uses_gemm(m) && k > 0 {
+                gemm_f32(x, m, k, w, n, out);
+            } else {
+                portable(x, m, k, n, out, |xr, j| dot_f32(xr, &w[j * k..(j + 1) * k]));
+            }
+        }
+        WeightRef::Bf16(w) => {
+            #[cfg(target_arch = "x86_64")]
+            if super::matmul_avx512::matmul_bf16(x, m, k, w, n, out, precision) {
+                return;
+            }
+            let rounded: Vec<f32>;
+            let x = match precision {
+                Precision::Exact => x,
+                Precision::Bf16Activations => {
+                    rounded = round_to_bf16(x);
+                    &rounded
+                }
+            };
+            portable(x, m, k, n, out, |xr, j| dot_bf16(xr, &w[j * k..(j + 1) * k]));
+        }
+    }
+}
+
+/// Activations rounded to the nearest bf16 (ties to even), kept as f32.
+pub fn round_to_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// f32 weights through `gemm`: `out (m×n, row-major) = x (m×k) · Wᵀ`, with `Wᵀ` described by
+/// strides over `w` (`Wᵀ[kk, j] = w[j·k + kk]`), so nothing is copied.
+fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n, "gemm_f32: operand sizes");
+    let threads = rayon::current_num_threads().max(1);
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the three matrices are exactly the slices asserted above (m·k, n·k, m·n
+    // elements) and the strides describe them in bounds; `read_dst = false` so `out` is only
+    // written; `dst = alpha·dst + beta·lhs·rhs` with alpha ignored and beta = 1.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Output rows per parallel task in the portable path: big enough to amortize scheduling,
+/// small enough to balance.
+const ROWS_PER_TASK: usize = 32;
+
+/// The portable path: rayon over blocks of output columns, `dot(x_row, j)` per element.
+fn portable(x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(&[f32], usize) -> f32 + Sync) {
+    // Task t owns output columns [t*R, (t+1)*R) of every row.
     let n_tasks = n.div_ceil(ROWS_PER_TASK);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..n_tasks).into_par_iter().for_each(|t| {
@@ -60,13 +163,9 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
         let n1 = (n0 + ROWS_PER_TASK).min(n);
         for j in n0..n1 {
             for i in 0..m {
-                let xr = &x[i * k..(i + 1) * k];
-                let v = match w {
-                    WeightRef::F32(w) => dot_f32(xr, &w[j * k..(j + 1) * k]),
-                    WeightRef::Bf16(w) => dot_bf16(xr, &w[j * k..(j + 1) * k]),
-                };
+                let v = dot(&x[i * k..(i + 1) * k], j);
                 // SAFETY: task t is the only writer of columns [n0, n1) and `i * n + j` is in
-                // bounds (asserted above); no two tasks touch the same element.
+                // bounds (asserted in `matmul`); no two tasks touch the same element.
                 unsafe { *out_ptr.get().add(i * n + j) = v };
             }
         }
@@ -75,7 +174,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from rayon tasks (see `matmul`).
+// SAFETY: used only to write disjoint elements from rayon tasks (see `portable`).
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
@@ -144,37 +243,157 @@ mod tests {
     use super::*;
     use crate::cpu::test_util::{Lcg, assert_close};
 
-    fn case(m: usize, k: usize, n: usize, bf: bool) {
-        let mut rng = Lcg::new((m * 31 + k * 7 + n) as u64);
-        let x = rng.vec(m * k, 1.0);
-        let wf = rng.vec(n * k, (k as f32).powf(-0.5));
-        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        let w = if bf { WeightRef::Bf16(&wb) } else { WeightRef::F32(&wf) };
-        let mut out = vec![0f32; m * n];
-        matmul(&x, m, k, w, n, &mut out, Precision::Exact);
-        assert_close(&out, &reference(&x, m, k, w, n), 1e-5, "matmul");
+    /// Every (weight dtype, precision) combination the dispatcher distinguishes.
+    const PATHS: [(bool, Precision); 3] =
+        [(false, Precision::Exact), (true, Precision::Exact), (true, Precision::Bf16Activations)];
+
+    struct Case {
+        x: Vec<f32>,
+        wf: Vec<f32>,
+        wb: Vec<bf16>,
+    }
+
+    impl Case {
+        fn new(m: usize, k: usize, n: usize, seed: u64) -> Case {
+            let mut rng = Lcg::new(seed);
+            let x = rng.vec(m * k, 1.0);
+            let wf = rng.vec(n * k, (k.max(1) as f32).powf(-0.5));
+            let wb = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            Case { x, wf, wb }
+        }
+
+        fn w(&self, bf: bool) -> WeightRef<'_> {
+            if bf { WeightRef::Bf16(&self.wb) } else { WeightRef::F32(&self.wf) }
+        }
+    }
+
+    fn check(m: usize, k: usize, n: usize) {
+        let c = Case::new(m, k, n, (m * 31 + k * 7 + n) as u64);
+        for (bf, p) in PATHS {
+            let mut out = vec![f32::NAN; m * n];
+            matmul(&c.x, m, k, c.w(bf), n, &mut out, p);
+            let what = format!("matmul m={m} k={k} n={n} bf16={bf} {p:?}");
+            if p == Precision::Bf16Activations {
+                // The reference sees the same rounded activations; only summation differs.
+                let want = reference(&round_to_bf16(&c.x), m, k, c.w(bf), n);
+                assert_close(&out, &want, 1e-4, &what);
+            } else {
+                assert_close(&out, &reference(&c.x, m, k, c.w(bf), n), 1e-5, &what);
+            }
+        }
     }
 
     #[test]
     fn matches_reference_over_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (1, 17, 5), (3, 64, 33), (8, 200, 70), (33, 129, 65)] {
-            case(m, k, n, false);
-            case(m, k, n, true);
+        for &(m, k, n) in &[(1, 1, 1), (1, 17, 5), (3, 64, 33), (8, 200, 70), (33, 129, 65), (2, 0, 3)] {
+            check(m, k, n);
         }
     }
 
     #[test]
-    fn rows_are_batch_invariant() {
-        let (m, k, n) = (9, 300, 77);
-        let mut rng = Lcg::new(5);
-        let x = rng.vec(m * k, 1.0);
-        let wb: Vec<bf16> = rng.vec(n * k, 0.05).into_iter().map(bf16::from_f32).collect();
-        let mut all = vec![0f32; m * n];
-        matmul(&x, m, k, WeightRef::Bf16(&wb), n, &mut all, Precision::Exact);
-        for i in 0..m {
-            let mut one = vec![0f32; n];
-            matmul(&x[i * k..(i + 1) * k], 1, k, WeightRef::Bf16(&wb), n, &mut one, Precision::Exact);
-            assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i} differs alone vs batched");
+    fn matches_reference_across_tiles_and_tails() {
+        // k around the 16/32-value chunks, n around the 4-row groups and task splits, m
+        // around the 4/6-row register tiles and the gemm threshold.
+        for &k in &[15, 16, 31, 32, 33, 63, 100, 257] {
+            for &(m, n) in &[(1, 7), (4, 9), (5, 13), (6, 4), (7, 3), (13, 31), (16, 5), (19, 70)] {
+                check(m, k, n);
+            }
         }
+    }
+
+    #[test]
+    fn large_k_and_n_stay_accurate() {
+        check(2, 2048, 300);
+        check(20, 1408, 129);
+    }
+
+    #[test]
+    fn rows_are_batch_invariant() {
+        let (k, n) = (300, 77);
+        let c = Case::new(40, k, n, 5);
+        for (bf, p) in PATHS {
+            for m in [1, 3, 6, 8, 13, 15, 33, 40] {
+                // The documented exception: f32 weights through `gemm` (no AVX-512).
+                if !bf && f32_uses_gemm(m) {
+                    continue;
+                }
+                let mut all = vec![0f32; m * n];
+                matmul(&c.x[..m * k], m, k, c.w(bf), n, &mut all, p);
+                for i in 0..m {
+                    let mut one = vec![0f32; n];
+                    matmul(&c.x[i * k..(i + 1) * k], 1, k, c.w(bf), n, &mut one, p);
+                    let what = format!("bf16={bf} {p:?} m={m}: row {i} differs alone vs batched");
+                    assert_eq!(&all[i * n..(i + 1) * n], &one[..], "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_batch_invariant_across_activation_chunks() {
+        // With k = 8192 an L2-sized chunk of packed activations holds only 8 (f32) or 12
+        // (bf16) rows, so these batches span several chunks.
+        let (k, n) = (8192, 9);
+        let c = Case::new(33, k, n, 6);
+        for (bf, p) in PATHS {
+            for m in [13, 33] {
+                if !bf && f32_uses_gemm(m) {
+                    continue;
+                }
+                let mut all = vec![0f32; m * n];
+                matmul(&c.x[..m * k], m, k, c.w(bf), n, &mut all, p);
+                for i in [0, 7, 8, 12, m - 1] {
+                    let mut one = vec![0f32; n];
+                    matmul(&c.x[i * k..(i + 1) * k], 1, k, c.w(bf), n, &mut one, p);
+                    assert_eq!(&all[i * n..(i + 1) * n], &one[..], "bf16={bf} {p:?} m={m} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_invariant_to_column_slicing() {
+        // Thread tiling splits `n`; a column's value must not depend on where the split falls.
+        let (m, k, n) = (5, 96, 200);
+        let c = Case::new(m, k, n, 9);
+        for (bf, p) in PATHS {
+            let mut all = vec![0f32; m * n];
+            matmul(&c.x, m, k, c.w(bf), n, &mut all, p);
+            let (j0, j1) = (37, 41);
+            let ws = &c.wb[j0 * k..j1 * k];
+            let wf = &c.wf[j0 * k..j1 * k];
+            let w = if bf { WeightRef::Bf16(ws) } else { WeightRef::F32(wf) };
+            let mut part = vec![0f32; m * (j1 - j0)];
+            matmul(&c.x, m, k, w, j1 - j0, &mut part, p);
+            for i in 0..m {
+                assert_eq!(&all[i * n + j0..i * n + j1], &part[i * (j1 - j0)..(i + 1) * (j1 - j0)]);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_fallback_matches_reference() {
+        // Called directly: on AVX-512 machines `matmul` never takes this path.
+        for &(m, k, n) in &[(16, 33, 7), (40, 257, 70)] {
+            let c = Case::new(m, k, n, 11);
+            let mut out = vec![f32::NAN; m * n];
+            gemm_f32(&c.x, m, k, &c.wf, n, &mut out);
+            assert_close(&out, &reference(&c.x, m, k, c.w(false), n), 1e-5, "gemm");
+        }
+    }
+
+    #[test]
+    fn portable_path_matches_reference() {
+        // Called directly: on AVX-512 machines `matmul` never takes this path.
+        let (m, k, n) = (5, 70, 9);
+        let c = Case::new(m, k, n, 12);
+        let mut out = vec![f32::NAN; m * n];
+        portable(&c.x, m, k, n, &mut out, |xr, j| dot_bf16(xr, &c.wb[j * k..(j + 1) * k]));
+        assert_close(&out, &reference(&c.x, m, k, c.w(true), n), 1e-5, "portable bf16");
+        portable(&c.x, m, k, n, &mut out, |xr, j| dot_f32(xr, &c.wf[j * k..(j + 1) * k]));
+        assert_close(&out, &reference(&c.x, m, k, c.w(false), n), 1e-5, "portable f32");
+        let xr = round_to_bf16(&c.x);
+        portable(&xr, m, k, n, &mut out, |xr, j| dot_bf16(xr, &c.wb[j * k..(j + 1) * k]));
+        assert_close(&out, &reference(&xr, m, k, c.w(true), n), 1e-5, "portable bf16, rounded x");
     }
 }

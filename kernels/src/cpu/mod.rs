@@ -1,8 +1,13 @@
 //! CPU kernels. One op family per file; each has a `reference` implementation.
 
 pub mod activation;
+pub mod bandwidth;
 pub mod fp8;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod matmul_avx512;
+#[cfg(target_arch = "x86_64")]
+mod matmul_avx512_kernels;
 pub mod mla;
 pub mod norm;
 pub mod rope;

@@ -37,7 +37,7 @@ pub struct RopeTable {
 impl RopeTable {
     /// `dim` is the rotary head size (even), `theta` the base.
     pub fn new(dim: usize, theta: f64, yarn: Option<&Yarn>, interleave: bool) -> Self {
-        assert!(dim % 2 == 0 && dim > 0, "rope dim must be even and positive");
+        assert!(dim.is_multiple_of(2) && dim > 0, "rope dim must be even and positive");
         // transformers: base ** (arange(0, dim, 2).float() / dim), in f32.
         let pos_freqs: Vec<f32> =
             (0..dim / 2).map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32)).collect();

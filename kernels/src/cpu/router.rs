@@ -72,10 +72,13 @@ pub fn route(cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, ids: &mut
     let mut chosen = top_indices(&choice, cfg.top_k);
     chosen.sort_unstable();
     let mut sum = 0f32;
+    // V3 weighs with the unbiased scores; V2 with the (masked) scores it chose on, as
+    // transformers' topk over the masked scores returns.
+    let weight_of = |x: usize| if cfg.kind == RouterKind::SigmoidNoAuxTc { scores[x] } else { choice[x] };
     for (slot, &x) in chosen.iter().enumerate() {
         ids[slot] = x as u32;
-        weights[slot] = scores[x];
-        sum += scores[x];
+        weights[slot] = weight_of(x);
+        sum += weights[slot];
     }
     let normalize = cfg.norm_topk_prob && cfg.kind == RouterKind::SigmoidNoAuxTc;
     let norm = if normalize { 1.0 / (sum + 1e-20) } else { 1.0 };
