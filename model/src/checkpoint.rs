@@ -44,8 +44,6 @@ pub struct TensorView<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
-    pub(crate) map: &'a Arc<Mmap>,
-    pub(crate) offset: usize,
 }
 
 impl Checkpoint {
@@ -111,8 +109,6 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: &e.shape,
             bytes: &f.map[e.start..e.end],
-            map: &f.map,
-            offset: e.start,
         })
     }
 

@@ -205,7 +205,21 @@ impl Model {
     }
 
     /// Runs `segments` through the model, writing their latent rows into `cache`.
+    ///
+    /// Runs on a rayon worker so the many kernel calls inside fork from the pool instead of
+    /// paying a cross-thread hand-off each. Callers validate token ids and block tables
+    /// (the [`crate::Engine`] does).
     pub fn forward(
+        &self,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        experts: &dyn ExpertBackend,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<ForwardOutput, ExpertError> {
+        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, trace))
+    }
+
+    fn forward_on_pool(
         &self,
         cache: &mut LatentCache,
         segments: &[Segment<'_>],

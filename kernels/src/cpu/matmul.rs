@@ -193,12 +193,12 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     for c in 0..chunks {
         let (aa, bb) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
         for l in 0..LANES {
-            acc[l] = aa[l].mul_add(bb[l], acc[l]);
+            acc[l] += aa[l] * bb[l];
         }
     }
     let mut tail = 0f32;
     for i in chunks * LANES..a.len() {
-        tail = a[i].mul_add(b[i], tail);
+        tail += a[i] * b[i];
     }
     acc.iter().sum::<f32>() + tail
 }
@@ -209,12 +209,12 @@ fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
     for c in 0..chunks {
         let (aa, bb) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
         for l in 0..LANES {
-            acc[l] = aa[l].mul_add(bb[l].to_f32(), acc[l]);
+            acc[l] += aa[l] * bb[l].to_f32();
         }
     }
     let mut tail = 0f32;
     for i in chunks * LANES..a.len() {
-        tail = a[i].mul_add(b[i].to_f32(), tail);
+        tail += a[i] * b[i].to_f32();
     }
     acc.iter().sum::<f32>() + tail
 }

@@ -71,7 +71,7 @@ pub fn attend(
         for h in 0..heads {
             let p = scores[h * n_ctx + t];
             for (o, cv) in o_lat[h * r..(h + 1) * r].iter_mut().zip(c) {
-                *o = p.mul_add(*cv, *o);
+                *o += p * *cv;
             }
         }
     }
@@ -82,7 +82,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let chunks = a.len() / 8;
     for i in 0..chunks {
         for l in 0..8 {
-            acc[l] = a[i * 8 + l].mul_add(b[i * 8 + l], acc[l]);
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
         }
     }
     let mut s: f32 = acc.iter().sum();
