@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 
@@ -42,10 +43,10 @@ FP8_MAX = 448.0
 V3_BASE = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "model_type": "deepseek_v3",
-    "vocab_size": 512,
+    "vocab_size": 128,
     "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
@@ -147,15 +148,15 @@ FIXTURES = [
         "All tensors stored as BF16 except mlp.gate.e_score_correction_bias (F32, as in the official checkpoints). "
         "Reference computed in float32 with exactly those bf16 values upcast.",
     ]),
-    fx("v3_fp8", 1007, {"hidden_size": 160, "intermediate_size": 192, "torch_dtype": "bfloat16",
+    fx("v3_fp8", 1007, {"hidden_size": 160, "intermediate_size": 144, "torch_dtype": "bfloat16",
                         "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
                                                 "quant_method": "fp8", "weight_block_size": [128, 128]}},
        weight_dtype="fp8", notes=[
         "Every Linear weight of attention, dense MLP, routed experts and shared experts is F8_E4M3 with "
         "<name>_scale_inv (F32, [ceil(out/128), ceil(in/128)]); dequant W[i,j] = f32(q[i,j]) * scale_inv[i//128, j//128]. "
         "embed_tokens, lm_head, norms and mlp.gate.weight are BF16; e_score_correction_bias F32. hidden 160 and "
-        "intermediate 192 give partial blocks in both dims. Reference = float32 model on the dequantized weights "
-        "(transformers' FP8 quantizer not used).",
+        "intermediate 144 give partial blocks in both dims (dense MLP [144, 160] / [160, 144]). Reference = float32 "
+        "model on the dequantized weights (transformers' FP8 quantizer not used).",
     ]),
     fx("v3_sharded", 1008, {"rope_interleave": True, "qk_rope_head_dim": 16, "rope_scaling": {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
@@ -387,7 +388,13 @@ def cfg_pad(model):
 
 
 def f32(v):
-    return float("%.9g" % v)
+    """The shortest decimal that reads back as the same float32 (v is a float32 value)."""
+    x = struct.unpack("<f", struct.pack("<f", v))[0]
+    for p in range(6, 10):
+        r = float("%.*g" % (p, x))
+        if struct.unpack("<f", struct.pack("<f", r))[0] == x:
+            return r
+    return float("%.9g" % x)
 
 
 # --------------------------------------------------------------------------------------
@@ -537,7 +544,7 @@ def ind_forward(cfg, eff, ids):
 
 def write_json(path, obj, indent=2):
     with open(path, "w") as f:
-        json.dump(obj, f, indent=indent)
+        json.dump(obj, f, indent=indent, separators=None if indent is not None else (",", ":"))
         f.write("\n")
 
 

@@ -7,6 +7,7 @@ use crate::forward::Mlp;
 use crate::weights::{WeightDtype, WeightReader};
 use crate::ModelError;
 use kernels::cpu::Precision;
+use rayon::prelude::*;
 use std::fmt;
 
 /// A logical routed expert of one MoE layer (0..n_routed_experts).
@@ -104,16 +105,21 @@ impl ExpertBackend for LocalExperts {
             return Err(ExpertError::Malformed(format!("{rows} rows of width {h} expected")));
         }
         let layer = self.layers.get(batch.layer);
-        let mut start = 0;
+        let mut jobs = Vec::with_capacity(batch.groups.len());
+        let (mut rest, mut start) = (&mut outputs[..], 0);
         for g in batch.groups {
             let mlp = layer
                 .and_then(|l| l.get(g.expert.0 as usize))
                 .and_then(Option::as_ref)
                 .ok_or(ExpertError::NotHosted { layer: batch.layer, expert: g.expert.0 })?;
-            let range = start * h..(start + g.num_tokens) * h;
-            mlp.forward(&batch.inputs[range.clone()], g.num_tokens, &mut outputs[range], self.precision);
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(g.num_tokens * h);
+            rest = tail;
+            jobs.push((mlp, &batch.inputs[start * h..(start + g.num_tokens) * h], g.num_tokens, out));
             start += g.num_tokens;
         }
+        // Experts in parallel: each streams its own weights; small per-expert batches would
+        // otherwise pay a fork/join per matmul.
+        jobs.into_par_iter().for_each(|(mlp, x, m, out)| mlp.forward(x, m, out, self.precision));
         Ok(())
     }
 }

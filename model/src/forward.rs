@@ -24,29 +24,30 @@ const LATENT_NORM_EPS: f32 = 1e-6;
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub struct Mlp {
-    gate: Matrix,
-    up: Matrix,
+    /// `gate_proj` then `up_proj` stacked: `[2 * inter, hidden]`, one pass over the input.
+    gate_up: Matrix,
     down: Matrix,
 }
 
 impl Mlp {
     pub(crate) fn load(r: &WeightReader<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Self, ModelError> {
-        Ok(Mlp {
-            gate: r.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
-            up: r.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
-            down: r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
-        })
+        let gate = r.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?;
+        let up = r.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?;
+        Ok(Mlp { gate_up: gate.stacked(&up), down: r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)? })
     }
 
     /// `x: [m, hidden]` → `out: [m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32], p: Precision) {
-        let (h, i) = (self.gate.cols, self.gate.rows);
-        let mut g = vec![0f32; m * i];
-        let mut u = vec![0f32; m * i];
-        matmul(x, m, h, self.gate.weight(), i, &mut g, p);
-        matmul(x, m, h, self.up.weight(), i, &mut u, p);
-        silu_mul(&mut g, &u);
-        matmul(&g, m, i, self.down.weight(), h, out, p);
+        let (h, i2) = (self.gate_up.cols, self.gate_up.rows);
+        let i = i2 / 2;
+        let mut gu = vec![0f32; m * i2];
+        matmul(x, m, h, self.gate_up.weight(), i2, &mut gu, p);
+        let mut act = vec![0f32; m * i];
+        for (a, row) in act.chunks_exact_mut(i).zip(gu.chunks_exact(i2)) {
+            a.copy_from_slice(&row[..i]);
+            silu_mul(a, &row[i..]);
+        }
+        matmul(&act, m, i, self.down.weight(), h, out, p);
     }
 }
 
@@ -154,8 +155,8 @@ impl Model {
             };
             let kv_b = r.matrix(&format!("{p}.self_attn.kv_b_proj.weight"), heads * (dn + dv), rank)?;
             let per = dn + dv;
-            let w_uk_t = (0..heads).map(|hd| kv_b.gather_rows(hd * per..hd * per + dn).transposed()).collect();
-            let w_uv = (0..heads).map(|hd| kv_b.gather_rows(hd * per + dn..(hd + 1) * per)).collect();
+            let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed()).collect();
+            let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per)).collect();
             let attn = Attention {
                 q,
                 kv_a: r.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), rank + dr, h)?,

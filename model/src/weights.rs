@@ -7,7 +7,6 @@ use half::{bf16, f16};
 use kernels::cpu::WeightRef;
 use memmap2::Mmap;
 use safetensors::Dtype;
-use std::sync::Arc;
 
 /// The dtype weight matrices are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -19,39 +18,49 @@ pub enum WeightDtype {
     Bf16,
 }
 
-/// Contiguous typed storage: a Vec, or an anonymous (huge-page) mapping.
+/// Contiguous typed storage: large buffers live in anonymous memory backed by transparent
+/// huge pages where the kernel allows. Streaming gigabytes of weights per token through
+/// 4 KiB pages costs a TLB miss every page, enough to lose a sixth of the bandwidth.
 #[derive(Debug)]
 enum Buf<T> {
     Owned(Vec<T>),
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Huge { map: Mmap, len: usize, _t: std::marker::PhantomData<T> },
 }
+
+/// Below this a buffer stays an ordinary Vec.
+const HUGE_MIN_BYTES: usize = 1 << 21;
 
 impl<T: bytemuck::Pod> Buf<T> {
     fn as_slice(&self) -> &[T] {
         match self {
             Buf::Owned(v) => v,
-            Buf::Mapped { map, offset, len } => {
-                let bytes = &map[*offset..*offset + len * std::mem::size_of::<T>()];
-                bytemuck::cast_slice(bytes)
-            }
+            Buf::Huge { map, len, .. } => bytemuck::cast_slice(&map[..len * std::mem::size_of::<T>()]),
         }
     }
 
-    /// The tensor's bytes copied into anonymous memory backed by transparent huge pages
-    /// where the kernel allows: streaming gigabytes of weights per token through 4 KiB
-    /// file pages costs a TLB miss every page, enough to lose a third of the bandwidth.
-    fn mapped(view: &TensorView<'_>) -> Option<Self> {
-        let size = std::mem::size_of::<T>();
-        let len = view.bytes.len();
-        if len == 0 {
+    fn new(v: Vec<T>) -> Self {
+        Self::huge_copy(bytemuck::cast_slice(&v)).unwrap_or(Buf::Owned(v))
+    }
+
+    /// Little-endian bytes of `T`s (as stored in safetensors) copied into huge pages.
+    fn from_le_bytes(bytes: &[u8]) -> Self {
+        Self::huge_copy(bytes).unwrap_or_else(|| {
+            let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+            Buf::Owned(v)
+        })
+    }
+
+    fn huge_copy(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < HUGE_MIN_BYTES || cfg!(target_endian = "big") {
             return None;
         }
-        let mut anon = memmap2::MmapMut::map_anon(len).ok()?;
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).ok()?;
         // Best effort: without THP the copy still works, with 4 KiB pages.
         let _ = anon.advise(memmap2::Advice::HugePage);
-        anon.copy_from_slice(view.bytes);
+        anon.copy_from_slice(bytes);
         let map = anon.make_read_only().ok()?;
-        Some(Buf::Mapped { map: Arc::new(map), offset: 0, len: len / size })
+        Some(Buf::Huge { map, len: bytes.len() / std::mem::size_of::<T>(), _t: std::marker::PhantomData })
     }
 }
 
@@ -86,34 +95,44 @@ impl Matrix {
         }
     }
 
-    /// A new matrix from a subset of rows, in this matrix's dtype.
-    pub fn gather_rows(&self, rows: impl Iterator<Item = usize>) -> Matrix {
-        let c = self.cols;
-        match self.weight() {
-            WeightRef::F32(w) => {
-                let v: Vec<f32> = rows.flat_map(|r| w[r * c..(r + 1) * c].iter().copied()).collect();
-                Matrix { rows: v.len() / c, cols: c, data: MatData::F32(Buf::Owned(v)) }
-            }
-            WeightRef::Bf16(w) => {
-                let v: Vec<bf16> = rows.flat_map(|r| w[r * c..(r + 1) * c].iter().copied()).collect();
-                Matrix { rows: v.len() / c, cols: c, data: MatData::Bf16(Buf::Owned(v)) }
-            }
-        }
+    /// A matrix of `rows` rows whose element `(i, j)` is `at(i, j)`, in this matrix's dtype.
+    fn derive(&self, rows: usize, cols: usize, at: impl Fn(usize, usize) -> usize) -> Matrix {
+        let data = match self.weight() {
+            WeightRef::F32(w) => MatData::F32(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
+            WeightRef::Bf16(w) => MatData::Bf16(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
+        };
+        Matrix { rows, cols, data }
     }
 
-    /// The transpose, in this matrix's dtype.
+    /// Rows `range` as a new matrix.
+    pub fn rows_range(&self, range: std::ops::Range<usize>) -> Matrix {
+        let c = self.cols;
+        self.derive(range.len(), c, |i, j| (range.start + i) * c + j)
+    }
+
+    /// The transpose.
     pub fn transposed(&self) -> Matrix {
-        let (r, c) = (self.rows, self.cols);
-        match self.weight() {
-            WeightRef::F32(w) => {
-                let v = (0..c * r).map(|i| w[(i % r) * c + i / r]).collect();
-                Matrix { rows: c, cols: r, data: MatData::F32(Buf::Owned(v)) }
+        let c = self.cols;
+        self.derive(self.cols, self.rows, |i, j| j * c + i)
+    }
+
+    /// `self` then `other` stacked by rows (same dtype and width).
+    pub fn stacked(&self, other: &Matrix) -> Matrix {
+        debug_assert_eq!(self.cols, other.cols);
+        let data = match (self.weight(), other.weight()) {
+            (WeightRef::F32(a), WeightRef::F32(b)) => MatData::F32(Buf::new([a, b].concat())),
+            (WeightRef::Bf16(a), WeightRef::Bf16(b)) => MatData::Bf16(Buf::new([a, b].concat())),
+            (a, b) => {
+                let widen = |w: WeightRef<'_>| -> Vec<f32> {
+                    match w {
+                        WeightRef::F32(w) => w.to_vec(),
+                        WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+                    }
+                };
+                MatData::F32(Buf::new([widen(a), widen(b)].concat()))
             }
-            WeightRef::Bf16(w) => {
-                let v = (0..c * r).map(|i| w[(i % r) * c + i / r]).collect();
-                Matrix { rows: c, cols: r, data: MatData::Bf16(Buf::Owned(v)) }
-            }
-        }
+        };
+        Matrix { rows: self.rows + other.rows, cols: self.cols, data }
     }
 }
 
@@ -152,13 +171,13 @@ impl WeightReader<'_> {
             (d, _) => d,
         };
         let data = match (v.dtype, want) {
-            (Dtype::F32, WeightDtype::F32) => MatData::F32(Buf::mapped(&v).unwrap_or_else(|| Buf::Owned(to_f32(&v)))),
+            (Dtype::F32, WeightDtype::F32) => MatData::F32(Buf::from_le_bytes(v.bytes)),
             (Dtype::BF16, WeightDtype::Bf16) => {
-                MatData::Bf16(Buf::mapped(&v).unwrap_or_else(|| Buf::Owned(v.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())))
+                MatData::Bf16(Buf::from_le_bytes(v.bytes))
             }
-            (Dtype::BF16 | Dtype::F16, WeightDtype::F32) => MatData::F32(Buf::Owned(to_f32(&v))),
+            (Dtype::BF16 | Dtype::F16, WeightDtype::F32) => MatData::F32(Buf::new(to_f32(&v))),
             (Dtype::F32 | Dtype::BF16 | Dtype::F16, _) => {
-                MatData::Bf16(Buf::Owned(to_f32(&v).into_iter().map(bf16::from_f32).collect()))
+                MatData::Bf16(Buf::new(to_f32(&v).into_iter().map(bf16::from_f32).collect()))
             }
             (Dtype::F8_E4M3, want) => {
                 let scales = self.fp8_scales(name, rows, cols)?;
@@ -167,12 +186,12 @@ impl WeightReader<'_> {
                     WeightDtype::F32 => {
                         let mut out = vec![0f32; rows * cols];
                         kernels::cpu::fp8::dequantize_blocks(v.bytes, &scales, rows, cols, block, &mut out);
-                        MatData::F32(Buf::Owned(out))
+                        MatData::F32(Buf::new(out))
                     }
                     _ => {
                         let mut out = vec![bf16::ZERO; rows * cols];
                         kernels::cpu::fp8::dequantize_blocks(v.bytes, &scales, rows, cols, block, &mut out);
-                        MatData::Bf16(Buf::Owned(out))
+                        MatData::Bf16(Buf::new(out))
                     }
                 }
             }

@@ -237,10 +237,10 @@ fn wrong_shape_is_named() {
     let tmp = copy_fixture("v3_f32");
     let path = tmp.path().join("config.json");
     let text = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(&path, text.replace("\"vocab_size\": 512", "\"vocab_size\": 500")).expect("write");
+    std::fs::write(&path, text.replace("\"vocab_size\": 128", "\"vocab_size\": 500")).expect("write");
     let e = load_err(tmp.path());
     assert!(matches!(e, ModelError::Shape { .. }), "{e:?}");
-    assert_names(&e.to_string(), &["model.embed_tokens.weight", "512", "500"]);
+    assert_names(&e.to_string(), &["model.embed_tokens.weight", "128", "500"]);
 }
 
 #[test]
@@ -375,7 +375,7 @@ fn expected() -> Expected {
 }
 
 fn greedy(max_new_tokens: usize) -> SamplingParams {
-    SamplingParams { max_new_tokens, stop_token_ids: vec![512], ..SamplingParams::default() }
+    SamplingParams { max_new_tokens, stop_token_ids: vec![128], ..SamplingParams::default() }
 }
 
 /// Runs `id` (already added) to completion; returns its generated tokens.
@@ -400,7 +400,7 @@ fn add_err(e: &mut Engine, id: u64, prompt: Vec<u32>, params: SamplingParams) ->
 #[test]
 fn prompt_longer_than_context_is_refused() {
     let mut e = engine(1024);
-    let long: Vec<u32> = (0..257).map(|i| i % 512).collect();
+    let long: Vec<u32> = (0..257).map(|i| i % 128).collect();
     let err = add_err(&mut e, 1, long, greedy(1));
     assert!(matches!(err, EngineError::ContextExceeded { prompt: 257, max_new: 1, context: 256 }), "{err:?}");
     // Prompt fits but prompt + max_new_tokens does not.
@@ -416,8 +416,8 @@ fn bad_prompts_and_sampling_parameters_are_refused() {
     let mut e = engine(256);
     let err = add_err(&mut e, 1, vec![], greedy(4));
     assert!(matches!(err, EngineError::EmptyPrompt), "{err:?}");
-    let err = add_err(&mut e, 1, vec![0, 5, 512, 7], greedy(4));
-    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 512, vocab: 512 }), "{err:?}");
+    let err = add_err(&mut e, 1, vec![0, 5, 128, 7], greedy(4));
+    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 128, vocab: 128 }), "{err:?}");
     let err = add_err(&mut e, 1, vec![0, u32::MAX], greedy(4));
     assert!(matches!(err, EngineError::TokenOutOfVocab { id: u32::MAX, .. }), "{err:?}");
     let cases: [(SamplingParams, &str); 7] = [
@@ -531,9 +531,9 @@ fn bad_cache_imports_are_refused() {
     let err = refuse("prompt_len beyond the cache", tokens.clone(), n + 1, params.clone(), &export);
     assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
     let mut oov = tokens.clone();
-    *oov.last_mut().expect("token") = 512;
+    *oov.last_mut().expect("token") = 128;
     let err = refuse("generated token outside the vocab", oov, n, params.clone(), &export);
-    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 512, .. }), "{err:?}");
+    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 128, .. }), "{err:?}");
     // More tokens already generated than the request's max_new_tokens leaves room for:
     // the prompt's cache was reserved for prompt + max_new_tokens only.
     let err = refuse("generated beyond max_new_tokens", tokens.clone(), 1, greedy(2), &export);
