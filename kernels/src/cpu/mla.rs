@@ -37,8 +37,50 @@ impl PagedLatent<'_> {
 /// Attention of one query token over its first `n_ctx` cached tokens.
 /// `q_lat: [heads, r]`, `q_pe: [heads, dr]`, `o_lat: [heads, r]`; `scores` is scratch of at
 /// least `heads * n_ctx` values.
+///
+/// The same Rust body is compiled twice: for the baseline target and with AVX-512 enabled
+/// (picked at run time). Float operations are never reassociated or fused by the compiler,
+/// so both give identical bits; AVX-512 only widens the vectors.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
+    cache: PagedLatent<'_>,
+    table: &[u32],
+    n_ctx: usize,
+    q_lat: &[f32],
+    q_pe: &[f32],
+    scale: f32,
+    heads: usize,
+    scores: &mut Vec<f32>,
+    o_lat: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F is present (checked just above).
+        return unsafe { attend_avx512(cache, table, n_ctx, q_lat, q_pe, scale, heads, scores, o_lat) };
+    }
+    attend_body(cache, table, n_ctx, q_lat, q_pe, scale, heads, scores, o_lat)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn attend_avx512(
+    cache: PagedLatent<'_>,
+    table: &[u32],
+    n_ctx: usize,
+    q_lat: &[f32],
+    q_pe: &[f32],
+    scale: f32,
+    heads: usize,
+    scores: &mut Vec<f32>,
+    o_lat: &mut [f32],
+) {
+    attend_body(cache, table, n_ctx, q_lat, q_pe, scale, heads, scores, o_lat)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_body(
     cache: PagedLatent<'_>,
     table: &[u32],
     n_ctx: usize,
@@ -77,17 +119,21 @@ pub fn attend(
     }
 }
 
+/// Sixteen fixed partial sums (one zmm register when AVX-512 is on), then their sum.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
     }
     s
 }
@@ -141,5 +187,8 @@ mod tests {
         let mut scratch = Vec::new();
         attend(cache, &table, n_ctx, &q_lat, &q_pe, 0.3, heads, &mut scratch, &mut o);
         assert_close(&o, &reference(&rows, r, dr, &q_lat, &q_pe, 0.3, heads), 1e-5, "mla");
+        let mut portable = vec![0f32; heads * r];
+        attend_body(cache, &table, n_ctx, &q_lat, &q_pe, 0.3, heads, &mut scratch, &mut portable);
+        assert_eq!(o, portable, "the AVX-512 build of the body gives the portable bits");
     }
 }
