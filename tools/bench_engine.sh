@@ -5,10 +5,11 @@
 #
 #   bash tools/bench_engine.sh            # everything (~15 min on 2 cores)
 #   BENCH_DIR=/big/disk bash tools/bench_engine.sh
+#   BENCH_CKPT=DIR bash tools/bench_engine.sh   # reuse a checkpoint made by make_bench_checkpoint.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${BENCH_DIR:-bench-out}
-ckpt=$out/v2lite-4l-bf16
+ckpt=${BENCH_CKPT:-$out/v2lite-4l-bf16}
 mkdir -p "$out"
 
 echo "== machine"
@@ -22,10 +23,10 @@ cargo build --release --locked -p cli --bin engine-bench
 
 for dtype in bf16 f32; do
   echo "== engine-bench, $dtype weights, exact f32 activations"
-  ./target/release/engine-bench --model "$ckpt" --dtype "$dtype" --batches 1,8,32
+  ./target/release/engine-bench --model "$ckpt" --dtype "$dtype" --batches 1,8,32 --steps 16
 done
 echo "== engine-bench, bf16 weights, bf16 activations (AVX-512 BF16 dot products)"
-./target/release/engine-bench --model "$ckpt" --dtype bf16 --precision bf16 --batches 1,8,32
+./target/release/engine-bench --model "$ckpt" --dtype bf16 --precision bf16 --batches 1,8,32 --steps 16
 
 for dtype in bf16 f32; do
   for batch in 1 8 32; do

@@ -1,6 +1,10 @@
 //! `engine-bench`: prefill and batched-decode throughput of the in-process engine on a
 //! checkpoint, plus the machine's read bandwidth and the fraction of the batch-1
 //! bandwidth limit reached. Prints one line per figure and a final JSON summary.
+//!
+//! On a shared machine the available bandwidth drifts, so for batch 1 each timed decode
+//! step is paired with a bandwidth probe run right before it, and the fraction is the ratio
+//! of the medians (weight bytes per step / step time vs probe bandwidth).
 
 /// Forward passes allocate and free large activation buffers every step; mimalloc keeps
 /// them instead of returning them to the kernel (glibc's munmap/page-fault churn cost ~20%).
@@ -28,6 +32,9 @@ struct Args {
     prompt_len: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
+    /// Prompts prefilled together in the batched-prefill figure.
+    #[arg(long, default_value_t = 8)]
+    prefill_batch: usize,
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 16)]
     steps: usize,
@@ -74,6 +81,11 @@ fn active_bytes_per_token(c: &ModelConfig, weight_size: usize) -> f64 {
     (params * weight_size + router_bytes) as f64
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32).collect()
 }
@@ -90,8 +102,9 @@ fn main() -> anyhow::Result<()> {
         Prec::Bf16 => Precision::Bf16Activations,
     };
     println!("threads: {}", rayon::current_num_threads());
-    let bw = kernels::cpu::bandwidth::measure_read_bandwidth(args.bandwidth_bytes, 5);
-    println!("read bandwidth: {bw:.1} GB/s");
+    let probe = || kernels::cpu::bandwidth::measure_read_bandwidth(args.bandwidth_bytes, 1);
+    let mut bw = probe();
+    println!("read bandwidth (one pass): {bw:.1} GB/s");
     let t = Instant::now();
     let loaded = load_model(&args.model, LoadOptions { weight_dtype, local_experts: true }, &|_| {})?;
     println!("load: {:.1} s", t.elapsed().as_secs_f64());
@@ -106,7 +119,7 @@ fn main() -> anyhow::Result<()> {
         _ => 2,
     };
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
-    let cache_tokens = (max_batch + 1) * (args.prompt_len + args.steps + 8);
+    let cache_tokens = (max_batch.max(args.prefill_batch) + 1) * (args.prompt_len + args.steps + 8);
     let opts = EngineOptions { cache_tokens, block_size: 16 };
     let params = |n: usize| SamplingParams { max_new_tokens: n, stop_token_ids: vec![c.vocab_size as u32], ..Default::default() };
 
@@ -121,6 +134,17 @@ fn main() -> anyhow::Result<()> {
     let prefill_tps = args.prompt_len as f64 / t.elapsed().as_secs_f64();
     engine.release(SeqId(1))?;
     println!("prefill {} tokens: {prefill_tps:.1} tokens/s", args.prompt_len);
+    let ids: Vec<SeqId> = (0..args.prefill_batch as u64).map(|i| SeqId(10 + i)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        engine.add_sequence(*id, prompt(args.prompt_len, c.vocab_size, 50 + i), params(2), 0)?;
+    }
+    let t = Instant::now();
+    engine.prefill(&ids)?;
+    let batched_prefill_tps = (ids.len() * args.prompt_len) as f64 / t.elapsed().as_secs_f64();
+    for id in ids {
+        engine.release(id)?;
+    }
+    println!("prefill {} x {} tokens in one batch: {batched_prefill_tps:.1} tokens/s", args.prefill_batch, args.prompt_len);
 
     let bytes = active_bytes_per_token(&c, weight_size);
     let mut decode = Vec::new();
@@ -133,17 +157,29 @@ fn main() -> anyhow::Result<()> {
         }
         engine.prefill(&ids)?;
         engine.decode_step(&ids)?; // warm-up
-        let t = Instant::now();
+        let mut step_secs = Vec::with_capacity(args.steps);
+        let mut probes = Vec::new();
         for _ in 0..args.steps {
+            if b == 1 {
+                probes.push(probe());
+            }
+            let t = Instant::now();
             engine.decode_step(&ids)?;
+            step_secs.push(t.elapsed().as_secs_f64());
         }
-        let secs = t.elapsed().as_secs_f64();
+        let secs: f64 = step_secs.iter().sum();
         let tps = (b * args.steps) as f64 / secs;
         let step_ms = secs * 1e3 / args.steps as f64;
         print!("decode batch {b}: {tps:.1} tokens/s ({step_ms:.1} ms/step)");
         if b == 1 {
+            bw = median(&mut probes);
+            let achieved = bytes / median(&mut step_secs) / 1e9;
             let limit = bw * 1e9 / bytes;
-            print!(", {:.2} GB/token, bandwidth limit {limit:.1} tokens/s, {:.0}% of it", bytes / 1e9, 100.0 * tps / limit);
+            print!(
+                ", {:.2} GB/token; median step reads {achieved:.1} GB/s vs probe median {bw:.1} GB/s: {:.0}% (limit {limit:.1} tokens/s)",
+                bytes / 1e9,
+                100.0 * achieved / bw
+            );
         }
         println!();
         decode.push(serde_json::json!({"batch": b, "tokens_per_s": tps, "ms_per_step": step_ms}));
@@ -154,7 +190,7 @@ fn main() -> anyhow::Result<()> {
     let summary = serde_json::json!({
         "dtype": format!("{:?}", args.dtype), "precision": format!("{:?}", args.precision),
         "bandwidth_gb_s": bw, "active_gb_per_token": bytes / 1e9,
-        "prefill_tokens_per_s": prefill_tps, "decode": decode,
+        "prefill_tokens_per_s": prefill_tps, "batched_prefill_tokens_per_s": batched_prefill_tps, "decode": decode,
     });
     println!("{summary}");
     Ok(())
