@@ -1,8 +1,12 @@
 //! `expertmesh generate` as a user runs it: the real binary, on a transformers fixture and on
 //! the embedded default model, and its errors on bad input.
 
+#[path = "../../model/tests/common/mod.rs"]
+mod common;
+
+use common::{Expected, fixture};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 #[derive(Deserialize)]
@@ -11,22 +15,6 @@ struct Json {
     generated_ids: Vec<u32>,
     text: String,
     last_prompt_logits_top: Vec<(u32, f32)>,
-}
-
-#[derive(Deserialize)]
-struct Expected {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    last_logits: Vec<f32>,
-    greedy: Vec<u32>,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name)
 }
 
 fn expertmesh(args: &[&str], cache: &Path) -> Output {
@@ -53,8 +41,7 @@ fn fails_with(out: Output, needle: &str) {
 fn json_output_matches_transformers_on_a_fixture() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = fixture("v3_f32");
-    let exp: Expected =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read")).expect("parse");
+    let exp: Expected = common::expected("v3_f32");
     let case = &exp.cases[1];
     let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
     let n = case.greedy.len().to_string();

@@ -2,18 +2,17 @@
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
 
 use model::{
-    Engine, EngineError, EngineOptions, LoadOptions, Loaded, ModelError, SamplingParams, SeqId, SequenceCacheExport,
+    Engine, EngineError, EngineOptions, LoadOptions, ModelError, SamplingParams, SeqId, SequenceCacheExport,
     WeightDtype, load_model,
 };
 use safetensors::{Dtype, SafeTensors};
-use serde::Deserialize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
+mod common;
+
+use common::{Expected, fixture};
 
 const OPTS: LoadOptions = LoadOptions { weight_dtype: WeightDtype::F32, local_experts: true };
 
@@ -348,20 +347,8 @@ fn broken_tokenizer_json_is_named() {
 
 // ---------------------------------------------------------------- engine requests
 
-#[derive(Deserialize)]
-struct Expected {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    greedy: Vec<u32>,
-}
-
 fn loaded() -> (Arc<model::Model>, Arc<dyn model::ExpertBackend>) {
-    let Loaded { model, experts, .. } = load_model(&fixture("v3_f32"), OPTS, &|_| {}).expect("load v3_f32");
-    (Arc::new(model), Arc::new(experts.expect("local experts")))
+    common::load("v3_f32", OPTS.weight_dtype)
 }
 
 fn engine(cache_tokens: usize) -> Engine {
@@ -370,8 +357,7 @@ fn engine(cache_tokens: usize) -> Engine {
 }
 
 fn expected() -> Expected {
-    let text = std::fs::read_to_string(fixture("v3_f32").join("expected.json")).expect("expected.json");
-    serde_json::from_str(&text).expect("parse expected.json")
+    common::expected("v3_f32")
 }
 
 fn greedy(max_new_tokens: usize) -> SamplingParams {

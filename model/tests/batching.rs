@@ -3,9 +3,10 @@
 //! and seeded sampling alike; a cache exported from one engine and imported into another
 //! continues exactly as if it had stayed, and every block returns to the pool on release.
 
-use model::{Engine, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype, load_model};
+mod common;
+
+use model::{Engine, EngineOptions, ExpertBackend, Model, SamplingParams, SeqId, WeightDtype};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 const FIXTURES: [&str; 2] = ["v3_f32", "v2lite_f32"];
@@ -20,10 +21,8 @@ struct Fixture {
 
 impl Fixture {
     fn load(name: &'static str) -> Self {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        let loaded = load_model(&dir, LoadOptions { weight_dtype: WeightDtype::F32, local_experts: true }, &|_| {})
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        Fixture { name, model: Arc::new(loaded.model), experts: Arc::new(loaded.experts.expect("local experts")) }
+        let (model, experts) = common::load(name, WeightDtype::F32);
+        Fixture { name, model, experts }
     }
 
     fn engine(&self) -> Engine {

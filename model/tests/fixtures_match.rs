@@ -2,50 +2,18 @@
 //! `tools/gen_reference.py`) must give the same last-position logits (1e-4), per-position
 //! argmax, router choices and greedy continuation.
 
-use model::{
-    Engine, EngineOptions, LatentCache, CacheLayout, LoadOptions, LogitsWanted, RouterTrace, SamplingParams, SeqId,
-    Segment, WeightDtype, load_model,
-};
-use serde::Deserialize;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
-#[derive(Deserialize)]
-struct Expected {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    last_logits: Vec<f32>,
-    argmax: Vec<u32>,
-    greedy: Vec<u32>,
-    router: Vec<RouterLayer>,
-}
-
-#[derive(Deserialize)]
-struct RouterLayer {
-    layer: usize,
-    experts: Vec<Vec<u32>>,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
+use common::{Expected, expected, load};
+use model::{CacheLayout, Engine, EngineOptions, LatentCache, LogitsWanted, RouterTrace, SamplingParams, SeqId, Segment, WeightDtype};
 
 fn argmax(v: &[f32]) -> u32 {
     model::sampling::argmax(v)
 }
 
 fn check(name: &str, dtype: WeightDtype) {
-    let dir = fixture(name);
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected.json")).expect("parse");
-    let loaded = load_model(&dir, LoadOptions { weight_dtype: dtype, local_experts: true }, &|_| {})
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let model = Arc::new(loaded.model);
-    let experts: Arc<dyn model::ExpertBackend> = Arc::new(loaded.experts.expect("local experts"));
+    let expected: Expected = expected(name);
+    let (model, experts) = load(name, dtype);
     let c = &model.config;
     for (ci, case) in expected.cases.iter().enumerate() {
         let what = format!("{name} ({dtype:?}) case {ci}");

@@ -1,0 +1,53 @@
+//! What the integration tests share: the transformers fixtures (`tests/fixtures/<name>`,
+//! made by `tools/gen_reference.py`), their `expected.json`, and loading one as an engine.
+//! Also included by the CLI's tests (`#[path]`), hence the manifest-relative lookup.
+#![allow(dead_code)] // each test crate uses a different part
+
+use model::{Engine, EngineOptions, ExpertBackend, LoadOptions, Model, WeightDtype, load_model};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+pub struct Expected {
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    pub prompt_ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub argmax: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub router: Vec<RouterLayer>,
+}
+
+#[derive(Deserialize)]
+pub struct RouterLayer {
+    pub layer: usize,
+    pub experts: Vec<Vec<u32>>,
+}
+
+/// The directory of fixture `name`, from the model crate or a sibling crate.
+pub fn fixture(name: &str) -> PathBuf {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model_dir = if crate_dir.ends_with("model") { crate_dir.to_path_buf() } else { crate_dir.join("../model") };
+    model_dir.join("tests/fixtures").join(name)
+}
+
+pub fn expected(name: &str) -> Expected {
+    let path = fixture(name).join("expected.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Fixture `name` loaded with weights as `dtype` and every routed expert in process.
+pub fn load(name: &str, dtype: WeightDtype) -> (Arc<Model>, Arc<dyn ExpertBackend>) {
+    let loaded = load_model(&fixture(name), LoadOptions { weight_dtype: dtype, local_experts: true }, &|_| {})
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (Arc::new(loaded.model), Arc::new(loaded.experts.expect("local experts")))
+}
+
+pub fn engine(model: &Arc<Model>, experts: &Arc<dyn ExpertBackend>, opts: EngineOptions) -> Engine {
+    Engine::new(model.clone(), experts.clone(), opts)
+}
