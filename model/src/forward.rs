@@ -437,7 +437,20 @@ impl Model {
             }
         }
         let mut outputs = vec![0f32; inputs.len()];
-        experts.run(&ExpertBatch { layer, hidden: h, groups: &groups, inputs: &inputs }, &mut outputs)?;
+        // The shared expert needs no routing: run it beside the routed ones (which mostly
+        // stream weights) instead of after them.
+        let batch = ExpertBatch { layer, hidden: h, groups: &groups, inputs: &inputs };
+        let (routed, shared) = rayon::join(
+            || experts.run(&batch, &mut outputs),
+            || {
+                moe.shared.as_ref().map(|mlp| {
+                    let mut s = vec![0f32; n * h];
+                    mlp.forward(hn, n, &mut s, self.precision);
+                    s
+                })
+            },
+        );
+        routed?;
         out.iter_mut().for_each(|v| *v = 0.0);
         let mut row = 0;
         for rows in by_expert.iter().filter(|r| !r.is_empty()) {
@@ -448,9 +461,7 @@ impl Model {
                 row += 1;
             }
         }
-        if let Some(shared) = &moe.shared {
-            let mut s = vec![0f32; n * h];
-            shared.forward(hn, n, &mut s, self.precision);
+        if let Some(s) = shared {
             add(out, &s);
         }
         Ok(())
