@@ -15,33 +15,42 @@
 use kernels::bf16;
 use kernels::cpu::bandwidth::measure_read_bandwidth;
 use kernels::cpu::matmul::{Precision, WeightRef, matmul};
+use kernels::cpu::packed::{PackedBf16, PackedRef};
 use std::time::Instant;
 
-/// (name, k, n): the projections of the benchmark model.
-const SHAPES: [(&str, usize, usize); 6] = [
+/// (name, k, n): the projections of the benchmark model (`expert_up`, `dense_up`: gate and
+/// up stacked, as the model runs them).
+const SHAPES: [(&str, usize, usize); 7] = [
     ("q_proj", 2048, 3072),
     ("kv_a_proj", 2048, 576),
-    ("expert_up", 2048, 1408),
+    ("expert_up", 2048, 2816),
     ("expert_down", 1408, 2048),
-    ("dense_up", 2048, 10944),
+    ("dense_up", 2048, 21888),
+    ("dense_down", 10944, 2048),
     ("lm_head", 2048, 102400),
 ];
 const MS: [usize; 4] = [1, 8, 32, 128];
 /// Minimum weight bytes a shape rotates through (well beyond a 32 MiB L3).
 const ROTATE_BYTES: usize = 256 << 20;
-const PATHS: [(&str, bool, Precision); 3] = [
-    ("bf16 Exact", true, Precision::Exact),
-    ("bf16 Bf16Act", true, Precision::Bf16Activations),
-    ("f32 Exact", false, Precision::Exact),
+/// (name, weight layout, precision); layout 0 = f32, 1 = bf16 rows, 2 = bf16 packed.
+const PATHS: [(&str, u8, Precision); 5] = [
+    ("bf16 Exact", 1, Precision::Exact),
+    ("packed Exact", 2, Precision::Exact),
+    ("bf16 Bf16Act", 1, Precision::Bf16Activations),
+    ("packed Bf16Act", 2, Precision::Bf16Activations),
+    ("f32 Exact", 0, Precision::Exact),
 ];
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only SUBSTR`: paths or shapes whose name contains SUBSTR (repeatable).
+    let args: Vec<String> = std::env::args().collect();
+    let only: Vec<String> = args.windows(2).filter(|w| w[0] == "--only").map(|w| w[1].clone()).collect();
     // Run on a pool worker; `scope` returns when the closure does.
-    rayon::scope(|_| bench(quick));
+    rayon::scope(|_| bench(quick, &only));
 }
 
-fn bench(quick: bool) {
+fn bench(quick: bool, only: &[String]) {
     #[cfg(target_arch = "x86_64")]
     println!(
         "threads {}, avx512f {}, avx512bw {}, avx512bf16 {}",
@@ -60,18 +69,29 @@ fn bench(quick: bool) {
     for (name, k, n) in SHAPES {
         let base: Vec<f32> = (0..n * k).map(|_| next(&mut seed) * (k as f32).powf(-0.5)).collect();
         let x: Vec<f32> = (0..128 * k).map(|_| next(&mut seed)).collect();
-        for (path, bf, precision) in PATHS {
+        for (path, layout, precision) in PATHS {
+            if !only.is_empty() && !only.iter().any(|o| path.contains(o.as_str()) || name.contains(o.as_str())) {
+                continue;
+            }
+            let bf = layout != 0;
             let bw = measure_read_bandwidth(256 << 20, 3);
             let wbytes = n * k * if bf { 2 } else { 4 };
             let copies = ROTATE_BYTES.div_ceil(wbytes).max(1);
             let (wb, wf): (Vec<Vec<bf16>>, Vec<Vec<f32>>) = if bf {
-                let one: Vec<bf16> = base.iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut one: Vec<bf16> = base.iter().map(|&v| bf16::from_f32(v)).collect();
+                if layout == 2 {
+                    one = PackedBf16::pack(&one, n, k).data;
+                }
                 ((0..copies).map(|_| one.clone()).collect(), Vec::new())
             } else {
                 (Vec::new(), (0..copies).map(|_| base.clone()).collect())
             };
             let weights = |c: usize| {
-                if bf { WeightRef::Bf16(&wb[c % copies]) } else { WeightRef::F32(&wf[c % copies]) }
+                match layout {
+                    0 => WeightRef::F32(&wf[c % copies]),
+                    1 => WeightRef::Bf16(&wb[c % copies]),
+                    _ => WeightRef::Packed(PackedRef::new(&wb[c % copies], n, k)),
+                }
             };
             for m in MS {
                 let mut out = vec![0f32; m * n];

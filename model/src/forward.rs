@@ -33,7 +33,8 @@ impl Mlp {
     pub(crate) fn load(r: &WeightReader<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Self, ModelError> {
         let gate = r.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?;
         let up = r.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?;
-        Ok(Mlp { gate_up: gate.stacked(&up), down: r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)? })
+        let down = r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?;
+        Ok(Mlp { gate_up: gate.stacked(&up).packed(), down: down.packed() })
     }
 
     /// `x: [m, hidden]` → `out: [m, hidden]`.
@@ -146,24 +147,24 @@ impl Model {
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let q = match c.q_lora_rank {
-                None => QProj::Full(r.matrix(&format!("{p}.self_attn.q_proj.weight"), heads * (dn + dr), h)?),
+                None => QProj::Full(r.matrix(&format!("{p}.self_attn.q_proj.weight"), heads * (dn + dr), h)?.packed()),
                 Some(qr) => QProj::Lora {
-                    a: r.matrix(&format!("{p}.self_attn.q_a_proj.weight"), qr, h)?,
+                    a: r.matrix(&format!("{p}.self_attn.q_a_proj.weight"), qr, h)?.packed(),
                     norm: r.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), qr)?,
-                    b: r.matrix(&format!("{p}.self_attn.q_b_proj.weight"), heads * (dn + dr), qr)?,
+                    b: r.matrix(&format!("{p}.self_attn.q_b_proj.weight"), heads * (dn + dr), qr)?.packed(),
                 },
             };
             let kv_b = r.matrix(&format!("{p}.self_attn.kv_b_proj.weight"), heads * (dn + dv), rank)?;
             let per = dn + dv;
-            let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed()).collect();
-            let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per)).collect();
+            let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed().packed()).collect();
+            let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per).packed()).collect();
             let attn = Attention {
                 q,
-                kv_a: r.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), rank + dr, h)?,
+                kv_a: r.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), rank + dr, h)?.packed(),
                 kv_a_norm: r.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), rank)?,
                 w_uk_t,
                 w_uv,
-                o_proj: r.matrix(&format!("{p}.self_attn.o_proj.weight"), h, heads * dv)?,
+                o_proj: r.matrix(&format!("{p}.self_attn.o_proj.weight"), h, heads * dv)?.packed(),
             };
             let ffn = if c.is_moe_layer(l) {
                 let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
@@ -194,7 +195,11 @@ impl Model {
             layers.push(layer);
         }
         let norm = r.vector("model.norm.weight", h)?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(r.matrix("lm_head.weight", c.vocab_size, h)?) };
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(r.matrix("lm_head.weight", c.vocab_size, h)?.packed()) };
+        // A tied head is the embedding: packed too (embedding rows are then read through the
+        // packed layout, one row per token).
+        let embed = if c.tie_word_embeddings { embed.packed() } else { embed };
         progress(1);
         let rope = RopeTable::new(dr, c.rope_theta, c.yarn.as_ref(), c.rope_interleave);
         let scale = c.softmax_scale();

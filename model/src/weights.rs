@@ -1,10 +1,13 @@
 //! Weight matrices built from checkpoint tensors: copied into huge-page-backed memory when
-//! the stored dtype is the one wanted, converted otherwise; FP8 blocks dequantized.
+//! the stored dtype is the one wanted, converted otherwise; FP8 blocks dequantized. bf16
+//! matrices used with `matmul` are then packed (`Matrix::packed`) into the panel layout of
+//! `kernels::cpu::packed`, which the kernels multiply at close to the CPU's peak rate.
 
 use crate::ModelError;
 use crate::checkpoint::{Checkpoint, TensorView};
 use half::{bf16, f16};
 use kernels::cpu::WeightRef;
+use kernels::cpu::packed::{PackedRef, pack_into, packed_len};
 use memmap2::Mmap;
 use safetensors::Dtype;
 
@@ -76,6 +79,8 @@ pub struct Matrix {
 enum MatData {
     F32(Buf<f32>),
     Bf16(Buf<bf16>),
+    /// bf16 in the packed panel layout (see `Matrix::packed`).
+    Packed(Buf<bf16>),
 }
 
 impl Matrix {
@@ -83,7 +88,17 @@ impl Matrix {
         match &self.data {
             MatData::F32(b) => WeightRef::F32(b.as_slice()),
             MatData::Bf16(b) => WeightRef::Bf16(b.as_slice()),
+            MatData::Packed(b) => WeightRef::Packed(PackedRef::new(b.as_slice(), self.rows, self.cols)),
         }
+    }
+
+    /// This matrix with bf16 weights in the packed layout (f32 and packed ones unchanged).
+    /// The packed copy goes to huge pages like the original; the original is dropped.
+    pub fn packed(self) -> Matrix {
+        let WeightRef::Bf16(w) = self.weight() else { return self };
+        let mut p = vec![bf16::ZERO; packed_len(self.rows, self.cols)];
+        pack_into(w, self.rows, self.cols, &mut p);
+        Matrix { rows: self.rows, cols: self.cols, data: MatData::Packed(Buf::new(p)) }
     }
 
     /// Row `r` widened to f32 (for embeddings).
@@ -92,6 +107,7 @@ impl Matrix {
         match self.weight() {
             WeightRef::F32(w) => out.copy_from_slice(&w[r * c..(r + 1) * c]),
             WeightRef::Bf16(w) => out.iter_mut().zip(&w[r * c..(r + 1) * c]).for_each(|(o, v)| *o = v.to_f32()),
+            WeightRef::Packed(w) => w.row_f32(r, out),
         }
     }
 
@@ -100,6 +116,12 @@ impl Matrix {
         let data = match self.weight() {
             WeightRef::F32(w) => MatData::F32(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
             WeightRef::Bf16(w) => MatData::Bf16(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
+            // Unpacked: a derived matrix is packed by its user if wanted.
+            WeightRef::Packed(w) => {
+                let c = self.cols;
+                let at = |x: usize| at(x / cols, x % cols);
+                MatData::Bf16(Buf::new((0..rows * cols).map(|x| w.get(at(x) / c, at(x) % c)).collect()))
+            }
         };
         Matrix { rows, cols, data }
     }
@@ -127,6 +149,9 @@ impl Matrix {
                     match w {
                         WeightRef::F32(w) => w.to_vec(),
                         WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+                        WeightRef::Packed(w) => {
+                            (0..w.n() * w.k()).map(|x| w.get(x / w.k(), x % w.k()).to_f32()).collect()
+                        }
                     }
                 };
                 MatData::F32(Buf::new([widen(a), widen(b)].concat()))

@@ -5,7 +5,8 @@
 
 mod common;
 
-use model::{Engine, EngineOptions, ExpertBackend, Model, SamplingParams, SeqId, WeightDtype};
+use kernels::cpu::Precision;
+use model::{Engine, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype, load_model};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -21,8 +22,16 @@ struct Fixture {
 
 impl Fixture {
     fn load(name: &'static str) -> Self {
-        let (model, experts) = common::load(name, WeightDtype::F32);
-        Fixture { name, model, experts }
+        Self::load_with(name, WeightDtype::F32, Precision::Exact)
+    }
+
+    fn load_with(name: &'static str, weight_dtype: WeightDtype, precision: Precision) -> Self {
+        let dir = common::fixture(name);
+        let mut loaded = load_model(&dir, LoadOptions { weight_dtype, local_experts: true }, &|_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        loaded.model.set_precision(precision);
+        let experts = loaded.experts.expect("local experts").with_precision(precision);
+        Fixture { name, model: Arc::new(loaded.model), experts: Arc::new(experts) }
     }
 
     fn engine(&self) -> Engine {
@@ -155,6 +164,15 @@ fn greedy_batched_prefill_and_decode_equal_alone() {
         let got = check_all_at_once(&f, &|_| f.greedy());
         let distinct: std::collections::HashSet<&Vec<u32>> = got.values().collect();
         assert!(distinct.len() > 1, "{name}: different prompts should not all give the same tokens");
+    }
+}
+
+#[test]
+fn packed_bf16_weights_batch_invariant_in_both_precisions() {
+    // bf16 weights are packed at load (the outer-product kernels); f32 fixtures never are.
+    for precision in [Precision::Exact, Precision::Bf16Activations] {
+        let f = Fixture::load_with("v3_bf16", WeightDtype::Bf16, precision);
+        check_all_at_once(&f, &|_| f.greedy());
     }
 }
 

@@ -25,11 +25,15 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::packed::PackedRef;
+
 /// A borrowed weight matrix `[n, k]`, row-major.
 #[derive(Debug, Clone, Copy)]
 pub enum WeightRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+    /// bf16 packed by `packed::pack_into` (the fast layout; see `packed`).
+    Packed(PackedRef<'a>),
 }
 
 impl WeightRef<'_> {
@@ -37,6 +41,7 @@ impl WeightRef<'_> {
         match self {
             WeightRef::F32(w) => w.len(),
             WeightRef::Bf16(w) => w.len(),
+            WeightRef::Packed(w) => w.n() * w.k(),
         }
     }
 
@@ -106,6 +111,10 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
                 }
             };
             portable(x, m, k, n, out, |xr, j| dot_bf16(xr, &w[j * k..(j + 1) * k]));
+        }
+        WeightRef::Packed(w) => {
+            assert!(w.n() == n && w.k() == k, "packed w is not [n, k]");
+            super::packed::matmul_packed(x, m, w, out, precision);
         }
     }
 }
@@ -224,6 +233,7 @@ pub fn reference(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize) -> V
     let wf: Vec<f32> = match w {
         WeightRef::F32(w) => w.to_vec(),
         WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+        WeightRef::Packed(w) => (0..n * k).map(|x| w.get(x / k, x % k).to_f32()).collect(),
     };
     let mut out = vec![0f32; m * n];
     for i in 0..m {

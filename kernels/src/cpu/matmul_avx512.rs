@@ -50,11 +50,11 @@ pub(super) fn available() -> bool {
     has_avx512()
 }
 
-fn has_avx512() -> bool {
+pub(super) fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
 }
 
-fn has_avx512_bf16() -> bool {
+pub(super) fn has_avx512_bf16() -> bool {
     has_avx512() && is_x86_feature_detected!("avx512bf16")
 }
 
@@ -158,13 +158,13 @@ fn round_bf16_x16(v: __m512) -> __m512 {
 
 /// f32 bits rounded to the nearest bf16 (ties to even; NaN kept, made quiet), as f32 bits
 /// with the low 16 bits clear: the same value `bf16::from_f32(v).to_f32()` gives.
-fn round_bf16(x: u32) -> u32 {
+pub(super) fn round_bf16(x: u32) -> u32 {
     let r = if x & 0x7FFF_FFFF > 0x7F80_0000 { x | 0x0040_0000 } else { x + 0x7FFF + ((x >> 16) & 1) };
     r & 0xFFFF_0000
 }
 
 /// Rows of `x` rounded to bf16 bits (round-to-nearest-even), zero-padded to `kp`.
-fn pack_bf16(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+pub(super) fn pack_bf16(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut p = vec![0u16; m * kp];
     for i in 0..m {
         let (src, dst) = (&x[i * k..(i + 1) * k], &mut p[i * kp..i * kp + k]);

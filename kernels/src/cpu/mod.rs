@@ -10,10 +10,14 @@ mod matmul_avx512;
 mod matmul_avx512_kernels;
 pub mod mla;
 pub mod norm;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_avx512;
 pub mod rope;
 pub mod router;
 
 pub use matmul::{Precision, WeightRef, matmul};
+pub use packed::{PackedBf16, PackedRef};
 
 #[cfg(test)]
 pub(crate) mod test_util;
