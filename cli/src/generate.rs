@@ -44,9 +44,19 @@ pub struct GenerateArgs {
     /// Dtype weights are kept in.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
+    /// exact: f32 activations (matches transformers); bf16: activations rounded to bf16 for
+    /// AVX-512 BF16 dot products (faster when compute-bound).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
     /// Compute device: cpu, or cuda:N (needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Exact,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -95,8 +105,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("one of --prompt or --prompt-ids is required"),
     };
-    let experts = loaded.experts.context("local experts were requested")?;
-    let model = Arc::new(loaded.model);
+    let precision = match args.precision {
+        PrecisionArg::Exact => kernels::cpu::Precision::Exact,
+        PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
+    };
+    let experts = loaded.experts.context("local experts were requested")?.with_precision(precision);
+    let mut model = loaded.model;
+    model.set_precision(precision);
+    let model = Arc::new(model);
     let cache_tokens = prompt_ids.len() + args.max_new_tokens;
     let mut engine = Engine::new(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16 });
     let params = SamplingParams {

@@ -82,6 +82,9 @@ fn default_model_generates_text_and_is_deterministic() {
         tmp.path(),
     ));
     assert_eq!(s.generated_ids, t.generated_ids, "same seed, same tokens");
+    let b = ok_json(expertmesh(&["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json", "--precision", "bf16"], tmp.path()));
+    assert_eq!(b.prompt_ids, a.prompt_ids);
+    assert!(!b.generated_ids.is_empty() && b.generated_ids.len() <= 6);
 }
 
 #[test]
