@@ -63,7 +63,7 @@ impl Checkpoint {
                 ),
             });
         };
-        let mut files = Vec::with_capacity(names.len());
+        let mut files: Vec<MappedFile> = Vec::with_capacity(names.len());
         let mut tensors = HashMap::new();
         for path in names {
             let file = std::fs::File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
@@ -82,6 +82,12 @@ impl Checkpoint {
                     start: data_start + s,
                     end: data_start + e,
                 };
+                if let Some(first) = tensors.get(&name).map(|e: &Entry| files[e.file].path.clone()) {
+                    return Err(ModelError::Safetensors {
+                        path,
+                        reason: format!("tensor `{name}` is also in {}", first.display()),
+                    });
+                }
                 tensors.insert(name, entry);
             }
             files.push(MappedFile { path, map: Arc::new(map) });

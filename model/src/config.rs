@@ -100,7 +100,17 @@ impl ModelConfig {
 
     /// Parses `text`; `path` only names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ModelError> {
-        let raw: Raw = serde_json::from_str(text).map_err(|source| ModelError::Json { path: path.into(), err: source })?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw: Raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = e.path().to_string();
+            let err = e.into_inner();
+            if err.is_data() && field != "." {
+                // Valid JSON, wrong type: name the field.
+                ModelError::Config { path: path.into(), field, reason: err.to_string() }
+            } else {
+                ModelError::Json { path: path.into(), err }
+            }
+        })?;
         Parser { path: path.to_path_buf() }.parse(raw)
     }
 
@@ -369,5 +379,7 @@ mod tests {
         assert!(e.contains("n_group"), "{e}");
         let e = parse("{").unwrap_err().to_string();
         assert!(e.contains("invalid JSON"), "{e}");
+        let e = parse(&V3.replace(r#""hidden_size":64"#, r#""hidden_size":"64""#)).unwrap_err().to_string();
+        assert!(e.contains("field `hidden_size`") && e.contains("invalid type"), "{e}");
     }
 }

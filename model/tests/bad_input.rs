@@ -337,6 +337,16 @@ fn truncated_shard_is_named() {
 }
 
 #[test]
+fn tensor_in_two_shards_is_refused() {
+    let tmp = copy_fixture("v3_sharded");
+    let (first, second) = ("model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors");
+    std::fs::copy(tmp.path().join(first), tmp.path().join(second)).expect("copy shard");
+    let e = load_err(tmp.path());
+    assert!(matches!(e, ModelError::Safetensors { .. }), "{e:?}");
+    assert_names(&e.to_string(), &[first, second, "is also in"]);
+}
+
+#[test]
 fn broken_tokenizer_json_is_named() {
     let tmp = copy_fixture("v3_f32");
     std::fs::write(tmp.path().join("tokenizer.json"), "{\"model\": 42}").expect("write");
