@@ -147,7 +147,7 @@ async fn contract_registration_and_membership(store: Arc<dyn Store>) {
     let stopped = Instant::now();
     wait_members(&members, "d0 to expire", |m| !m.contains_key(&d0.id)).await;
     let gone_after = stopped.elapsed();
-    assert!(gone_after <= TTL + Duration::from_millis(1500), "took {gone_after:?} to expire");
+    assert!(gone_after <= TTL + Duration::from_secs(2), "took {gone_after:?} to expire");
     assert!(members.get(&e0.id).is_some());
 
     // Deregistering removes at once.
