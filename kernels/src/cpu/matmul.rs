@@ -102,20 +102,21 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
             if super::matmul_avx512::matmul_bf16(x, m, k, w, n, out, precision) {
                 return;
             }
-            let rounded: Vec<f32>;
-            let x = match precision {
-                Precision::Exact => x,
-                Precision::Bf16Activations => {
-                    rounded = round_to_bf16(x);
-                    &rounded
-                }
-            };
-            portable(x, m, k, n, out, |xr, j| dot_bf16(xr, &w[j * k..(j + 1) * k]));
+            let x = activations(x, precision);
+            portable(&x, m, k, n, out, |xr, j| dot_bf16(xr, &w[j * k..(j + 1) * k]));
         }
         WeightRef::Packed(w) => {
             assert!(w.n() == n && w.k() == k, "packed w is not [n, k]");
             super::packed::matmul_packed(x, m, w, out, precision);
         }
+    }
+}
+
+/// `x` as the portable paths see it: rounded to bf16 under `Bf16Activations`.
+pub(super) fn activations(x: &[f32], precision: Precision) -> std::borrow::Cow<'_, [f32]> {
+    match precision {
+        Precision::Exact => std::borrow::Cow::Borrowed(x),
+        Precision::Bf16Activations => std::borrow::Cow::Owned(round_to_bf16(x)),
     }
 }
 
@@ -166,7 +167,7 @@ const ROWS_PER_TASK: usize = 32;
 fn portable(x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(&[f32], usize) -> f32 + Sync) {
     // Task t owns output columns [t*R, (t+1)*R) of every row.
     let n_tasks = n.div_ceil(ROWS_PER_TASK);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = super::out_ptr::OutPtr::new(out);
     (0..n_tasks).into_par_iter().for_each(|t| {
         let n0 = t * ROWS_PER_TASK;
         let n1 = (n0 + ROWS_PER_TASK).min(n);
@@ -181,17 +182,6 @@ fn portable(x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], dot: impl 
     });
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from rayon tasks (see `portable`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Lanes of the fixed-order partial sums (keeps the reduction order independent of `m`).
 const LANES: usize = 16;

@@ -200,17 +200,6 @@ enum Kernel<'a> {
     Dot { x: &'a [u16], kp: usize, w: &'a [u16] },
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint output columns from rayon tasks (see `run`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Bytes of weights one task owns at most: its rows are re-read once per activation chunk
 /// (`chunk_rows`), so they should stay in L2 (1 MiB per core on the target) next to the chunk.
@@ -291,7 +280,7 @@ fn run(kern: Kernel<'_>, m: usize, k: usize, n: usize, out: &mut [f32]) {
     };
     let per_task = rows_per_task(n, nb_max, w_row);
     let m_chunk = chunk_rows(mb_max, x_row);
-    let out = OutPtr(out.as_mut_ptr());
+    let out = super::out_ptr::OutPtr::new(out);
     let task = |t: usize| {
         let (j0, j1) = (t * per_task, ((t + 1) * per_task).min(n));
         let mut m0 = 0;

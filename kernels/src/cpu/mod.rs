@@ -10,6 +10,7 @@ mod matmul_avx512;
 mod matmul_avx512_kernels;
 pub mod mla;
 pub mod norm;
+mod out_ptr;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_avx512;

@@ -17,7 +17,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::matmul::{Precision, round_to_bf16};
+use super::matmul::Precision;
 
 /// Output rows per panel (one zmm of f32 accumulators).
 pub const PANEL: usize = 16;
@@ -139,15 +139,8 @@ pub(super) fn matmul_packed(
     if super::packed_avx512::matmul_packed(x, m, w, out, precision) {
         return;
     }
-    let rounded: Vec<f32>;
-    let x = match precision {
-        Precision::Exact => x,
-        Precision::Bf16Activations => {
-            rounded = round_to_bf16(x);
-            &rounded
-        }
-    };
-    portable(x, m, w, out);
+    let x = super::matmul::activations(x, precision);
+    portable(&x, m, w, out);
 }
 
 /// Portable path: rayon over panels; per element, pairs in order, even then odd product

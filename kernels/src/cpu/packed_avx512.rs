@@ -99,17 +99,6 @@ enum Kern<'a> {
     Exact { x: &'a [f32] },
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint output columns from rayon tasks (see `run`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `f::<mb, np>(args)` for runtime `mb` in 1..=8 and `np` in 1..=3.
 macro_rules! dispatch {
@@ -150,7 +139,7 @@ fn run(kern: Kern<'_>, m: usize, w: PackedRef<'_>, out: &mut [f32]) {
     let per_task = groups
         .div_ceil(rayon::current_num_threads().max(1) * 8)
         .max(1);
-    let out = OutPtr(out.as_mut_ptr());
+    let out = super::out_ptr::OutPtr::new(out);
     let wd = w.data();
     let task = |t: usize| {
         for g in t * per_task..((t + 1) * per_task).min(groups) {

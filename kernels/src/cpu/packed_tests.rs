@@ -2,7 +2,7 @@
 //! where the CPU has them, and the portable path, called directly).
 
 use super::*;
-use crate::cpu::matmul::{WeightRef, matmul, reference};
+use crate::cpu::matmul::{WeightRef, matmul, reference, round_to_bf16};
 use crate::cpu::test_util::{Lcg, assert_close};
 
 const PRECISIONS: [Precision; 2] = [Precision::Exact, Precision::Bf16Activations];
