@@ -1,16 +1,19 @@
 //! Cluster plumbing shared by the services: ids, the membership/config store (trait + etcd +
-//! in-memory), and the key layout.
+//! in-memory), the key layout, and how a process serves gRPC, names itself and shuts down.
 
 pub mod etcd;
 pub mod ids;
 pub mod keys;
 pub mod memory;
+pub mod node;
 pub mod registration;
+pub mod serve;
 pub mod store;
 mod sync;
 
 pub use etcd::EtcdStore;
 pub use ids::{Capacity, ClusterName, IdError, Role, WorkerId, WorkerInfo};
 pub use memory::MemoryStore;
+pub use node::StoreConfig;
 pub use registration::{Membership, Registration, register};
 pub use store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent};

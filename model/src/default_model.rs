@@ -33,6 +33,29 @@ const INTER: usize = 512;
 const MOE_INTER: usize = 128;
 const EXPERTS: usize = 16;
 
+/// Where the default model lives: `$XDG_CACHE_HOME/expertmesh/default-model-vN` (or
+/// `~/.cache/...`, or the temporary directory).
+pub fn default_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("expertmesh").join(format!("default-model-v{VERSION}"))
+}
+
+/// `dir` if given, else the default model's directory, created if missing.
+pub fn resolve_dir(dir: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, ModelError> {
+    match dir {
+        Some(dir) => Ok(dir),
+        None => {
+            let dir = default_dir();
+            ensure(&dir)?;
+            Ok(dir)
+        }
+    }
+}
+
 /// Makes sure `dir` holds the current default model, writing it if needed.
 pub fn ensure(dir: &Path) -> Result<(), ModelError> {
     let io = |path: &Path| {
@@ -46,7 +69,8 @@ pub fn ensure(dir: &Path) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
+        // Per-process temporary name: several roles may create the model at once.
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
     };

@@ -6,9 +6,10 @@
 //! return to the pool exactly once, on release.
 
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
+use crate::sampling::Sampler;
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
-use crate::sampling::{Sampler, SamplingParams, top_logits};
+use crate::sampling::{SamplingParams, top_logits};
 use crate::EngineError;
 use std::collections::HashMap;
 use std::fmt;
@@ -60,6 +61,8 @@ pub struct StepOutput {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Cache reserved; rows arriving from another worker ([`Engine::reserve_import`]).
+    Importing,
     Waiting,
     Running,
     Finished,
@@ -76,6 +79,8 @@ struct Sequence {
     sampler: Sampler,
     phase: Phase,
     prompt_logits_top: usize,
+    /// While importing: tokens received per layer.
+    imported_layers: Vec<Option<usize>>,
 }
 
 /// A batch-capable inference engine over one model.
@@ -161,6 +166,7 @@ impl Engine {
             sampler: Sampler::new(params),
             phase: Phase::Waiting,
             prompt_logits_top,
+            imported_layers: Vec::new(),
         };
         self.seqs.insert(id, seq);
         Ok(())
@@ -168,15 +174,30 @@ impl Engine {
 
     /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token.
     pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
-        self.run(ids, Phase::Waiting)
+        self.run(ids, Phase::Waiting, None)
+    }
+
+    /// [`Engine::prefill`], handing each sequence's finished layer to `on_layer(layer, seq,
+    /// rows)` as soon as the layer is done (rows as in [`SequenceCacheExport::layers`]).
+    pub fn prefill_streaming(
+        &mut self,
+        ids: &[SeqId],
+        on_layer: &mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send),
+    ) -> Result<Vec<StepOutput>, EngineError> {
+        self.run(ids, Phase::Waiting, Some(on_layer))
     }
 
     /// One decode step for every sequence in `ids` (all running).
     pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
-        self.run(ids, Phase::Running)
+        self.run(ids, Phase::Running, None)
     }
 
-    fn run(&mut self, ids: &[SeqId], phase: Phase) -> Result<Vec<StepOutput>, EngineError> {
+    fn run(
+        &mut self,
+        ids: &[SeqId],
+        phase: Phase,
+        on_layer: Option<&mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send)>,
+    ) -> Result<Vec<StepOutput>, EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
             let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
@@ -200,7 +221,19 @@ impl Engine {
                 }
             })
             .collect();
-        let out = self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?;
+        let out = match on_layer {
+            None => self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?,
+            Some(f) => {
+                let tables: Vec<(SeqId, &[u32], usize)> =
+                    ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect();
+                let mut hook = |layer: usize, cache: &LatentCache| {
+                    for &(id, blocks, n) in &tables {
+                        f(layer, id, cache.export_layer(layer, blocks, n));
+                    }
+                };
+                self.model.forward_with_layer_hook(&mut self.cache, &segments, self.experts.as_ref(), &mut hook)?
+            }
+        };
         let mut results = Vec::with_capacity(ids.len());
         for (id, logits) in ids.iter().zip(out.logits) {
             let s = self.seqs.get_mut(id).expect("checked above");
@@ -258,19 +291,132 @@ impl Engine {
         export: &SequenceCacheExport,
     ) -> Result<(), EngineError> {
         let layout = self.cache.layout();
-        let bad = |m: String| Err(EngineError::BadCacheImport(m));
         if export.latent_dim != layout.latent_dim || export.layers.len() != layout.num_layers {
-            return bad(format!(
+            return Err(EngineError::BadCacheImport(format!(
                 "shape {}x{} does not match this model's {} layers x {}",
                 export.layers.len(),
                 export.latent_dim,
                 layout.num_layers,
                 layout.latent_dim
-            ));
+            )));
         }
-        if export.num_tokens + 1 != tokens.len() || prompt_len == 0 || prompt_len > export.num_tokens {
-            return bad(format!("{} cached tokens do not fit {} tokens (prompt {prompt_len})", export.num_tokens, tokens.len()));
+        self.check_import(&tokens, prompt_len, &params, export.num_tokens)?;
+        self.reserve_import(id, prompt_len + params.max_new_tokens)?;
+        let staged = (|| {
+            for (l, bytes) in export.layers.iter().enumerate() {
+                self.import_layer(id, l, export.num_tokens, bytes)?;
+            }
+            self.finish_import(id, tokens, prompt_len, params)
+        })();
+        if staged.is_err() {
+            self.release(id).expect("reserved above");
         }
+        staged
+    }
+
+    /// Reserves cache for `total_tokens` (prompt + max_new_tokens) of a sequence whose prompt
+    /// cache will arrive layer by layer ([`Engine::import_layer`], then
+    /// [`Engine::finish_import`]). [`Engine::release`] frees it at any stage.
+    pub fn reserve_import(&mut self, id: SeqId, total_tokens: usize) -> Result<(), EngineError> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id.0));
+        }
+        let context = self.model.config.max_position_embeddings;
+        if total_tokens == 0 || total_tokens > context {
+            return Err(EngineError::BadCacheImport(format!(
+                "reservation of {total_tokens} tokens must be between 1 and the context of {context}"
+            )));
+        }
+        let needed = self.cache.layout().blocks_for(total_tokens);
+        let blocks = self
+            .cache
+            .allocate(needed)
+            .ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
+        let seq = Sequence {
+            tokens: Vec::new(),
+            prompt_len: 0,
+            cached: 0,
+            blocks,
+            sampler: Sampler::new(SamplingParams::default()),
+            phase: Phase::Importing,
+            prompt_logits_top: 0,
+            imported_layers: vec![None; self.cache.layout().num_layers],
+        };
+        self.seqs.insert(id, seq);
+        Ok(())
+    }
+
+    /// Writes one layer of an importing sequence: `bytes` holds `num_tokens` rows.
+    pub fn import_layer(&mut self, id: SeqId, layer: usize, num_tokens: usize, bytes: &[u8]) -> Result<(), EngineError> {
+        let layout = self.cache.layout();
+        let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        let bad = |m: String| Err(EngineError::BadCacheImport(m));
+        if s.phase != Phase::Importing {
+            return Err(EngineError::WrongState(id.0, "importing"));
+        }
+        if layer >= layout.num_layers {
+            return bad(format!("layer {layer} does not exist (the model has {})", layout.num_layers));
+        }
+        if num_tokens > s.blocks.len() * layout.block_size {
+            return bad(format!("{num_tokens} tokens exceed the reservation of {}", s.blocks.len() * layout.block_size));
+        }
+        let row_bytes = layout.latent_dim * 4 * num_tokens;
+        if bytes.len() != row_bytes {
+            return bad(format!("layer {layer} has {} bytes, expected {row_bytes}", bytes.len()));
+        }
+        self.cache.import_layer(layer, &s.blocks, bytes);
+        s.imported_layers[layer] = Some(num_tokens);
+        Ok(())
+    }
+
+    /// Makes an importing sequence runnable once every layer has arrived. `tokens` is the
+    /// prompt plus the tokens generated where it was prefilled (at least the first).
+    pub fn finish_import(
+        &mut self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        if s.phase != Phase::Importing {
+            return Err(EngineError::WrongState(id.0, "importing"));
+        }
+        let num_tokens = tokens.len().saturating_sub(1);
+        if let Some(l) = s.imported_layers.iter().position(|n| *n != Some(num_tokens)) {
+            return Err(EngineError::BadCacheImport(match s.imported_layers[l] {
+                None => format!("layer {l} never arrived"),
+                Some(n) => format!("layer {l} holds {n} tokens, expected {num_tokens}"),
+            }));
+        }
+        self.check_import(&tokens, prompt_len, &params, num_tokens)?;
+        let layout = self.cache.layout();
+        let s = self.seqs.get_mut(&id).expect("checked above");
+        let reserved = s.blocks.len() * layout.block_size;
+        if prompt_len + params.max_new_tokens > reserved {
+            return Err(EngineError::BadCacheImport(format!(
+                "prompt {prompt_len} + max_new_tokens {} exceed the reservation of {reserved} tokens",
+                params.max_new_tokens
+            )));
+        }
+        let generated = (tokens.len() - prompt_len) as u64;
+        s.sampler = Sampler::resume(params, generated);
+        s.prompt_len = prompt_len;
+        s.tokens = tokens;
+        s.cached = num_tokens;
+        s.imported_layers.clear();
+        // A sequence whose last token was a stop token is already finished.
+        let last = *s.tokens.last().expect("checked: at least one generated token");
+        s.phase = if is_stop(&self.model.config.eos_token_ids, s.sampler.params(), last) { Phase::Finished } else { Phase::Running };
+        Ok(())
+    }
+
+    fn check_import(&self, tokens: &[u32], prompt_len: usize, params: &SamplingParams, cached: usize) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::BadCacheImport(m));
+        if cached + 1 != tokens.len() || prompt_len == 0 || prompt_len > cached {
+            return bad(format!("{cached} cached tokens do not fit {} tokens (prompt {prompt_len})", tokens.len()));
+        }
+        params.validate()?;
         // Generated tokens are embedded by the next decode step and the cache is reserved for
         // prompt + max_new_tokens: both must hold for them too, not only for the prompt.
         let vocab = self.model.config.vocab_size;
@@ -284,20 +430,6 @@ impl Engine {
                 params.max_new_tokens
             ));
         }
-        let row_bytes = layout.latent_dim * 4 * export.num_tokens;
-        if let Some(l) = export.layers.iter().position(|b| b.len() != row_bytes) {
-            return bad(format!("layer {l} has {} bytes, expected {row_bytes}", export.layers[l].len()));
-        }
-        self.add_sequence(id, tokens[..prompt_len].to_vec(), params, 0)?;
-        let s = self.seqs.get_mut(&id).expect("just added");
-        for (l, bytes) in export.layers.iter().enumerate() {
-            self.cache.import_layer(l, &s.blocks, bytes);
-        }
-        s.tokens = tokens;
-        s.cached = export.num_tokens;
-        // A sequence whose last token was a stop token is already finished.
-        let last = *s.tokens.last().expect("checked: at least one generated token");
-        s.phase = if is_stop(&self.model.config.eos_token_ids, s.sampler.params(), last) { Phase::Finished } else { Phase::Running };
         Ok(())
     }
 }

@@ -222,7 +222,20 @@ impl Model {
         experts: &dyn ExpertBackend,
         trace: Option<&mut RouterTrace>,
     ) -> Result<ForwardOutput, ExpertError> {
-        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, trace))
+        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, trace, None))
+    }
+
+    /// [`Model::forward`], calling `on_layer(l, cache)` as soon as layer `l`'s latent rows
+    /// for every segment are in the cache (before its FFN runs), so they can be shipped
+    /// while later layers compute.
+    pub fn forward_with_layer_hook(
+        &self,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        experts: &dyn ExpertBackend,
+        on_layer: &mut (dyn FnMut(usize, &LatentCache) + Send),
+    ) -> Result<ForwardOutput, ExpertError> {
+        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, None, Some(on_layer)))
     }
 
     fn forward_on_pool(
@@ -231,6 +244,7 @@ impl Model {
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
         mut trace: Option<&mut RouterTrace>,
+        mut on_layer: Option<&mut (dyn FnMut(usize, &LatentCache) + Send)>,
     ) -> Result<ForwardOutput, ExpertError> {
         let c = &self.config;
         let h = c.hidden_size;
@@ -256,6 +270,9 @@ impl Model {
             hn.copy_from_slice(&x);
             rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
             self.attention(li, &layer.attn, &hn, &pos, &seg_of, segments, cache, &mut out);
+            if let Some(hook) = on_layer.as_deref_mut() {
+                hook(li, cache);
+            }
             add(&mut x, &out);
             hn.copy_from_slice(&x);
             rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);

@@ -15,6 +15,7 @@ mod experts;
 mod forward;
 mod load;
 pub mod sampling;
+pub mod serving;
 pub mod tokenizer;
 mod weights;
 

@@ -44,16 +44,26 @@ impl SamplingParams {
 }
 
 /// A sequence's sampler state.
+///
+/// The `n`-th draw of a sequence uses ChaCha8 stream `n` of its seed, so the tokens depend
+/// only on (seed, logits, index): a sequence moved to another worker after `n` tokens
+/// ([`Sampler::resume`]) draws exactly what it would have drawn where it started.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    seed: u64,
+    drawn: u64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let seed = params.seed.unwrap_or_else(entropy_seed);
-        Sampler { params, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self::resume(params, 0)
+    }
+
+    /// A sampler that has already drawn `drawn` tokens.
+    pub fn resume(params: SamplingParams, drawn: u64) -> Self {
+        let seed = params.seed.unwrap_or_else(random_seed);
+        Sampler { params, seed, drawn }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -62,6 +72,9 @@ impl Sampler {
 
     /// Picks a token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.drawn);
+        self.drawn += 1;
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -84,7 +97,7 @@ impl Sampler {
             probs.truncate(keep.map_or(probs.len(), |k| k + 1));
         }
         let z: f32 = probs.iter().sum();
-        let u = (self.rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 * z;
+        let u = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 * z;
         let mut cum = 0.0;
         for (i, p) in probs.iter().enumerate() {
             cum += p;
@@ -120,7 +133,8 @@ pub fn top_logits(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     v
 }
 
-fn entropy_seed() -> u64 {
+/// A seed from the clock and the process's hash keys (for requests that gave none).
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
@@ -152,6 +166,16 @@ mod tests {
         let top3: Vec<u32> = top_logits(&logits, 3).iter().map(|x| x.0).collect();
         assert!(draw(7).iter().all(|t| top3.contains(t)));
         assert!(draw(7).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+    }
+
+    #[test]
+    fn resumed_sampler_continues_the_same_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut whole = Sampler::new(params(1.0, 0, 1.0, 11));
+        let all: Vec<u32> = (0..20).map(|_| whole.sample(&logits)).collect();
+        let mut tail = Sampler::resume(params(1.0, 0, 1.0, 11), 7);
+        let rest: Vec<u32> = (7..20).map(|_| tail.sample(&logits)).collect();
+        assert_eq!(rest, all[7..]);
     }
 
     #[test]

@@ -1,0 +1,23 @@
+//! The cluster's protobuf API and its generated tonic code: the public `Generation` service
+//! (served by the router) and the internal `Prefill` and `Decode` services. Only the `grpc`
+//! module of each service touches these types.
+
+/// Generated code, nested as the protobuf packages are (cross-package paths rely on it).
+pub mod expertmesh {
+    pub mod v1 {
+        tonic::include_proto!("expertmesh.v1");
+    }
+    pub mod internal {
+        pub mod v1 {
+            tonic::include_proto!("expertmesh.internal.v1");
+        }
+    }
+}
+
+/// Public API (`expertmesh.v1`).
+pub use expertmesh::v1;
+/// Router-to-worker and worker-to-worker services (`expertmesh.internal.v1`).
+pub use expertmesh::internal::v1 as internal;
+
+/// Encoded `FileDescriptorSet` of every service here, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("expertmesh_descriptor");
