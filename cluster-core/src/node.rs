@@ -59,3 +59,56 @@ pub fn worker_id_or_default(given: Option<&str>, role: Role, port: u16) -> Resul
 pub fn cluster_name(name: &str) -> Result<ClusterName, IdError> {
     ClusterName::new(name)
 }
+
+/// Flags every serving process takes (also settable through `EXPERTMESH_*` variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Cluster name: the key prefix `/expertmesh/<cluster>/` in the store.
+    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Address to serve gRPC on; port 0 picks a free port.
+    #[arg(long, env = "EXPERTMESH_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Address other processes dial (host:port); default: the bound address.
+    #[arg(long, env = "EXPERTMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Worker id in the store; default `<role>-<hostname>-<port>`.
+    #[arg(long, env = "EXPERTMESH_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Lease TTL of the worker's registration: a process that stops renewing leaves
+    /// routing within this time.
+    #[arg(long, env = "EXPERTMESH_LEASE_TTL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
+    pub lease_ttl_ms: u64,
+}
+
+impl NodeArgs {
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// The address to register: `--advertise`, else the bound address.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
+        self.advertise.clone().unwrap_or_else(|| bound.to_string())
+    }
+}
+
+/// The `--etcd` flag of the separate binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+}
+
+impl EtcdArgs {
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig::Etcd { endpoints: self.etcd.clone() }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
