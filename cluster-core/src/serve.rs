@@ -110,3 +110,10 @@ pub fn announce_ready(role: crate::Role, worker_id: &str, addr: SocketAddr) {
     let line = serde_json::json!({ "event": "ready", "role": role.as_str(), "worker_id": worker_id, "addr": addr.to_string() });
     println!("{line}");
 }
+
+/// What a role's `run` reports once it serves and is registered.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub addr: SocketAddr,
+    pub worker_id: String,
+}

@@ -1,1 +1,175 @@
-//! placeholder
+//! The decode worker: receives prefilled latent caches into its paged cache, runs every
+//! admitted sequence in one continuous batch, streams tokens back, and reports its load.
+//!
+//! `run` serves `expertmesh.internal.v1.Decode` (+ health, reflection), registers the worker
+//! in the store under a lease, and on shutdown drains: it stops admitting, deregisters,
+//! lets running sequences finish (up to `--drain-timeout-ms`) and then stops.
+
+mod engine_thread;
+mod grpc;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use cluster_core::node::NodeArgs;
+use cluster_core::serve::Ready;
+use cluster_core::{Capacity, Role, StoreConfig, WorkerInfo};
+use model::serving::{EngineSetup, open_engine};
+use model::{EngineOptions, WeightDtype};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use engine_thread::MAILBOX_CAPACITY;
+
+/// Weight storage.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// Activation precision: exact (f32, matches transformers) or bf16 (faster).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Exact,
+    Bf16,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecodeConfig {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Checkpoint directory; default: the embedded default model.
+    #[arg(long, env = "EXPERTMESH_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    pub precision: PrecisionArg,
+    /// Latent cache size in tokens (all sequences together).
+    #[arg(long, env = "EXPERTMESH_CACHE_TOKENS", default_value_t = 32768)]
+    pub cache_tokens: usize,
+    /// Tokens per cache block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub block_size: u32,
+    /// Most sequences in one decode step (more run in turn).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// How long a draining worker lets running sequences finish.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+impl DecodeConfig {
+    fn setup(&self) -> EngineSetup {
+        EngineSetup {
+            weight_dtype: match self.dtype {
+                DtypeArg::Auto => WeightDtype::Auto,
+                DtypeArg::F32 => WeightDtype::F32,
+                DtypeArg::Bf16 => WeightDtype::Bf16,
+            },
+            precision: match self.precision {
+                PrecisionArg::Exact => kernels::cpu::Precision::Exact,
+                PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
+            },
+            options: EngineOptions { cache_tokens: self.cache_tokens, block_size: self.block_size as usize },
+        }
+    }
+}
+
+/// Runs the decode worker until `shutdown`, then drains. `ready` fires once it serves and is
+/// registered.
+pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: CancellationToken, ready: oneshot::Sender<Ready>) -> anyhow::Result<()> {
+    let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
+    let setup = config.setup();
+    let dir = config.model.clone();
+    tracing::info!(model = ?dir, "loading_model");
+    let serving = tokio::task::spawn_blocking(move || {
+        open_engine(dir, setup, &|p| {
+            if p.done == p.total || p.done % (p.total / 10).max(1) == 0 {
+                tracing::info!(done = p.done, total = p.total, "loading_progress");
+            }
+        })
+    })
+    .await
+    .context("model loading task")??;
+    let layout = serving.engine.cache_layout();
+    let model_name = model::serving::model_name(&serving.dir);
+    let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
+    let worker_id = cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Decode, bound.port())?;
+    let (engine, engine_thread) = engine_thread::spawn_engine(serving.engine, config.max_batch);
+    let draining = Arc::new(AtomicBool::new(false));
+    let service = grpc::DecodeService {
+        engine: engine.clone(),
+        layout,
+        worker_id: worker_id.as_str().to_string(),
+        draining: draining.clone(),
+    };
+    let tracker = TaskTracker::new();
+    let server_stop = CancellationToken::new();
+    let (reporter_tx, reporter_rx) = oneshot::channel();
+    let routes = tonic::service::Routes::new(
+        proto::internal::decode_server::DecodeServer::new(service)
+            .max_decoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
+    );
+    let server = tracker.spawn(cluster_core::serve::serve(
+        listener,
+        routes,
+        proto::FILE_DESCRIPTOR_SET,
+        |r| {
+            let _ = reporter_tx.send(r);
+        },
+        server_stop.clone(),
+    ));
+    let reporter = reporter_rx.await.context("gRPC server did not start")?;
+    type Svc = proto::internal::decode_server::DecodeServer<grpc::DecodeService>;
+    reporter.set_serving::<Svc>().await;
+    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
+    let info = WorkerInfo {
+        id: worker_id.clone(),
+        role: Role::Decode,
+        address: config.node.advertised(bound),
+        capacity: Capacity { max_sequences: config.max_batch as u32, max_batch_tokens: config.max_batch as u32, expert_slots: 0 },
+        model: model_name,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let registration = cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
+    tracing::info!(worker_id = %worker_id, addr = %bound, "decode_worker_ready");
+    let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
+
+    shutdown.cancelled().await;
+    // Drain: refuse new sequences, leave routing, let running ones finish.
+    draining.store(true, Ordering::Relaxed);
+    reporter.set_not_serving::<Svc>().await;
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!(error = %e, "deregister_failed");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.drain_timeout_ms);
+    loop {
+        let load = engine.call(|reply| engine_thread::Command::Load { reply }).await;
+        match load {
+            Ok(l) if l.running + l.waiting > 0 && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(l) => {
+                tracing::info!(left = l.running + l.waiting, "decode_worker_drained");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    server_stop.cancel();
+    tracker.close();
+    let served = server.await.context("server task")?;
+    tracker.wait().await;
+    drop(engine);
+    tokio::task::spawn_blocking(move || engine_thread.join()).await.context("engine thread")?.ok();
+    served?;
+    Ok(())
+}
