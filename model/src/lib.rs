@@ -27,7 +27,7 @@ pub use experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId
 pub use forward::{ForwardOutput, LogitsWanted, Model, RouterTrace};
 pub use load::{LoadOptions, LoadProgress, load_model};
 pub use sampling::SamplingParams;
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
 pub use weights::WeightDtype;
 pub use forward::Segment;
 pub use load::Loaded;

@@ -79,6 +79,15 @@ impl Tokenizer {
         self.encode_raw(&text)
     }
 
+    /// A chat prompt: `messages` rendered with the template, then tokenized.
+    pub fn encode_messages(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+        self.encode_raw(&self.render_chat(messages)?)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
     /// The chat template applied to `messages`, with the generation prompt appended.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         let t = self.chat_template.as_ref().ok_or_else(|| self.err("tokenizer_config.json has no chat_template"))?;
@@ -141,4 +150,30 @@ fn chat_template(v: &Value) -> Option<ChatTemplate> {
         _ => return None,
     };
     Some(ChatTemplate { source, bos_token: token("bos_token"), eos_token: token("eos_token") })
+}
+
+/// Incremental detokenizer: turns generated ids into text pieces whose concatenation is the
+/// decoded text, holding a piece back while it ends in an incomplete UTF-8 sequence. Decodes
+/// only a short window of recent ids per token (as text-generation-inference does).
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder {
+    /// Adds `id` and returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, ModelError> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(piece);
+        }
+        Ok(String::new())
+    }
 }

@@ -1,1 +1,142 @@
-//! placeholder
+//! The router: the cluster's public gRPC endpoint. It validates and admits requests, picks a
+//! decode worker with room (reserving its cache first) and the least-loaded prefill worker,
+//! streams tokens back, and moves a request to another pair when a worker fails.
+//!
+//! It loads only the checkpoint's config and tokenizer, never weights.
+
+mod driver;
+mod grpc;
+mod pool;
+mod request;
+mod schedule;
+
+use anyhow::Context;
+use cluster_core::node::NodeArgs;
+use cluster_core::serve::Ready;
+use cluster_core::{Capacity, Membership, Role, StoreConfig, WorkerInfo};
+use driver::{Driver, DriverConfig};
+use model::{ModelConfig, Tokenizer};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterConfig {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Checkpoint directory (only config.json and the tokenizer are read); default: the
+    /// embedded default model.
+    #[arg(long, env = "EXPERTMESH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Requests in flight at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EXPERTMESH_MAX_INFLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight: u32,
+    /// How long an admitted request waits for a decode worker with room.
+    #[arg(long, default_value_t = 10_000)]
+    pub queue_wait_ms: u64,
+    /// Prompts of at most this many tokens are prefilled on the decode worker itself
+    /// (0: always use a prefill worker while one is registered).
+    #[arg(long, env = "EXPERTMESH_LOCAL_PREFILL_MAX_TOKENS", default_value_t = 0)]
+    pub local_prefill_max_tokens: usize,
+    /// Times a request is moved to another worker pair after a failure.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: u32,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, default_value_t = cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// How often workers are asked for their load.
+    #[arg(long, default_value_t = 100)]
+    pub load_poll_ms: u64,
+    /// How long a draining router lets requests in flight finish.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// Runs the router until `shutdown`, then drains. `ready` fires once it serves.
+pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: CancellationToken, ready: oneshot::Sender<Ready>) -> anyhow::Result<()> {
+    let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
+    let dir = model::default_model::resolve_dir(config.model.clone())?;
+    let model_config = ModelConfig::from_dir(&dir)?;
+    let tokenizer = Tokenizer::from_dir(&dir, &model_config)?.map(Arc::new);
+    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
+    let tracker = TaskTracker::new();
+    let membership = tokio::time::timeout(Duration::from_secs(30), Membership::start(store.as_ref(), &cluster, &tracker, &shutdown))
+        .await
+        .context("timed out loading cluster membership")??;
+    let pool = Arc::new(pool::Pool::new(membership));
+    tracker.spawn(pool.clone().poll_loads(Duration::from_millis(config.load_poll_ms), shutdown.clone()));
+    let driver = Arc::new(Driver {
+        pool,
+        config: DriverConfig {
+            max_retries: config.max_retries,
+            queue_wait: Duration::from_millis(config.queue_wait_ms),
+            local_prefill_max_tokens: config.local_prefill_max_tokens,
+        },
+        tokenizer: tokenizer.clone(),
+    });
+    let draining = Arc::new(AtomicBool::new(false));
+    let inflight = Arc::new(Semaphore::new(config.max_inflight as usize));
+    let requests = TaskTracker::new();
+    let service = grpc::public::GenerationService {
+        driver,
+        config: Arc::new(model_config),
+        tokenizer,
+        inflight: inflight.clone(),
+        max_inflight: config.max_inflight as usize,
+        tracker: requests.clone(),
+        draining: draining.clone(),
+    };
+    type Svc = proto::v1::generation_server::GenerationServer<grpc::public::GenerationService>;
+    let routes = tonic::service::Routes::new(
+        Svc::new(service)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
+    );
+    let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
+    let worker_id = cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Router, bound.port())?;
+    let server_stop = CancellationToken::new();
+    let (reporter_tx, reporter_rx) = oneshot::channel();
+    let server = tracker.spawn(cluster_core::serve::serve(
+        listener,
+        routes,
+        proto::FILE_DESCRIPTOR_SET,
+        |r| {
+            let _ = reporter_tx.send(r);
+        },
+        server_stop.clone(),
+    ));
+    let reporter = reporter_rx.await.context("gRPC server did not start")?;
+    reporter.set_serving::<Svc>().await;
+    let info = WorkerInfo {
+        id: worker_id.clone(),
+        role: Role::Router,
+        address: config.node.advertised(bound),
+        capacity: Capacity { max_sequences: config.max_inflight, max_batch_tokens: 0, expert_slots: 0 },
+        model: model::serving::model_name(&dir),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let registration = cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
+    tracing::info!(addr = %bound, "router_ready");
+    let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
+
+    shutdown.cancelled().await;
+    draining.store(true, Ordering::Relaxed);
+    reporter.set_not_serving::<Svc>().await;
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!(error = %e, "deregister_failed");
+    }
+    requests.close();
+    if tokio::time::timeout(Duration::from_millis(config.drain_timeout_ms), requests.wait()).await.is_err() {
+        tracing::warn!(left = requests.len(), "router_drain_timed_out");
+    }
+    server_stop.cancel();
+    tracker.close();
+    let served = server.await.context("server task")?;
+    tracker.wait().await;
+    served?;
+    Ok(())
+}
