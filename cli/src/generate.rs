@@ -4,13 +4,11 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, WeightDtype, load_model};
-use serde::Serialize;
+use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// How many of the largest last-prompt-position logits `--json` reports.
-const LOGITS_TOP: usize = 20;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -26,18 +24,8 @@ pub struct GenerateArgs {
     /// Render the prompt as a user turn with the checkpoint's chat template.
     #[arg(long, requires = "prompt")]
     chat: bool,
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// 0 keeps every token.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -66,13 +54,6 @@ enum DtypeArg {
     Bf16,
 }
 
-#[derive(Serialize)]
-struct JsonOut {
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-    text: String,
-    last_prompt_logits_top: Vec<(u32, f32)>,
-}
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device: kernels::Device = args.device.parse()?;
@@ -113,14 +94,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut model = loaded.model;
     model.set_precision(precision);
     let model = Arc::new(model);
-    let cache_tokens = prompt_ids.len() + args.max_new_tokens;
+    let s = &args.sampling;
+    let cache_tokens = prompt_ids.len() + s.max_new_tokens;
     let mut engine = Engine::new(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16 });
     let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-        max_new_tokens: args.max_new_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        max_new_tokens: s.max_new_tokens,
         stop_token_ids: Vec::new(),
     };
     let id = SeqId(0);

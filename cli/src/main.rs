@@ -5,8 +5,11 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod client;
 mod generate;
 mod model_dir;
+mod sampling_args;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -21,12 +24,21 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt in this process.
     Generate(generate::GenerateArgs),
+    /// Run the whole cluster (router, prefill and decode workers) in this process.
+    Up(up::UpArgs),
+    /// Send a prompt to a running cluster's router and stream the answer.
+    Client(client::ClientArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Up(args) => {
+            cluster_core::node::init_logging_default("warn");
+            up::run(args)
+        }
+        Command::Client(args) => client::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -69,8 +69,11 @@ pub fn ensure(dir: &Path) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
-        // Per-process temporary name: several roles may create the model at once.
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // A temporary name per writer: several processes, or roles in one process, may
+        // create the model at once; each renames a complete file into place.
+        static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
     };

@@ -1,0 +1,174 @@
+//! `expertmesh up`: the whole cluster in one process (router, prefill and decode workers as
+//! actors on an in-memory store), on the embedded default model unless `--model` is given.
+
+use crate::client::{self, ClientArgs};
+use crate::sampling_args::SamplingArgs;
+use anyhow::Context;
+use clap::Args;
+use cluster_core::node::NodeArgs;
+use cluster_core::serve::Ready;
+use cluster_core::{MemoryStore, StoreConfig};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Checkpoint directory; default: the embedded default model (random weights).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Address of the public gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=16))]
+    prefill_workers: u32,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    decode_workers: u32,
+    /// Latent cache of each decode worker, in tokens.
+    #[arg(long, default_value_t = 32768)]
+    cache_tokens: usize,
+    /// Prompts of at most this many tokens are prefilled on the decode worker.
+    #[arg(long, default_value_t = 0)]
+    local_prefill_max_tokens: usize,
+    /// Once the cluster is up, send this prompt through the public API and print the answer.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Exit after answering --prompt instead of serving until interrupted.
+    #[arg(long, requires = "prompt")]
+    once: bool,
+}
+
+fn node(listen: &str, id: String) -> NodeArgs {
+    NodeArgs { cluster: "local".into(), listen: listen.into(), advertise: None, worker_id: Some(id), lease_ttl_ms: 5000 }
+}
+
+type RoleFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let store = StoreConfig::Memory(MemoryStore::new());
+    let shutdown = CancellationToken::new();
+    cluster_core::serve::cancel_on_signal(shutdown.clone());
+    let mut roles: Vec<(String, RoleFuture, oneshot::Receiver<Ready>)> = Vec::new();
+    // Resolved once here, so the roles do not all create the default model at once.
+    let model = Some(crate::model_dir::resolve(args.model.clone())?);
+    eprintln!("starting {} prefill and {} decode workers...", args.prefill_workers, args.decode_workers);
+    for i in 0..args.decode_workers {
+        let (tx, rx) = oneshot::channel();
+        let config = decode_worker::DecodeConfig {
+            node: node("127.0.0.1:0", format!("decode-{i}")),
+            model: model.clone(),
+            dtype: decode_worker::DtypeArg::Auto,
+            precision: decode_worker::PrecisionArg::Exact,
+            cache_tokens: args.cache_tokens,
+            block_size: 16,
+            max_batch: 64,
+            drain_timeout_ms: 30_000,
+        };
+        roles.push((format!("decode-{i}"), Box::pin(decode_worker::run(config, store.clone(), shutdown.clone(), tx)), rx));
+    }
+    for i in 0..args.prefill_workers {
+        let (tx, prefill_ready) = oneshot::channel::<prefill_worker::Ready>();
+        let config = prefill_worker::PrefillConfig {
+            node: node("127.0.0.1:0", format!("prefill-{i}")),
+            model: model.clone(),
+            dtype: prefill_worker::DtypeArg::Auto,
+            precision: prefill_worker::PrecisionArg::Exact,
+            max_batch_tokens: 4096,
+            cache_tokens: 32768,
+            block_size: 16,
+            queue_capacity: 256,
+            kv_chunk_bytes: 1024 * 1024,
+            transfer_retries: 3,
+        };
+        let (ready_tx, rx) = oneshot::channel();
+        let run = prefill_worker::run(config, store.clone(), shutdown.clone(), tx);
+        let fut: RoleFuture = Box::pin(async move {
+            let forward = async {
+                if let Ok(r) = prefill_ready.await {
+                    let _ = ready_tx.send(Ready { addr: r.addr, worker_id: r.worker_id.as_str().to_string() });
+                }
+            };
+            let (result, ()) = tokio::join!(run, forward);
+            result
+        });
+        roles.push((format!("prefill-{i}"), fut, rx));
+    }
+    let (tx, router_ready) = oneshot::channel();
+    let router_config = router::RouterConfig {
+        node: node(&args.listen, "router-0".into()),
+        model: model.clone(),
+        max_inflight: 256,
+        queue_wait_ms: 10_000,
+        local_prefill_max_tokens: args.local_prefill_max_tokens,
+        max_retries: 3,
+        max_message_bytes: cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES,
+        load_poll_ms: 100,
+        drain_timeout_ms: 30_000,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut readies = Vec::new();
+    for (name, fut, ready) in roles {
+        tasks.spawn(async move { fut.await.with_context(|| format!("{name} failed")) });
+        readies.push(ready);
+    }
+    for r in readies {
+        if r.await.is_err() {
+            shutdown.cancel();
+            return first_error(&mut tasks).await;
+        }
+    }
+    let router_fut: RoleFuture = Box::pin(router::run(router_config, store.clone(), shutdown.clone(), tx));
+    tasks.spawn(async move { router_fut.await.context("router failed") });
+    let addr = match router_ready.await {
+        Ok(r) => r.addr,
+        Err(_) => return first_error(&mut tasks).await,
+    };
+    println!("expertmesh cluster listening on {addr}");
+    if let Some(prompt) = &args.prompt {
+        let client_args = ClientArgs {
+            addr: addr.to_string(),
+            prompt: Some(prompt.clone()),
+            prompt_ids: None,
+            chat: false,
+            sampling: args.sampling.clone(),
+            json: false,
+        };
+        println!("> {prompt}");
+        client::stream(&client_args, &mut std::io::stdout()).await?;
+        if args.once {
+            shutdown.cancel();
+        }
+    }
+    if !args.once {
+        eprintln!("serving; try: expertmesh client --addr {addr} --prompt \"Hello\" (Ctrl-C stops)");
+    }
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        // The first role to stop takes the others down.
+        shutdown.cancel();
+        if let Ok(Err(e)) = r
+            && result.is_ok()
+        {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+async fn first_error(tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            return Err(e);
+        }
+    }
+    anyhow::bail!("a role stopped before it was ready")
+}
