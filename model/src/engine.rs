@@ -405,9 +405,12 @@ impl Engine {
         s.tokens = tokens;
         s.cached = num_tokens;
         s.imported_layers.clear();
-        // A sequence whose last token was a stop token is already finished.
+        // A sequence whose last token was a stop token, or that has all its tokens, is
+        // already finished.
         let last = *s.tokens.last().expect("checked: at least one generated token");
-        s.phase = if is_stop(&self.model.config.eos_token_ids, s.sampler.params(), last) { Phase::Finished } else { Phase::Running };
+        let p = s.sampler.params();
+        let done = is_stop(&self.model.config.eos_token_ids, p, last) || s.tokens.len() - s.prompt_len >= p.max_new_tokens;
+        s.phase = if done { Phase::Finished } else { Phase::Running };
         Ok(())
     }
 
@@ -423,9 +426,9 @@ impl Engine {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::TokenOutOfVocab { id, vocab });
         }
-        if tokens.len() - prompt_len >= params.max_new_tokens {
+        if tokens.len() - prompt_len > params.max_new_tokens {
             return bad(format!(
-                "{} tokens already generated leave nothing to decode under max_new_tokens {}",
+                "{} tokens already generated exceed max_new_tokens {}",
                 tokens.len() - prompt_len,
                 params.max_new_tokens
             ));
