@@ -293,3 +293,58 @@ fn seeded_sampling_is_reproducible_and_batch_invariant() {
         }
     }
 }
+
+#[test]
+fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() {
+    for name in FIXTURES {
+        let f = Fixture::load(name);
+        let params = SamplingParams { temperature: 0.9, top_k: 20, seed: Some(5), max_new_tokens: 12, ..Default::default() };
+        let prompts = f.prompts(3, 5);
+        let mut a = f.engine();
+        let mut b = f.engine();
+        let ids: Vec<SeqId> = (0..prompts.len() as u64).map(SeqId).collect();
+        for (id, p) in ids.iter().zip(&prompts) {
+            a.add_sequence(*id, p.clone(), params.clone(), 0).expect("add");
+        }
+        let mut streamed: BTreeMap<(u64, usize), Vec<u8>> = BTreeMap::new();
+        let firsts = a
+            .prefill_streaming(&ids, &mut |layer, seq, rows| {
+                assert!(streamed.insert((seq.0, layer), rows).is_none(), "{name}: layer {layer} of {seq} sent twice");
+            })
+            .expect("prefill");
+        let layers = a.cache_layout().num_layers;
+        assert_eq!(streamed.len(), ids.len() * layers, "{name}: every layer of every sequence");
+        for (k, (id, p)) in ids.iter().zip(&prompts).enumerate() {
+            let export = a.export_cache(*id).expect("export");
+            for l in 0..layers {
+                assert_eq!(streamed[&(id.0, l)], export.layers[l], "{name}: seq {k} layer {l}");
+            }
+            // Reference: the whole sampled run alone in a fresh engine (it may stop early).
+            let expected = {
+                let mut e = f.engine();
+                e.add_sequence(SeqId(0), p.clone(), params.clone(), 0).expect("add");
+                let mut out = e.prefill(&[SeqId(0)]).expect("prefill");
+                while out[0].finish.is_none() {
+                    out = e.decode_step(&[SeqId(0)]).expect("decode");
+                }
+                e.generated(SeqId(0)).expect("generated").to_vec()
+            };
+            assert_eq!(firsts[k].token, expected[0], "{name}: first sampled token");
+            // Staged import into B, layer by layer, then decode there.
+            let moved = SeqId(50 + k as u64);
+            b.reserve_import(moved, p.len() + params.max_new_tokens).expect("reserve");
+            for l in 0..layers {
+                b.import_layer(moved, l, p.len(), &streamed[&(id.0, l)]).expect("import layer");
+            }
+            let mut tokens = p.clone();
+            tokens.push(firsts[k].token);
+            b.finish_import(moved, tokens, p.len(), params.clone()).expect("finish import");
+            let mut done = firsts[k].finish.is_some();
+            while !done {
+                done = b.decode_step(&[moved]).expect("decode")[0].finish.is_some();
+            }
+            assert_eq!(b.generated(moved).expect("generated"), &expected[..], "{name}: sampled tokens after the move");
+            b.release(moved).expect("release");
+        }
+    }
+}
