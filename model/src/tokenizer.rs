@@ -176,4 +176,14 @@ impl StreamDecoder {
         }
         Ok(String::new())
     }
+
+    /// The text still held back (an incomplete UTF-8 sequence at the end), decoded as is:
+    /// call after the last token so the pieces add up to the whole decoded text.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, ModelError> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
 }

@@ -75,6 +75,8 @@ pub struct Driver {
     pub pool: Arc<Pool>,
     pub config: DriverConfig,
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The model's EOS ids: the stop set of requests that give none.
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// Per-request progress that survives a retry.
@@ -169,7 +171,13 @@ impl Driver {
                         }
                         progress.delivered.push(id);
                         let text = match &self.tokenizer {
-                            Some(t) => progress.decoder.push(t, id).unwrap_or_default(),
+                            Some(t) => {
+                                let mut text = progress.decoder.push(t, id).unwrap_or_default();
+                                if self.is_last(job, progress.delivered.len(), id) {
+                                    text.push_str(&progress.decoder.finish(t).unwrap_or_default());
+                                }
+                                text
+                            }
                             None => String::new(),
                         };
                         progress.first_token_at.get_or_insert_with(Instant::now);
@@ -233,6 +241,14 @@ impl Driver {
                 _ = tokio::time::sleep(WAIT_POLL) => {}
             }
         }
+    }
+
+    /// Whether the `n`-th token `id` ends the request (then its text carries what the
+    /// detokenizer still holds back).
+    fn is_last(&self, job: &Job, n: usize, id: u32) -> bool {
+        let p = &job.params;
+        let stops = if p.stop_token_ids.is_empty() { &self.eos_token_ids } else { &p.stop_token_ids };
+        n >= p.max_new_tokens || stops.contains(&id)
     }
 
     fn pick_prefill(&self) -> Result<Picked, AttemptError> {

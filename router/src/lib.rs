@@ -77,6 +77,7 @@ pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: Cancellatio
             local_prefill_max_tokens: config.local_prefill_max_tokens,
         },
         tokenizer: tokenizer.clone(),
+        eos_token_ids: model_config.eos_token_ids.clone(),
     });
     let draining = Arc::new(AtomicBool::new(false));
     let inflight = Arc::new(Semaphore::new(config.max_inflight as usize));
