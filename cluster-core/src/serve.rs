@@ -43,28 +43,37 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
 /// is ready, and not serving while it drains.
 pub type HealthReporter = tonic_health::server::HealthReporter;
 
-/// Serves `routes` plus health and reflection (over `descriptor_set`, an encoded
-/// `FileDescriptorSet`) on `listener` until `shutdown` is cancelled; in-flight calls then
-/// finish. `health` receives the reporter before serving starts.
+/// The role's services, for reflection: the encoded `FileDescriptorSet` that defines them
+/// and their full names (only these are listed).
+#[derive(Debug, Clone, Copy)]
+pub struct Described<'a> {
+    pub descriptor_set: &'a [u8],
+    pub services: &'a [&'a str],
+}
+
+/// Serves `routes` plus health and reflection on `listener` until `shutdown` is cancelled;
+/// in-flight calls then finish. `health` receives the reporter before serving starts.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
-    descriptor_set: &[u8],
+    described: Described<'_>,
     health: impl FnOnce(HealthReporter),
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health(reporter);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(descriptor_set)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(descriptor_set)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(described.descriptor_set)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for name in described.services {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let reflection = builder().build_v1().map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_alpha = builder().build_v1alpha().map_err(|e| ServeError::Reflection(e.to_string()))?;
     let routes = routes.add_service(health_service).add_service(reflection).add_service(reflection_alpha);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))

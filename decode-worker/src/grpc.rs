@@ -136,7 +136,7 @@ impl Decode for DecodeService {
         let params = sampling(r.sampling)?;
         params.validate().map_err(status_of)?;
         let id = SeqId(r.request_id);
-        let local_prefill = (!r.local_prefill_prompt_ids.is_empty()).then(|| LocalPrefill {
+        let local_prefill = (!r.local_prefill_prompt_ids.is_empty()).then_some(LocalPrefill {
             prompt: r.local_prefill_prompt_ids,
             prompt_logits_top: r.prompt_logits_top as usize,
         });
@@ -254,7 +254,7 @@ impl Incoming {
         if l.first_token as usize != have {
             return bad(format!("layer {layer}: chunk starts at token {}, expected {have}", l.first_token));
         }
-        if l.data.len() % self.row_bytes != 0 {
+        if !l.data.len().is_multiple_of(self.row_bytes) {
             return bad(format!("layer {layer}: {} bytes is not a whole number of {}-byte rows", l.data.len(), self.row_bytes));
         }
         if have + l.data.len() / self.row_bytes > self.num_tokens {

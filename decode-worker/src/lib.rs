@@ -121,7 +121,7 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     let server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        proto::FILE_DESCRIPTOR_SET,
+        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.internal.v1.Decode"] },
         |r| {
             let _ = reporter_tx.send(r);
         },

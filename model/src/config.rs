@@ -175,7 +175,7 @@ impl Parser {
         }
         let n_group = r.n_group.unwrap_or(1).max(1);
         let topk_group = r.topk_group.unwrap_or(1).max(1);
-        if n_routed_experts > 0 && n_routed_experts % n_group != 0 {
+        if n_routed_experts > 0 && !n_routed_experts.is_multiple_of(n_group) {
             return Err(self.err("n_group", format!("{n_group} does not divide n_routed_experts {n_routed_experts}")));
         }
         if topk_group > n_group {
@@ -205,7 +205,7 @@ impl Parser {
         let max_position_embeddings = self.req(r.max_position_embeddings, "max_position_embeddings")?;
         let (rope_theta, yarn) = self.rope(&r, max_position_embeddings)?;
         let rms_norm_eps = r.rms_norm_eps.unwrap_or(1e-6);
-        if !(rms_norm_eps > 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(self.err("rms_norm_eps", "must be positive"));
         }
         Ok(ModelConfig {
@@ -264,7 +264,7 @@ impl Parser {
             (Some(t), _) | (None, Some(t)) => t,
             (None, None) => 10000.0,
         };
-        if !(theta > 1.0) {
+        if theta.is_nan() || theta <= 1.0 {
             return Err(self.err("rope_theta", "must be greater than 1"));
         }
         let kind = get("rope_type").or_else(|| get("type")).and_then(Value::as_str).unwrap_or("default");

@@ -92,6 +92,9 @@ struct Layer {
     ffn: Ffn,
 }
 
+/// Called with a layer index once that layer's latent rows are in the cache.
+pub type LayerHook<'a> = dyn FnMut(usize, &LatentCache) + Send + 'a;
+
 /// The non-expert weights of a model (routed experts live behind [`ExpertBackend`]).
 #[derive(Debug)]
 pub struct Model {
@@ -233,7 +236,7 @@ impl Model {
         cache: &mut LatentCache,
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
-        on_layer: &mut (dyn FnMut(usize, &LatentCache) + Send),
+        on_layer: &mut LayerHook<'_>,
     ) -> Result<ForwardOutput, ExpertError> {
         rayon::scope(|_| self.forward_on_pool(cache, segments, experts, None, Some(on_layer)))
     }
@@ -244,7 +247,7 @@ impl Model {
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
         mut trace: Option<&mut RouterTrace>,
-        mut on_layer: Option<&mut (dyn FnMut(usize, &LatentCache) + Send)>,
+        mut on_layer: Option<&mut LayerHook<'_>>,
     ) -> Result<ForwardOutput, ExpertError> {
         let c = &self.config;
         let h = c.hidden_size;

@@ -121,7 +121,7 @@ pub async fn run(
     let mut server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        proto::FILE_DESCRIPTOR_SET,
+        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.internal.v1.Prefill"] },
         move |reporter| {
             let _ = health_tx.send(reporter);
         },

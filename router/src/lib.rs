@@ -104,7 +104,7 @@ pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: Cancellatio
     let server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        proto::FILE_DESCRIPTOR_SET,
+        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.v1.Generation"] },
         |r| {
             let _ = reporter_tx.send(r);
         },
