@@ -38,6 +38,10 @@ struct Args {
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 16)]
     steps: usize,
+    /// Do not pair batch-1 steps with bandwidth probes (the probe evicts the caches, which
+    /// matters for models small enough to stay cached).
+    #[arg(long)]
+    no_step_probes: bool,
     /// Bytes read by the bandwidth probe.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
@@ -160,7 +164,7 @@ fn main() -> anyhow::Result<()> {
         let mut step_secs = Vec::with_capacity(args.steps);
         let mut probes = Vec::new();
         for _ in 0..args.steps {
-            if b == 1 {
+            if b == 1 && !args.no_step_probes {
                 probes.push(probe());
             }
             let t = Instant::now();
@@ -171,7 +175,7 @@ fn main() -> anyhow::Result<()> {
         let tps = (b * args.steps) as f64 / secs;
         let step_ms = secs * 1e3 / args.steps as f64;
         print!("decode batch {b}: {tps:.1} tokens/s ({step_ms:.1} ms/step)");
-        if b == 1 {
+        if b == 1 && !probes.is_empty() {
             bw = median(&mut probes);
             let achieved = bytes / median(&mut step_secs) / 1e9;
             let limit = bw * 1e9 / bytes;
