@@ -6,6 +6,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod client;
+mod eplb_cmd;
 mod generate;
 mod model_dir;
 mod sampling_args;
@@ -28,6 +29,8 @@ enum Command {
     Up(up::UpArgs),
     /// Send a prompt to a running cluster's router and stream the answer.
     Client(client::ClientArgs),
+    /// Print the expert placement EPLB chooses for a load table (JSON).
+    Eplb(eplb_cmd::EplbArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
             up::run(args)
         }
         Command::Client(args) => client::run(args),
+        Command::Eplb(args) => eplb_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
