@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["expertmesh/v1/generation.proto", "expertmesh/v1/internal.proto"];
+    let protos = ["expertmesh/v1/generation.proto", "expertmesh/v1/internal.proto", "expertmesh/v1/expert.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

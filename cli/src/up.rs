@@ -1,5 +1,6 @@
-//! `expertmesh up`: the whole cluster in one process (router, prefill and decode workers as
-//! actors on an in-memory store), on the embedded default model unless `--model` is given.
+//! `expertmesh up`: the whole cluster in one process (router, prefill and decode workers, and
+//! optionally expert workers, as actors on an in-memory store), on the embedded default
+//! model unless `--model` is given.
 
 use crate::client::{self, ClientArgs};
 use crate::sampling_args::SamplingArgs;
@@ -26,6 +27,10 @@ pub struct UpArgs {
     prefill_workers: u32,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     decode_workers: u32,
+    /// Expert workers, worker i hosting shard i/N of the routed experts; with N > 0 prefill
+    /// and decode workers load no routed experts and call these instead.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    expert_workers: u32,
     /// Latent cache of each decode worker, in tokens.
     #[arg(long, default_value_t = 32768)]
     cache_tokens: usize,
@@ -60,6 +65,32 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut roles: Vec<(String, RoleFuture, oneshot::Receiver<Ready>)> = Vec::new();
     // Resolved once here, so the roles do not all create the default model at once.
     let model = Some(crate::model_dir::resolve(args.model.clone())?);
+    let mut tasks = tokio::task::JoinSet::new();
+    let remote_experts = args.expert_workers > 0;
+    if remote_experts {
+        // Experts first: attention workers find them in the store when their first batch runs.
+        eprintln!("starting {} expert workers...", args.expert_workers);
+        let mut readies = Vec::new();
+        for i in 0..args.expert_workers {
+            let (tx, rx) = oneshot::channel();
+            let config = expert_worker::ExpertConfig {
+                node: node("127.0.0.1:0", format!("expert-{i}")),
+                model: model.clone(),
+                dtype: expert_worker::DtypeArg::Auto,
+                precision: expert_worker::PrecisionArg::Exact,
+                shard: expert_worker::Shard { index: i, count: args.expert_workers },
+            };
+            let run = expert_worker::run(config, store.clone(), shutdown.clone(), tx);
+            tasks.spawn(async move { run.await.with_context(|| format!("expert-{i} failed")) });
+            readies.push(rx);
+        }
+        for r in readies {
+            if r.await.is_err() {
+                shutdown.cancel();
+                return first_error(&mut tasks).await;
+            }
+        }
+    }
     eprintln!("starting {} prefill and {} decode workers...", args.prefill_workers, args.decode_workers);
     for i in 0..args.decode_workers {
         let (tx, rx) = oneshot::channel();
@@ -72,6 +103,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             block_size: 16,
             max_batch: 64,
             drain_timeout_ms: 30_000,
+            remote_experts,
         };
         roles.push((format!("decode-{i}"), Box::pin(decode_worker::run(config, store.clone(), shutdown.clone(), tx)), rx));
     }
@@ -88,6 +120,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             queue_capacity: 256,
             kv_chunk_bytes: 1024 * 1024,
             transfer_retries: 3,
+            remote_experts,
         };
         let (ready_tx, rx) = oneshot::channel();
         let run = prefill_worker::run(config, store.clone(), shutdown.clone(), tx);
@@ -114,7 +147,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         load_poll_ms: 100,
         drain_timeout_ms: 30_000,
     };
-    let mut tasks = tokio::task::JoinSet::new();
     let mut readies = Vec::new();
     for (name, fut, ready) in roles {
         tasks.spawn(async move { fut.await.with_context(|| format!("{name} failed")) });

@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
 use cluster_core::{Capacity, Role, StoreConfig, WorkerInfo};
-use model::serving::{EngineSetup, open_engine};
+use model::serving::{EngineSetup, ExpertPlacement, open_engine_with};
 use model::{EngineOptions, WeightDtype};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +63,9 @@ pub struct DecodeConfig {
     /// How long a draining worker lets running sequences finish.
     #[arg(long, default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// Run routed experts on the cluster's expert workers instead of loading them here.
+    #[arg(long, env = "EXPERTMESH_REMOTE_EXPERTS")]
+    pub remote_experts: bool,
 }
 
 impl DecodeConfig {
@@ -88,9 +91,20 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
     let setup = config.setup();
     let dir = config.model.clone();
-    tracing::info!(model = ?dir, "loading_model");
+    let tracker = TaskTracker::new();
+    // One store connection for the expert membership watch and the registration.
+    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
+    let placement = if config.remote_experts {
+        let remote = expert_client::RemoteExperts::from_store(store.as_ref(), &cluster, &tracker, &shutdown, Default::default())
+            .await
+            .context("cannot follow the expert workers")?;
+        ExpertPlacement::Remote(Arc::new(remote))
+    } else {
+        ExpertPlacement::Local
+    };
+    tracing::info!(model = ?dir, remote_experts = config.remote_experts, "loading_model");
     let serving = tokio::task::spawn_blocking(move || {
-        open_engine(dir, setup, &|p| {
+        open_engine_with(dir, setup, placement, &|p| {
             if p.done == p.total || p.done % (p.total / 10).max(1) == 0 {
                 tracing::info!(done = p.done, total = p.total, "loading_progress");
             }
@@ -110,7 +124,6 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
         worker_id: worker_id.as_str().to_string(),
         draining: draining.clone(),
     };
-    let tracker = TaskTracker::new();
     let server_stop = CancellationToken::new();
     let (reporter_tx, reporter_rx) = oneshot::channel();
     let routes = tonic::service::Routes::new(
@@ -130,7 +143,6 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     let reporter = reporter_rx.await.context("gRPC server did not start")?;
     type Svc = proto::internal::decode_server::DecodeServer<grpc::DecodeService>;
     reporter.set_serving::<Svc>().await;
-    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
     let info = WorkerInfo {
         id: worker_id.clone(),
         role: Role::Decode,

@@ -1,7 +1,12 @@
-//! Opening a checkpoint as a serving role does: weights in the chosen dtype, local experts,
-//! the precision of activations, and an engine sized for the role.
+//! Opening a checkpoint as a serving role does: weights in the chosen dtype, routed experts
+//! in this process or behind a remote backend, the precision of activations, and an engine
+//! sized for the role; or, for an expert worker, only the experts it hosts.
 
-use crate::{Engine, EngineOptions, LoadOptions, LoadProgress, ModelError, Tokenizer, WeightDtype, load_model};
+use crate::checkpoint::Checkpoint;
+use crate::{
+    Engine, EngineOptions, ExpertBackend, ExpertId, LoadOptions, LoadProgress, LocalExperts, ModelConfig, ModelError,
+    Tokenizer, WeightDtype, load_model,
+};
 use kernels::cpu::Precision;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,19 +27,79 @@ pub struct ServingModel {
     pub dir: PathBuf,
 }
 
+/// Where an engine's routed experts run.
+#[derive(Debug, Clone)]
+pub enum ExpertPlacement {
+    /// Every routed expert loaded into this process.
+    Local,
+    /// No routed expert loaded here; the backend (e.g. expert workers) runs them.
+    Remote(Arc<dyn ExpertBackend>),
+}
+
 /// Loads `dir` (the default model when `None`) with every routed expert in this process.
 pub fn open_engine(
     dir: Option<PathBuf>,
     setup: EngineSetup,
     on_progress: &dyn Fn(LoadProgress),
 ) -> Result<ServingModel, ModelError> {
+    open_engine_with(dir, setup, ExpertPlacement::Local, on_progress)
+}
+
+/// Loads `dir` (the default model when `None`) with routed experts where `placement` says.
+pub fn open_engine_with(
+    dir: Option<PathBuf>,
+    setup: EngineSetup,
+    placement: ExpertPlacement,
+    on_progress: &dyn Fn(LoadProgress),
+) -> Result<ServingModel, ModelError> {
     let dir = crate::default_model::resolve_dir(dir)?;
-    let loaded = load_model(&dir, LoadOptions { weight_dtype: setup.weight_dtype, local_experts: true }, on_progress)?;
-    let experts = loaded.experts.expect("local experts were requested").with_precision(setup.precision);
+    let local_experts = matches!(placement, ExpertPlacement::Local);
+    let loaded = load_model(&dir, LoadOptions { weight_dtype: setup.weight_dtype, local_experts }, on_progress)?;
+    let experts: Arc<dyn ExpertBackend> = match placement {
+        ExpertPlacement::Local => {
+            Arc::new(loaded.experts.expect("local experts were requested").with_precision(setup.precision))
+        }
+        ExpertPlacement::Remote(backend) => backend,
+    };
     let mut model = loaded.model;
     model.set_precision(setup.precision);
-    let engine = Engine::new(Arc::new(model), Arc::new(experts), setup.options);
+    let engine = Engine::new(Arc::new(model), experts, setup.options);
     Ok(ServingModel { engine, tokenizer: loaded.tokenizer, dir })
+}
+
+/// The routed experts an expert worker hosts, and the model they belong to.
+#[derive(Debug)]
+pub struct HostedExperts {
+    pub experts: LocalExperts,
+    pub config: ModelConfig,
+    pub dir: PathBuf,
+}
+
+/// Loads only the routed experts of `dir` (the default model when `None`) for which
+/// `want(config, layer, expert)` holds; no attention or dense weights. Progress counts
+/// experts.
+pub fn open_experts(
+    dir: Option<PathBuf>,
+    weight_dtype: WeightDtype,
+    precision: Precision,
+    want: &dyn Fn(&ModelConfig, usize, ExpertId) -> bool,
+    on_progress: &dyn Fn(LoadProgress),
+) -> Result<HostedExperts, ModelError> {
+    let dir = crate::default_model::resolve_dir(dir)?;
+    let config = ModelConfig::from_dir(&dir)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let total = (0..config.num_hidden_layers)
+        .filter(|&l| config.is_moe_layer(l))
+        .map(|l| (0..config.n_routed_experts).filter(|&e| want(&config, l, ExpertId(e as u32))).count() as u64)
+        .sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let step = |k: u64| {
+        let d = done.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k;
+        on_progress(LoadProgress { done: d, total });
+    };
+    let experts = LocalExperts::load(&ckpt, &config, weight_dtype, &|l, e| want(&config, l, e), &step)?
+        .with_precision(precision);
+    Ok(HostedExperts { experts, config, dir })
 }
 
 /// The model's identity for worker records: the checkpoint directory's last component.

@@ -42,6 +42,9 @@ pub struct PrefillConfig {
     /// Retries of a cache push after a transport failure (connection refused or lost).
     #[arg(long, default_value_t = 3)]
     pub transfer_retries: u32,
+    /// Run routed experts on the cluster's expert workers instead of loading them here.
+    #[arg(long, env = "EXPERTMESH_REMOTE_EXPERTS")]
+    pub remote_experts: bool,
 }
 
 /// `--dtype`.

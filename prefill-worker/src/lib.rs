@@ -72,7 +72,7 @@ pub async fn run(
     let cluster = cluster_name(&config.node.cluster)?;
     let tracker = TaskTracker::new();
     let serving = tokio::select! {
-        loaded = load_engine(&config, &tracker) => loaded?,
+        loaded = load_engine(&config, &store, &cluster, &tracker, &shutdown) => loaded?,
         _ = shutdown.cancelled() => {
             tracing::info!("shutdown_during_model_load");
             return Ok(());
@@ -213,8 +213,24 @@ fn server_error(exit: Result<Result<(), cluster_core::serve::ServeError>, tokio:
     }
 }
 
-/// Opens the checkpoint on a blocking thread, logging progress every 10%.
-async fn load_engine(config: &PrefillConfig, tracker: &TaskTracker) -> anyhow::Result<model::serving::ServingModel> {
+/// Opens the checkpoint on a blocking thread, logging progress every 10%. With
+/// `--remote-experts`, routed experts are not loaded: they run on the store's expert workers.
+async fn load_engine(
+    config: &PrefillConfig,
+    store: &StoreConfig,
+    cluster: &cluster_core::ClusterName,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<model::serving::ServingModel> {
+    let placement = if config.remote_experts {
+        let store = store.open(STORE_PATIENCE).await.context("cannot open the cluster store")?;
+        let remote = expert_client::RemoteExperts::from_store(store.as_ref(), cluster, tracker, shutdown, Default::default())
+            .await
+            .context("cannot follow the expert workers")?;
+        model::serving::ExpertPlacement::Remote(Arc::new(remote))
+    } else {
+        model::serving::ExpertPlacement::Local
+    };
     let dir = config.model.clone();
     let setup = model::serving::EngineSetup {
         weight_dtype: config.dtype.into(),
@@ -226,7 +242,7 @@ async fn load_engine(config: &PrefillConfig, tracker: &TaskTracker) -> anyhow::R
     let serving = tracker
         .spawn_blocking(move || {
             let logged_tenths = Cell::new(0u64);
-            model::serving::open_engine(dir, setup, &|p: LoadProgress| {
+            model::serving::open_engine_with(dir, setup, placement, &|p: LoadProgress| {
                 let tenths = (p.done * 10).checked_div(p.total).unwrap_or(10);
                 if tenths > logged_tenths.get() {
                     logged_tenths.set(tenths);

@@ -1,6 +1,6 @@
 //! The cluster's protobuf API and its generated tonic code: the public `Generation` service
-//! (served by the router) and the internal `Prefill` and `Decode` services. Only the `grpc`
-//! module of each service touches these types.
+//! (served by the router), the internal `Prefill` and `Decode` services, and the `Expert`
+//! service of expert workers. Only the `grpc` module of each service touches these types.
 
 /// Generated code, nested as the protobuf packages are (cross-package paths rely on it).
 pub mod expertmesh {
@@ -12,12 +12,19 @@ pub mod expertmesh {
             tonic::include_proto!("expertmesh.internal.v1");
         }
     }
+    pub mod expert {
+        pub mod v1 {
+            tonic::include_proto!("expertmesh.expert.v1");
+        }
+    }
 }
 
 /// Public API (`expertmesh.v1`).
 pub use expertmesh::v1;
 /// Router-to-worker and worker-to-worker services (`expertmesh.internal.v1`).
 pub use expertmesh::internal::v1 as internal;
+/// Attention-worker-to-expert-worker service (`expertmesh.expert.v1`).
+pub use expertmesh::expert::v1 as expert;
 
 /// Encoded `FileDescriptorSet` of every service here, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("expertmesh_descriptor");

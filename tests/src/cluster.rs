@@ -8,6 +8,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use proto::expert::expert_client::ExpertClient;
+use proto::expert::{ExpertLoad, ExpertLoadRequest, SlotsRequest};
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::prefill_client::PrefillClient;
 use proto::internal::{LoadRequest, WorkerLoad};
@@ -16,7 +18,7 @@ use tempfile::TempDir;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tonic::transport::Channel;
 
-use crate::binaries::{self, DECODE_WORKER, PREFILL_WORKER, ROUTER};
+use crate::binaries::{self, DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, ROUTER};
 use crate::etcd::Etcd;
 use crate::grpc::{connect, generation_client, ids_request};
 use crate::process::Process;
@@ -36,6 +38,7 @@ static CLUSTER_SLOT: Semaphore = Semaphore::const_new(1);
 pub enum Role {
     Prefill,
     Decode,
+    Expert,
 }
 
 impl Role {
@@ -43,6 +46,7 @@ impl Role {
         match self {
             Role::Prefill => "prefill",
             Role::Decode => "decode",
+            Role::Expert => "expert",
         }
     }
 }
@@ -52,6 +56,9 @@ impl Role {
 pub struct ClusterSpec {
     pub prefill: usize,
     pub decode: usize,
+    /// Expert workers (`--shard i/N`); when > 0, prefill and decode workers get
+    /// `--remote-experts`.
+    pub expert: usize,
     /// Extra router flags (e.g. `--max-retries 3`).
     pub router_args: Vec<String>,
     pub prefill_args: Vec<String>,
@@ -70,6 +77,7 @@ impl ClusterSpec {
         ClusterSpec {
             prefill,
             decode,
+            expert: 0,
             router_args: Vec::new(),
             prefill_args: Vec::new(),
             decode_args: Vec::new(),
@@ -77,6 +85,12 @@ impl ClusterSpec {
             env: Vec::new(),
             wait_serving: true,
         }
+    }
+
+    /// Adds `n` expert workers and runs prefill and decode with remote experts.
+    pub fn experts(mut self, n: usize) -> ClusterSpec {
+        self.expert = n;
+        self
     }
 
     pub fn lease_ttl(mut self, ttl: Duration) -> ClusterSpec {
@@ -107,6 +121,7 @@ pub struct Cluster {
     pub router: Process,
     pub prefill: Vec<Process>,
     pub decode: Vec<Process>,
+    pub expert: Vec<Process>,
     pub etcd: Etcd,
     name: String,
     spec: ClusterSpec,
@@ -140,6 +155,11 @@ impl Cluster {
         let spawn = |role: Role, index: usize| {
             spawn_worker(&name, &endpoint, &spec, &env, dir.path(), role, index)
         };
+        // Expert workers first: attention workers look them up on their first batch.
+        let mut expert: Vec<Process> = (0..spec.expert).map(|i| spawn(Role::Expert, i)).collect();
+        for p in expert.iter_mut() {
+            p.wait_ready(READY_TIMEOUT).await;
+        }
         let mut prefill: Vec<Process> =
             (0..spec.prefill).map(|i| spawn(Role::Prefill, i)).collect();
         let mut decode: Vec<Process> = (0..spec.decode).map(|i| spawn(Role::Decode, i)).collect();
@@ -155,6 +175,7 @@ impl Cluster {
             router,
             prefill,
             decode,
+            expert,
             etcd,
             name,
             spec,
@@ -175,6 +196,13 @@ impl Cluster {
                 READY_TIMEOUT,
             )
             .await;
+        cluster
+            .wait_registered(
+                Role::Expert,
+                cluster.worker_ids(Role::Expert),
+                READY_TIMEOUT,
+            )
+            .await;
         if cluster.spec.wait_serving {
             cluster.wait_serving(READY_TIMEOUT).await;
         }
@@ -190,10 +218,7 @@ impl Cluster {
 
     /// Starts one more worker of `role` and waits for its ready line; returns its index.
     pub async fn add_worker(&mut self, role: Role) -> usize {
-        let index = match role {
-            Role::Prefill => self.prefill.len(),
-            Role::Decode => self.decode.len(),
-        };
+        let index = self.workers(role).len();
         let endpoint = self.etcd.endpoint();
         let mut p = spawn_worker(
             &self.name,
@@ -208,6 +233,7 @@ impl Cluster {
         let list = match role {
             Role::Prefill => &mut self.prefill,
             Role::Decode => &mut self.decode,
+            Role::Expert => &mut self.expert,
         };
         list.push(p);
         list.len() - 1
@@ -227,13 +253,54 @@ impl Cluster {
         generation_client(&self.router_url()).await
     }
 
-    /// Worker ids the test started for `role` (killed ones included).
-    pub fn worker_ids(&self, role: Role) -> BTreeSet<String> {
-        let list = match role {
+    /// The processes the test started for `role` (killed ones included).
+    pub fn workers(&self, role: Role) -> &[Process] {
+        match role {
             Role::Prefill => &self.prefill,
             Role::Decode => &self.decode,
+            Role::Expert => &self.expert,
+        }
+    }
+
+    /// Worker ids the test started for `role` (killed ones included).
+    pub fn worker_ids(&self, role: Role) -> BTreeSet<String> {
+        self.workers(role).iter().map(|p| p.name().to_string()).collect()
+    }
+
+    /// A client of expert worker `i`'s Expert service.
+    pub async fn expert_client(&self, i: usize) -> Result<ExpertClient<Channel>, String> {
+        Ok(ExpertClient::new(
+            connect(&self.expert[i].url())
+                .await
+                .map_err(|e| e.to_string())?,
+        ))
+    }
+
+    /// `GetLoad` of expert worker `i` (bounded by [`LOAD_TIMEOUT`]).
+    pub async fn expert_load(&self, i: usize) -> Result<ExpertLoad, String> {
+        let call = async {
+            let mut client = self.expert_client(i).await?;
+            client
+                .get_load(ExpertLoadRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|e| e.to_string())
         };
-        list.iter().map(|p| p.name().to_string()).collect()
+        match tokio::time::timeout(LOAD_TIMEOUT, call).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("GetLoad did not answer within {LOAD_TIMEOUT:?}")),
+        }
+    }
+
+    /// `GetSlots` of expert worker `i`: its hosted (layer, expert) pairs.
+    pub async fn expert_slots(&self, i: usize) -> Result<Vec<(u32, u32)>, String> {
+        let mut client = self.expert_client(i).await?;
+        let slots = client
+            .get_slots(SlotsRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        Ok(slots.slots.into_iter().map(|s| (s.layer, s.expert)).collect())
     }
 
     /// `/expertmesh/<cluster>/workers/<role>/`
@@ -410,6 +477,7 @@ impl Cluster {
         for p in std::iter::once(&self.router)
             .chain(&self.prefill)
             .chain(&self.decode)
+            .chain(&self.expert)
         {
             out.push_str(&format!(
                 "===== {} (pid {}) =====\n{}",
@@ -481,8 +549,14 @@ fn spawn_worker(
     let (binary, extra) = match role {
         Role::Prefill => (PREFILL_WORKER, &spec.prefill_args),
         Role::Decode => (DECODE_WORKER, &spec.decode_args),
+        Role::Expert => (EXPERT_WORKER, &Vec::new()),
     };
     args.extend(extra.iter().cloned());
+    match role {
+        Role::Expert => args.extend(["--shard".into(), format!("{index}/{}", spec.expert)]),
+        Role::Prefill | Role::Decode if spec.expert > 0 => args.push("--remote-experts".into()),
+        Role::Prefill | Role::Decode => {}
+    }
     Process::spawn(&id, &binaries::binary(binary), &args, env, log_dir)
 }
 

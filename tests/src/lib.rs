@@ -1,5 +1,5 @@
-//! End-to-end test harness: runs a real etcd and the real `router`, `prefill-worker` and
-//! `decode-worker` binaries as separate processes on 127.0.0.1, talks to them over gRPC, and
+//! End-to-end test harness: runs a real etcd and the real `router`, `prefill-worker`,
+//! `decode-worker` and `expert-worker` binaries as separate processes on 127.0.0.1, talks to them over gRPC, and
 //! waits on conditions (never on sleeps). The scenarios live in `tests/*.rs`.
 //!
 //! - [`etcd::Etcd`]: a single-member etcd on free ports (kill, restart, restart empty).

@@ -65,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         block_size: 16,
         max_batch: 64,
         drain_timeout_ms: 1000,
+        remote_experts: false,
     };
     let decode = tokio::spawn(decode_worker::run(decode_config, store.clone(), shutdown.clone(), dtx));
     let (ptx, prx) = oneshot::channel();
@@ -79,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         queue_capacity: 16,
         kv_chunk_bytes: 1024 * 1024,
         transfer_retries: 0,
+        remote_experts: false,
     };
     let prefill = tokio::spawn(prefill_worker::run(prefill_config, store, shutdown.clone(), ptx));
     let d_addr = drx.await.context("decode worker failed to start")?.addr;

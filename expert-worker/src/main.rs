@@ -1,0 +1,38 @@
+//! `expert-worker`: the expert role as its own process, pointed at etcd.
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+use cluster_core::node::EtcdArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "expert-worker", version, about = "ExpertMesh expert worker")]
+struct Cli {
+    #[command(flatten)]
+    config: expert_worker::ExpertConfig,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cluster_core::node::init_logging();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    cluster_core::serve::cancel_on_signal(shutdown.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<cluster_core::serve::Ready>();
+    let announce = async {
+        if let Ok(r) = ready_rx.await {
+            cluster_core::serve::announce_ready(cluster_core::Role::Expert, &r.worker_id, r.addr);
+        }
+    };
+    let (result, ()) = tokio::join!(expert_worker::run(cli.config, cli.etcd.store_config(), shutdown, ready_tx), announce);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
