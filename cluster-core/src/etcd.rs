@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -282,6 +282,23 @@ impl Store for EtcdStore {
             let options = PutOptions::new().with_lease(lease.0);
             let call = client.put(key, value, Some(options));
             with_timeout_map("put_with_lease", call, |e| map_lease_err("put_with_lease", lease, e)).await.map(drop)
+        })
+    }
+
+    fn create_with_lease<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0)))]);
+            let call = client.txn(txn);
+            let resp = with_timeout_map("create_with_lease", call, |e| map_lease_err("create_with_lease", lease, e)).await?;
+            Ok(resp.succeeded())
         })
     }
 

@@ -1,7 +1,9 @@
 //! Cluster plumbing shared by the services: ids, the membership/config store (trait + etcd +
 //! in-memory), the key layout, and how a process serves gRPC, names itself and shuts down.
 
+pub mod election;
 pub mod etcd;
+pub mod experts;
 pub mod ids;
 pub mod keys;
 pub mod memory;

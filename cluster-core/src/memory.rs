@@ -263,6 +263,23 @@ impl Store for MemoryStore {
         })
     }
 
+    fn create_with_lease<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut state = self.inner.lock();
+            self.inner.live_lease(&mut state, lease)?;
+            if state.kvs.contains_key(key) {
+                return Ok(false);
+            }
+            self.inner.put_locked(&mut state, key, value, Some(lease));
+            Ok(true)
+        })
+    }
+
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Duration, StoreError>> {
         Box::pin(async move {
             let mut state = self.inner.lock();

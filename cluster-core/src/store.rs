@@ -90,6 +90,15 @@ pub trait Store: Send + Sync + fmt::Debug {
         lease: LeaseId,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Puts `key` attached to `lease` only if the key does not exist (an etcd transaction on
+    /// its create revision); returns whether it was created. Leader election is built on it.
+    fn create_with_lease<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// One refresh: resets the lease to its full TTL and returns that TTL;
     /// `LeaseExpired` if it is gone.
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Duration, StoreError>>;

@@ -119,6 +119,19 @@ async fn contract_leases(store: Arc<dyn Store>) {
     assert_eq!(store.get("/l/e").await.expect("get"), None);
 }
 
+async fn contract_create_with_lease(store: Arc<dyn Store>) {
+    let a = store.grant_lease(TTL).await.expect("grant");
+    let b = store.grant_lease(TTL).await.expect("grant");
+    assert!(store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("create"));
+    assert!(!store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("second create is refused"));
+    assert_eq!(store.get("/c/leader").await.expect("get"), Some(b"a".to_vec()));
+    store.revoke(a).await.expect("revoke");
+    assert!(store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("create after the holder left"));
+    assert_eq!(store.get("/c/leader").await.expect("get"), Some(b"b".to_vec()));
+    store.revoke(b).await.expect("revoke");
+    assert!(matches!(store.create_with_lease("/c/x", vec![], b).await, Err(StoreError::LeaseExpired(_))));
+}
+
 async fn contract_registration_and_membership(store: Arc<dyn Store>) {
     let cluster = ClusterName::new("reg").expect("valid");
     let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
@@ -208,6 +221,8 @@ on_both_stores!(
     contract_put_get_prefix_delete,
     contract_watch_sees_put_and_delete,
     contract_leases,
+    contract_create_with_lease,
+    contract_election,
     contract_registration_and_membership,
     contract_reregisters_after_lease_loss,
 );
@@ -293,4 +308,39 @@ async fn memory_store_shutdown_closes_watches() {
     store.shutdown().await;
     assert_eq!(within("close", WAIT, rx.recv()).await, None);
     assert!(matches!(store.watch_prefix("/").await, Err(StoreError::Closed)));
+}
+
+// ---- leader election -------------------------------------------------------------------
+
+/// Two candidates: one leads; when it resigns the other is elected; when the new leader's
+/// process stops renewing (lease expiry) a third takes over.
+async fn contract_election(store: Arc<dyn Store>) {
+    use cluster_core::election::campaign;
+    let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+    let key = "/e/leader";
+    let ttl = Duration::from_secs(1);
+    let first = campaign(store.clone(), key, b"a".to_vec(), ttl, &tracker, &shutdown).await.expect("elected");
+    let standby = {
+        let (store, tracker, shutdown) = (store.clone(), tracker.clone(), shutdown.clone());
+        tokio::spawn(async move { campaign(store, key, b"b".to_vec(), ttl, &tracker, &shutdown).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!standby.is_finished(), "a second leader while the first holds the key");
+    assert_eq!(store.get(key).await.expect("get"), Some(b"a".to_vec()));
+    first.resign().await.expect("resign");
+    let second = within("standby elected", WAIT, standby).await.expect("task").expect("elected");
+    assert_eq!(store.get(key).await.expect("get"), Some(b"b".to_vec()));
+
+    // A leader that stops renewing (its process is gone) loses the key at lease expiry.
+    let lost = second.lost();
+    let third = {
+        let (store, tracker, shutdown) = (store.clone(), tracker.clone(), shutdown.clone());
+        tokio::spawn(async move { campaign(store, key, b"c".to_vec(), ttl, &tracker, &shutdown).await })
+    };
+    lost.cancel(); // stops the renewal task, as a crash would
+    let _third = within("third elected after expiry", WAIT, third).await.expect("task").expect("elected");
+    assert_eq!(store.get(key).await.expect("get"), Some(b"c".to_vec()));
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
 }

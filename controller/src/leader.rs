@@ -1,0 +1,304 @@
+//! What the elected controller does: each tick it reads membership, load reports and the
+//! placement from the store, publishes the autoscaling target, and carries out the
+//! rebalance [`decide`](crate::decide) asks for as a two-phase switch:
+//!
+//! 1. put `/placement/<N>/spec`;
+//! 2. wait until every worker it names has put `/placement/<N>/ready/<worker>` (abandoned,
+//!    and the spec deleted, on timeout, lost leadership, or a named worker leaving);
+//! 3. put `/placement/current` = N (attention workers switch to N on that watch event);
+//! 4. delete versions older than N - 1.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster_core::experts::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementSpec, unix_ms};
+use cluster_core::keys::{self, PlacementKey, PlacementVersion};
+use cluster_core::store::decode_json;
+use cluster_core::{ClusterName, Membership, Role, Store, StoreError, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::decide::{self, ModelShape, Observed, Policy, Rebalance};
+use crate::telemetry;
+
+/// How often the switch polls for ready marks.
+const READY_POLL: Duration = Duration::from_millis(100);
+/// The autoscaling key is rewritten at least this often even when unchanged.
+const DESIRED_REFRESH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub check_period: Duration,
+    pub ready_timeout: Duration,
+}
+
+/// The placement documents in the store.
+#[derive(Debug, Default)]
+struct PlacementState {
+    current: Option<PlacementSpec>,
+    /// Highest version with any key (spec or ready) in the store.
+    highest: u64,
+    versions: BTreeSet<u64>,
+}
+
+/// Why a switch did not complete.
+#[derive(Debug, thiserror::Error)]
+enum SwitchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("leadership lost")]
+    Lost,
+    #[error("worker {0} left before loading its slots")]
+    WorkerLeft(WorkerId),
+    #[error("workers {0:?} were not ready within {1:?}")]
+    Timeout(Vec<WorkerId>, Duration),
+}
+
+#[derive(Debug)]
+pub struct Leader {
+    store: Arc<dyn Store>,
+    cluster: ClusterName,
+    membership: Membership,
+    shape: ModelShape,
+    policy: Policy,
+    timing: Timing,
+    last_rebalance: Option<Instant>,
+    last_desired: Option<(DesiredWorkers, Instant)>,
+}
+
+impl Leader {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cluster: ClusterName,
+        membership: Membership,
+        shape: ModelShape,
+        policy: Policy,
+        timing: Timing,
+    ) -> Self {
+        Leader { store, cluster, membership, shape, policy, timing, last_rebalance: None, last_desired: None }
+    }
+
+    /// Leads until `lost` fires.
+    pub async fn lead(&mut self, lost: &CancellationToken) {
+        let mut members = self.membership.subscribe();
+        loop {
+            if let Err(error) = self.tick(lost).await {
+                tracing::warn!(%error, "controller_tick_failed");
+            }
+            tokio::select! {
+                _ = lost.cancelled() => return,
+                _ = tokio::time::sleep(self.timing.check_period) => {}
+                changed = members.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    fn live_experts(&self) -> BTreeSet<WorkerId> {
+        self.membership.by_role(Role::Expert).into_iter().map(|w| w.id).collect()
+    }
+
+    async fn tick(&mut self, lost: &CancellationToken) -> Result<(), StoreError> {
+        let live = self.live_experts();
+        let placement = self.read_placement().await?;
+        let reports = self.read_reports(&live).await?;
+        let load = decide::aggregate(&self.shape, &reports.values().collect::<Vec<_>>());
+        let total: f64 = load.iter().flatten().sum();
+        self.publish_desired(total, live.len()).await;
+        telemetry::set_live(live.len(), total);
+        if let Some(current) = &placement.current {
+            telemetry::set_placement(current.version, decide::max_mean_ratio(&load, current));
+        }
+        let seen = Observed {
+            live: &live,
+            current: placement.current.as_ref(),
+            load: &load,
+            since_last: self.last_rebalance.map(|t| t.elapsed()),
+        };
+        let next = PlacementVersion(placement.highest + 1);
+        let rebalance = match decide::decide(&self.shape, &self.policy, &seen, next) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(decide::PlanError::NoWorkers) => {
+                tracing::debug!("controller_no_expert_workers");
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::error!(%error, "controller_plan_failed");
+                return Ok(());
+            }
+        };
+        let measured: Vec<f64> = decide::measured_worker_rates(reports.values()).into_values().collect();
+        self.switch(rebalance, &placement, decide::ratio_of(&measured), lost).await;
+        Ok(())
+    }
+
+    async fn read_placement(&self) -> Result<PlacementState, StoreError> {
+        let kvs = self.store.get_prefix(&keys::placement_prefix(&self.cluster)).await?;
+        let mut state = PlacementState::default();
+        let mut current_version = None;
+        let mut specs = BTreeMap::new();
+        for kv in kvs {
+            match keys::parse_placement_key(&self.cluster, &kv.key) {
+                Some(PlacementKey::Current) => {
+                    current_version = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version);
+                }
+                Some(PlacementKey::Spec(v)) => {
+                    state.versions.insert(v.0);
+                    specs.insert(v, (kv.key, kv.value));
+                }
+                Some(PlacementKey::Ready(v, _)) => {
+                    state.versions.insert(v.0);
+                }
+                None => {}
+            }
+        }
+        if let Some(v) = current_version {
+            state.highest = state.highest.max(v.0);
+            if let Some((key, value)) = specs.get(&v) {
+                let spec: PlacementSpec = decode_json(key, value)?;
+                spec.validate().map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+                state.current = Some(spec);
+            }
+        }
+        state.highest = state.highest.max(state.versions.last().copied().unwrap_or(0));
+        Ok(state)
+    }
+
+    /// Load reports of live workers (stale keys of dead workers vanish with their lease).
+    async fn read_reports(&self, live: &BTreeSet<WorkerId>) -> Result<BTreeMap<WorkerId, LoadReport>, StoreError> {
+        let mut reports = BTreeMap::new();
+        for kv in self.store.get_prefix(&keys::load_prefix(&self.cluster)).await? {
+            match decode_json::<LoadReport>(&kv.key, &kv.value) {
+                Ok(r) if live.contains(&r.worker) => {
+                    reports.insert(r.worker.clone(), r);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "controller_bad_load_report"),
+            }
+        }
+        Ok(reports)
+    }
+
+    async fn publish_desired(&mut self, tokens_per_s: f64, live: usize) {
+        let desired = decide::desired_workers(&self.policy, tokens_per_s);
+        telemetry::set_desired(desired);
+        let doc = DesiredWorkers { desired, live: u32::try_from(live).unwrap_or(u32::MAX), tokens_per_s, updated_unix_ms: unix_ms() };
+        let unchanged = self
+            .last_desired
+            .as_ref()
+            .is_some_and(|(d, at)| d.desired == doc.desired && d.live == doc.live && at.elapsed() < DESIRED_REFRESH);
+        if unchanged {
+            return;
+        }
+        let key = keys::desired_expert_workers_key(&self.cluster);
+        match serde_json::to_vec(&doc) {
+            Ok(value) => match self.store.put(&key, value).await {
+                Ok(()) => {
+                    if self.last_desired.as_ref().is_none_or(|(d, _)| d.desired != desired) {
+                        tracing::info!(desired, live, tokens_per_s, "expert_workers_desired");
+                    }
+                    self.last_desired = Some((doc, Instant::now()));
+                }
+                Err(error) => tracing::warn!(%error, "controller_publish_desired_failed"),
+            },
+            Err(error) => tracing::error!(%error, "controller_encode_failed"),
+        }
+    }
+
+    /// The two-phase switch to `rebalance.spec`; logs the outcome either way.
+    async fn switch(&mut self, rebalance: Rebalance, placement: &PlacementState, measured_before: f64, lost: &CancellationToken) {
+        let started = Instant::now();
+        let spec = rebalance.spec;
+        let version = spec.version;
+        let reason = rebalance.reason.as_str();
+        let replicas: Vec<usize> = spec.phy2log.first().map_or_else(Vec::new, |row| {
+            let mut cnt = vec![0; spec.num_experts];
+            row.iter().for_each(|&e| cnt[e as usize] += 1);
+            cnt
+        });
+        tracing::info!(version = version.0, reason, workers = spec.workers.len(), slots_per_worker = spec.slots_per_worker(),
+            ratio_before = spec.ratio_before, ratio_after = spec.ratio_after, measured_ratio_before = measured_before,
+            first_layer_replicas = ?replicas, "rebalance_started");
+        match self.two_phase(&spec, lost).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                self.last_rebalance = Some(Instant::now());
+                telemetry::rebalanced(reason, took);
+                tracing::info!(version = version.0, reason, ratio_before = spec.ratio_before, ratio_after = spec.ratio_after,
+                    measured_ratio_before = measured_before, duration_ms = took.as_millis() as u64, "rebalance_done");
+                self.collect_garbage(placement, version).await;
+            }
+            Err(error) => {
+                tracing::warn!(version = version.0, reason, %error, "rebalance_abandoned");
+                self.delete_version(version).await;
+            }
+        }
+    }
+
+    async fn two_phase(&self, spec: &PlacementSpec, lost: &CancellationToken) -> Result<(), SwitchError> {
+        let key = keys::placement_spec_key(&self.cluster, spec.version);
+        let value = serde_json::to_vec(spec).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        self.store.put(&key, value).await?;
+        let ready_prefix = keys::placement_ready_prefix(&self.cluster, spec.version);
+        let deadline = Instant::now() + self.timing.ready_timeout;
+        loop {
+            if lost.is_cancelled() {
+                return Err(SwitchError::Lost);
+            }
+            let live = self.live_experts();
+            if let Some(gone) = spec.workers.iter().find(|w| !live.contains(*w)) {
+                return Err(SwitchError::WorkerLeft(gone.clone()));
+            }
+            let ready: BTreeSet<WorkerId> = self
+                .store
+                .get_prefix(&ready_prefix)
+                .await?
+                .into_iter()
+                .filter_map(|kv| match keys::parse_placement_key(&self.cluster, &kv.key) {
+                    Some(PlacementKey::Ready(_, w)) => Some(w),
+                    _ => None,
+                })
+                .collect();
+            let waiting: Vec<WorkerId> = spec.workers.iter().filter(|w| !ready.contains(*w)).cloned().collect();
+            if waiting.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(SwitchError::Timeout(waiting, self.timing.ready_timeout));
+            }
+            tokio::select! {
+                _ = lost.cancelled() => return Err(SwitchError::Lost),
+                _ = tokio::time::sleep(READY_POLL) => {}
+            }
+        }
+        if lost.is_cancelled() {
+            return Err(SwitchError::Lost);
+        }
+        let current = serde_json::to_vec(&CurrentPlacement { version: spec.version })
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        self.store.put(&keys::placement_current_key(&self.cluster), current).await?;
+        Ok(())
+    }
+
+    /// Deletes every version older than `current - 1` (the previous one stays for workers
+    /// still draining it).
+    async fn collect_garbage(&self, placement: &PlacementState, current: PlacementVersion) {
+        for &v in placement.versions.iter().filter(|&&v| v + 1 < current.0) {
+            self.delete_version(PlacementVersion(v)).await;
+        }
+    }
+
+    async fn delete_version(&self, version: PlacementVersion) {
+        let prefix = keys::placement_version_prefix(&self.cluster, version);
+        match self.store.get_prefix(&prefix).await {
+            Ok(kvs) => {
+                for kv in kvs {
+                    if let Err(error) = self.store.delete(&kv.key).await {
+                        tracing::warn!(key = %kv.key, %error, "controller_delete_failed");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%prefix, %error, "controller_delete_failed"),
+        }
+    }
+}

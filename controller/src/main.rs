@@ -1,0 +1,29 @@
+//! `expert-controller`: the expert placement controller as its own process, pointed at etcd.
+//! Run two or more: one leads, the others stand by.
+
+use clap::Parser;
+use cluster_core::node::EtcdArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "expert-controller", version, about = "ExpertMesh expert placement controller")]
+struct Cli {
+    #[command(flatten)]
+    config: controller::ControllerConfig,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cluster_core::node::init_logging();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    cluster_core::serve::cancel_on_signal(shutdown.clone());
+    match controller::run(cli.config, cli.etcd.store_config(), shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The controller's Prometheus metrics (names follow Prometheus conventions; reference in
+//! docs/EXPERT_PLACEMENT.md).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cluster_core::keys::PlacementVersion;
+use metrics::{counter, gauge, histogram};
+
+/// Installs the Prometheus recorder and serves `/metrics` on `addr`.
+pub fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
+}
+
+pub fn set_leader(leader: bool) {
+    gauge!("expertmesh_controller_leader").set(if leader { 1.0 } else { 0.0 });
+}
+
+pub fn set_desired(desired: u32) {
+    gauge!("expertmesh_expert_workers_desired").set(f64::from(desired));
+}
+
+pub fn set_live(live: usize, tokens_per_s: f64) {
+    gauge!("expertmesh_expert_workers_live").set(live as f64);
+    gauge!("expertmesh_expert_tokens_per_second").set(tokens_per_s);
+}
+
+pub fn set_placement(version: PlacementVersion, ratio: f64) {
+    gauge!("expertmesh_placement_version").set(version.0 as f64);
+    gauge!("expertmesh_expert_load_max_mean_ratio").set(ratio);
+}
+
+pub fn rebalanced(reason: &'static str, took: Duration) {
+    counter!("expertmesh_rebalances_total", "reason" => reason).increment(1);
+    histogram!("expertmesh_rebalance_duration_seconds").record(took.as_secs_f64());
+}
