@@ -9,6 +9,7 @@ mod client;
 mod eplb_cmd;
 mod generate;
 mod model_dir;
+mod placement_cmd;
 mod sampling_args;
 mod up;
 
@@ -31,6 +32,8 @@ enum Command {
     Client(client::ClientArgs),
     /// Print the expert placement EPLB chooses for a load table (JSON).
     Eplb(eplb_cmd::EplbArgs),
+    /// Print a running cluster's live expert placement and load (from etcd).
+    Placement(placement_cmd::PlacementArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Client(args) => client::run(args),
         Command::Eplb(args) => eplb_cmd::run(args),
+        Command::Placement(args) => placement_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

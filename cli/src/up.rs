@@ -27,8 +27,8 @@ pub struct UpArgs {
     prefill_workers: u32,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     decode_workers: u32,
-    /// Expert workers, worker i hosting shard i/N of the routed experts; with N > 0 prefill
-    /// and decode workers load no routed experts and call these instead.
+    /// Expert workers, placed and rebalanced by an in-process expert controller; with N > 0
+    /// prefill and decode workers load no routed experts and call these instead.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     expert_workers: u32,
     /// Latent cache of each decode worker, in tokens.
@@ -73,13 +73,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let mut readies = Vec::new();
         for i in 0..args.expert_workers {
             let (tx, rx) = oneshot::channel();
-            let config = expert_worker::ExpertConfig {
-                node: node("127.0.0.1:0", format!("expert-{i}")),
-                model: model.clone(),
-                dtype: expert_worker::DtypeArg::Auto,
-                precision: expert_worker::PrecisionArg::Exact,
-                shard: expert_worker::Shard { index: i, count: args.expert_workers },
-            };
+            // No shard: the controller places the experts once the workers registered.
+            let mut config: expert_worker::ExpertConfig = defaults()?;
+            config.node = node("127.0.0.1:0", format!("expert-{i}"));
+            config.model = model.clone();
             let run = expert_worker::run(config, store.clone(), shutdown.clone(), tx);
             tasks.spawn(async move { run.await.with_context(|| format!("expert-{i} failed")) });
             readies.push(rx);
@@ -90,6 +87,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 return first_error(&mut tasks).await;
             }
         }
+        let config = controller_config(model.clone())?;
+        let run = controller::run(config, store.clone(), shutdown.clone());
+        tasks.spawn(async move { run.await.context("expert controller failed") });
     }
     eprintln!("starting {} prefill and {} decode workers...", args.prefill_workers, args.decode_workers);
     for i in 0..args.decode_workers {
@@ -194,6 +194,22 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// The controller's defaults, on the quickstart's cluster.
+fn controller_config(model: Option<PathBuf>) -> anyhow::Result<controller::ControllerConfig> {
+    let mut config: controller::ControllerConfig = defaults()?;
+    config.cluster = "local".into();
+    config.model = model;
+    config.controller_id = Some("controller-0".into());
+    Ok(config)
+}
+
+/// A role's flags at their defaults, as its own binary would parse an empty command line.
+fn defaults<T: clap::Args>() -> anyhow::Result<T> {
+    let command = T::augment_args(clap::Command::new("role"));
+    let matches = command.try_get_matches_from(["role"])?;
+    Ok(T::from_arg_matches(&matches)?)
 }
 
 async fn first_error(tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {

@@ -40,7 +40,7 @@ pub struct PlacementSpec {
     /// worker count and at least `num_experts`.
     pub phy2log: Vec<Vec<u32>>,
     /// Why it was made (`initial`, `skew`, `period`, `membership`), and the worker max/mean
-    /// load ratio the controller expected before and after.
+    /// load ratio the controller expected before and after (equal for the first placement).
     pub reason: String,
     pub ratio_before: f64,
     pub ratio_after: f64,

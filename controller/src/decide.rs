@@ -182,8 +182,9 @@ pub fn decide(shape: &ModelShape, policy: &Policy, seen: &Observed<'_>, next: Pl
     let make = |reason: Reason| -> Result<Rebalance, PlanError> {
         let mut spec = plan(shape, policy, seen.load, &workers, next)?;
         spec.reason = reason.as_str().to_string();
-        spec.ratio_before = seen.current.map_or(f64::NAN, |c| max_mean_ratio(seen.load, c));
         spec.ratio_after = max_mean_ratio(seen.load, &spec);
+        // No previous placement: nothing to compare with (JSON has no NaN).
+        spec.ratio_before = seen.current.map_or(spec.ratio_after, |c| max_mean_ratio(seen.load, c));
         Ok(Rebalance { reason, spec })
     };
     let Some(current) = seen.current else { return make(Reason::Initial).map(Some) };

@@ -3,8 +3,8 @@
 //! rebalance [`decide`](crate::decide) asks for as a two-phase switch:
 //!
 //! 1. put `/placement/<N>/spec`;
-//! 2. wait until every worker it names has put `/placement/<N>/ready/<worker>` (abandoned,
-//!    and the spec deleted, on timeout, lost leadership, or a named worker leaving);
+//! 2. wait until every worker it names has put `/placement/<N>/ready/<worker>` (abandoned
+//!    on timeout, lost leadership, or a named worker leaving; the next tick plans anew);
 //! 3. put `/placement/current` = N (attention workers switch to N on that watch event);
 //! 4. delete versions older than N - 1.
 
@@ -228,10 +228,9 @@ impl Leader {
                     measured_ratio_before = measured_before, duration_ms = took.as_millis() as u64, "rebalance_done");
                 self.collect_garbage(placement, version).await;
             }
-            Err(error) => {
-                tracing::warn!(version = version.0, reason, %error, "rebalance_abandoned");
-                self.delete_version(version).await;
-            }
+            // The spec stays (so its version is never reused for other contents); the next
+            // placement supersedes it and garbage collection removes it later.
+            Err(error) => tracing::warn!(version = version.0, reason, %error, "rebalance_abandoned"),
         }
     }
 

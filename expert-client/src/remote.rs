@@ -2,30 +2,38 @@
 //! workers hosting them. `run` is called on the engine's compute thread (inside rayon), never
 //! on a runtime thread: it bridges to async code with `Handle::block_on`.
 //!
-//! A worker that fails a call is dropped from the slot table and the batch fails with
-//! `ExpertError::Unavailable`; retrying its groups on another replica is a later step.
+//! A call never fails because one worker did: the groups of a failed part are split again
+//! over the hosts known after a refresh and resent, with back-off, until `call_timeout`.
 
-use crate::plan::{self, SlotTable};
-use crate::wire::{self, CallError, Conn};
-use cluster_core::registration::WorkerMap;
-use cluster_core::{ClusterName, Membership, Role, Store, StoreError, WorkerId};
+use crate::conns::{Dialer, Planned, Workers};
+use crate::plan::{self, Piece};
+use crate::table::PlacementWatch;
+use crate::wire::CallError;
+use cluster_core::{ClusterName, Membership, Store, StoreError, WorkerId};
 use model::{ExpertBackend, ExpertBatch, ExpertError};
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// First pause between attempts of a call; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A part sent and its worker's answer.
+type Replied = (plan::Part<WorkerId>, Result<Vec<f32>, CallError>);
 
 /// Timeouts of remote expert calls.
 #[derive(Debug, Clone, Copy)]
 pub struct RemoteOptions {
     /// Connecting to an expert worker and asking its slots.
     pub connect_timeout: Duration,
-    /// One MoE layer: from sending the first part to the last reply.
+    /// One MoE layer, retries included: from planning the first attempt to the last reply.
     pub call_timeout: Duration,
-    /// Least time between retries of members that could not be reached.
+    /// Least time between retries of workers that could not be reached; also how long a
+    /// worker that failed a call is avoided while another replica exists.
     pub retry_period: Duration,
 }
 
@@ -42,48 +50,45 @@ impl Default for RemoteOptions {
 /// Routed experts served by the cluster's expert workers.
 #[derive(Debug)]
 pub struct RemoteExperts {
-    runtime: Handle,
-    membership: Membership,
+    dialer: Dialer,
     options: RemoteOptions,
-    state: Mutex<State>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
-}
-
-#[derive(Debug)]
-struct Worker {
-    address: String,
-    slots: Vec<(usize, u32)>,
-    conn: Conn,
-}
-
-#[derive(Debug)]
-struct State {
-    seen: watch::Receiver<WorkerMap>,
-    workers: BTreeMap<WorkerId, Worker>,
-    table: SlotTable<WorkerId>,
-    /// Some member is not connected (unreachable, or failed a call).
-    incomplete: bool,
-    last_refresh: Option<Instant>,
+    workers: Mutex<Workers>,
+    /// Rotates the first host of each group over its replicas.
+    turn: AtomicUsize,
+    /// Stops retrying (the process is shutting down).
+    shutdown: CancellationToken,
 }
 
 impl RemoteExperts {
-    /// Follows `membership`'s expert workers; stream actors run on `runtime`.
-    pub fn new(membership: Membership, runtime: Handle, options: RemoteOptions) -> Self {
-        let seen = membership.subscribe();
-        let state = State { seen, workers: BTreeMap::new(), table: SlotTable::new([]), incomplete: true, last_refresh: None };
-        RemoteExperts {
+    /// Follows `membership`'s expert workers and `placement`; stream actors run on
+    /// `runtime`. Calls stop retrying once `shutdown` is cancelled.
+    pub fn new(
+        membership: Membership,
+        placement: PlacementWatch,
+        runtime: Handle,
+        shutdown: CancellationToken,
+        options: RemoteOptions,
+    ) -> Self {
+        let dialer = Dialer {
             runtime,
-            membership,
-            options,
-            state: Mutex::new(state),
             tracker: TaskTracker::new(),
+            // Not a child of `shutdown`: streams stay up while the engine drains.
             cancel: CancellationToken::new(),
+            connect_timeout: options.connect_timeout,
+            retry_period: options.retry_period,
+        };
+        RemoteExperts {
+            dialer,
+            options,
+            workers: Mutex::new(Workers::new(membership, &placement)),
+            turn: AtomicUsize::new(0),
+            shutdown,
         }
     }
 
-    /// Follows the expert workers of `cluster` in `store` (a membership watch on `tracker`,
-    /// stopped by `shutdown`); stream actors run on the current runtime.
+    /// Follows the expert workers and the placement of `cluster` in `store` (watches on
+    /// `tracker`, stopped by `shutdown`); stream actors run on the current runtime. Returns
+    /// once both watches have loaded the store's contents.
     pub async fn from_store(
         store: &dyn Store,
         cluster: &ClusterName,
@@ -92,54 +97,69 @@ impl RemoteExperts {
         options: RemoteOptions,
     ) -> Result<Self, StoreError> {
         let membership = Membership::start(store, cluster, tracker, shutdown).await?;
-        Ok(Self::new(membership, Handle::current(), options))
+        let placement = PlacementWatch::start(store, cluster, tracker, shutdown).await?;
+        Ok(Self::new(membership, placement, Handle::current(), shutdown.clone(), options))
     }
 
-    /// Brings connections and the slot table in line with membership.
-    async fn refresh_locked(&self, state: &mut State) {
-        state.seen.borrow_and_update();
-        state.last_refresh = Some(Instant::now());
-        let members = self.membership.by_role(Role::Expert);
-        state.workers.retain(|id, w| !w.conn.is_closed() && members.iter().any(|m| &m.id == id && m.address == w.address));
-        let mut incomplete = false;
-        let missing: Vec<_> = members.into_iter().filter(|m| !state.workers.contains_key(&m.id)).collect();
-        for m in &missing {
-            match self.connect(&m.address).await {
-                Ok((slots, conn)) => {
-                    tracing::info!(worker_id = %m.id, slots = slots.len(), "expert_worker_connected");
-                    state.workers.insert(m.id.clone(), Worker { address: m.address.clone(), slots, conn });
-                }
-                Err(error) => {
-                    tracing::warn!(worker_id = %m.id, %error, "expert_worker_unreachable");
-                    incomplete = true;
-                }
-            }
+    fn lock(&self) -> MutexGuard<'_, Workers> {
+        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refreshes when due, then splits `pending` over one snapshot of the table.
+    fn plan(&self, layer: usize, hidden: usize, pending: &[Piece], inputs: &[f32]) -> (Vec<Planned>, Vec<Piece>) {
+        let mut workers = self.lock();
+        if workers.needs_refresh(self.options.retry_period) {
+            self.dialer.runtime.block_on(workers.refresh(&self.dialer));
         }
-        state.incomplete = incomplete;
-        state.table = SlotTable::new(state.workers.iter().map(|(id, w)| (id, &w.slots[..])));
+        workers.plan(layer, hidden, pending, inputs, &self.turn, self.options.retry_period)
     }
 
-    async fn connect(&self, address: &str) -> Result<(Vec<(usize, u32)>, Conn), CallError> {
-        let channel = cluster_core::serve::channel(address, self.options.connect_timeout)
-            .map_err(|e| CallError::Transport(e.to_string()))?;
-        let slots = tokio::time::timeout(self.options.connect_timeout, wire::get_slots(channel.clone()))
-            .await
-            .map_err(|_| CallError::Transport("GetSlots timed out".into()))??;
-        Ok((slots, Conn::open(channel, &self.tracker, &self.runtime, self.cancel.child_token())))
+    /// Sends every part (queued first, so the workers run concurrently) and collects the
+    /// replies; a part without reply by `deadline` fails with `TimedOut`.
+    async fn send(&self, layer: usize, hidden: usize, parts: Vec<Planned>, deadline: Instant) -> Vec<Replied> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let mut waiting = Vec::with_capacity(parts.len());
+        for (mut part, conn) in parts {
+            let rx = match conn {
+                None => Err(CallError::NotConnected),
+                Some(conn) => {
+                    let inputs = std::mem::take(&mut part.inputs);
+                    let submit = conn.submit(layer, hidden, part.groups.clone(), inputs);
+                    tokio::time::timeout_at(deadline, submit).await.unwrap_or(Err(CallError::TimedOut))
+                }
+            };
+            waiting.push((part, rx));
+        }
+        let mut done = Vec::with_capacity(waiting.len());
+        for (part, rx) in waiting {
+            let reply = match rx {
+                Ok(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(reply) => reply.unwrap_or(Err(CallError::Closed)),
+                    Err(_) => Err(CallError::TimedOut),
+                },
+                Err(error) => Err(error),
+            };
+            done.push((part, reply));
+        }
+        done
     }
 
-    fn needs_refresh(&self, state: &State) -> bool {
-        state.seen.has_changed().unwrap_or(false)
-            || state.last_refresh.is_none()
-            || (state.incomplete && state.last_refresh.is_some_and(|t| t.elapsed() >= self.options.retry_period))
+    /// Waits `pause` unless shutdown comes first; returns whether the full pause passed.
+    fn pause(&self, pause: Duration) -> bool {
+        self.dialer.runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => true,
+                _ = self.shutdown.cancelled() => false,
+            }
+        })
     }
 }
 
 impl Drop for RemoteExperts {
     fn drop(&mut self) {
         // Stream actors stop; in-flight calls (there are none once the engine is gone) fail.
-        self.cancel.cancel();
-        self.tracker.close();
+        self.dialer.cancel.cancel();
+        self.dialer.tracker.close();
     }
 }
 
@@ -152,62 +172,65 @@ impl ExpertBackend for RemoteExperts {
             // block_on would panic (or stall a worker thread) on a runtime thread.
             return Err(ExpertError::Unavailable("RemoteExperts::run called on an async runtime thread".into()));
         }
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.needs_refresh(&state) {
-            self.runtime.block_on(self.refresh_locked(&mut state));
-        }
-        let parts = plan::split(batch, |e| state.table.pick(batch.layer, e))?;
-        let conns: Vec<Conn> = parts
-            .iter()
-            .map(|p| state.workers.get(&p.worker).map(|w| w.conn.clone()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| ExpertError::Unavailable("slot table names an unknown worker".into()))?;
-        drop(state);
-
         let (layer, hidden) = (batch.layer, batch.hidden);
-        let result = self.runtime.block_on(async {
-            let calls = async {
-                // Queue every part first so the workers run concurrently, then collect.
-                let mut receivers = Vec::with_capacity(parts.len());
-                for (part, conn) in parts.iter().zip(&conns) {
-                    let rx = conn.submit(layer, hidden, part.groups.clone(), part.inputs.clone()).await;
-                    receivers.push(rx.map_err(|e| (part.worker.clone(), e))?);
-                }
-                let mut got = Vec::with_capacity(parts.len());
-                for (part, rx) in parts.iter().zip(receivers) {
-                    let reply = rx.await.unwrap_or(Err(CallError::Closed));
-                    got.push(reply.map_err(|e| (part.worker.clone(), e))?);
-                }
-                Ok(got)
-            };
-            tokio::time::timeout(self.options.call_timeout, calls).await
-        });
-        let got = match result {
-            Ok(Ok(got)) => got,
-            Ok(Err((worker, error))) => {
-                tracing::warn!(worker_id = %worker, %error, layer, "expert_call_failed");
-                if !matches!(error, CallError::Remote(_)) {
-                    self.forget(&worker);
-                }
-                return Err(ExpertError::Unavailable(format!("expert worker {worker}: {error}")));
+        let mut pending = plan::pieces(batch, outputs.len())?;
+        let deadline = Instant::now() + self.options.call_timeout;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let (parts, unhosted) = self.plan(layer, hidden, &pending, batch.inputs);
+            let results = self.dialer.runtime.block_on(self.send(layer, hidden, parts, deadline));
+
+            // (worker, error) of each failed part; `None` for groups nobody hosts.
+            let mut failures: Vec<(Option<WorkerId>, String)> = Vec::new();
+            if let Some(first) = unhosted.first() {
+                let error = ExpertError::NotHosted { layer, expert: first.group.expert.0 };
+                failures.push((None, format!("{error} ({} groups without host)", unhosted.len())));
+                self.lock().force_refresh();
             }
-            Err(_) => {
-                return Err(ExpertError::Unavailable(format!(
-                    "layer {layer}: expert workers did not answer within {:?}",
-                    self.options.call_timeout
-                )));
+            pending = unhosted;
+            for (part, reply) in results {
+                let gathered = reply.and_then(|got| {
+                    plan::gather_part(&part, &got, hidden, outputs).map_err(|e| CallError::BadReply(e.to_string()))
+                });
+                if let Err(error) = gathered {
+                    self.lock().mark_failed(&part.worker, &error);
+                    pending.extend(part.pieces());
+                    failures.push((Some(part.worker), error.to_string()));
+                }
             }
-        };
-        plan::gather(&parts, &got, hidden, outputs)
+            if pending.is_empty() {
+                return Ok(());
+            }
+
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.shutdown.is_cancelled() {
+                return Err(self.give_up(layer, attempt, pending.len(), failures));
+            }
+            for (worker, error) in &failures {
+                let worker = worker.as_ref().map_or("none", WorkerId::as_str);
+                tracing::info!(worker_id = worker, layer, attempt, %error, "expert_call_retry");
+            }
+            if !self.pause(backoff.min(left)) || Instant::now() >= deadline {
+                return Err(self.give_up(layer, attempt, pending.len(), failures));
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 
 impl RemoteExperts {
-    /// Drops a failed worker from the table; it is reconnected on a later refresh.
-    fn forget(&self, worker: &WorkerId) {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.workers.remove(worker);
-        state.incomplete = true;
-        state.table = SlotTable::new(state.workers.iter().map(|(id, w)| (id, &w.slots[..])));
+    /// The error of a call that ran out of time (or was stopped by shutdown).
+    fn give_up(&self, layer: usize, attempts: u32, groups: usize, mut failures: Vec<(Option<WorkerId>, String)>) -> ExpertError {
+        let (worker, error) = failures.pop().unwrap_or((None, "no attempt failed".into()));
+        let worker = worker.map_or_else(|| "none".to_owned(), |w| w.to_string());
+        let why = if self.shutdown.is_cancelled() { "shutting down" } else { "out of time" };
+        tracing::warn!(layer, attempts, worker_id = %worker, %error, why, "expert_call_failed");
+        ExpertError::Unavailable(format!(
+            "layer {layer}: {groups} groups still failing after {attempts} attempts ({why}, call timeout {:?}); \
+             last error, from expert worker {worker}: {error}",
+            self.options.call_timeout
+        ))
     }
 }

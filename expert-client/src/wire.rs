@@ -30,6 +30,17 @@ pub enum CallError {
     BadReply(String),
     #[error("the worker's stream is closed")]
     Closed,
+    #[error("not connected")]
+    NotConnected,
+    #[error("no reply before the call's deadline")]
+    TimedOut,
+}
+
+impl CallError {
+    /// The worker answered (the stream is fine); its view of the slots may be stale.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, CallError::Remote(_))
+    }
 }
 
 type Reply = Result<Vec<f32>, CallError>;

@@ -1,24 +1,23 @@
-//! The compute thread: runs hosted experts off the async runtime, fed by a bounded channel,
-//! and counts the tokens each slot served.
+//! The compute thread: owns the hosted experts, runs batches off the async runtime, and
+//! installs or releases experts between batches. Everything reaches it through one bounded
+//! command channel, so a slot never changes while a batch that uses it runs.
 
-use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, LocalExperts};
-use std::collections::BTreeMap;
+use crate::counters::LoadCounters;
+use cluster_core::experts::SlotKey;
+use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// Batches waiting for the compute thread. Each attention worker has at most a few in
-/// flight (one per MoE layer step), so a small queue suffices; senders wait when it is full.
+/// Commands waiting for the compute thread. Each attention worker has at most a few batches
+/// in flight (one per MoE layer step) and placement changes add one command at a time, so a
+/// small queue suffices; senders wait when it is full.
 pub const COMPUTE_QUEUE_CAPACITY: usize = 16;
 
-/// A hosted slot: logical expert `expert` of MoE layer `layer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Slot {
-    pub layer: usize,
-    pub expert: u32,
-}
+/// The slots hosted now, ascending; updated by the compute thread after each change.
+pub type HostedSlots = BTreeSet<SlotKey>;
 
-/// Why a batch was not computed.
+/// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
     #[error(transparent)]
@@ -37,47 +36,21 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Vec<f32>, ExpertError>>,
 }
 
-/// Tokens served per hosted slot, and requests seen; shared with the gRPC service.
+/// What the compute thread does, in the order received.
 #[derive(Debug)]
-pub struct SlotCounters {
-    tokens: BTreeMap<Slot, AtomicU64>,
-    requests: AtomicU64,
+pub enum Command {
+    Run(Job),
+    /// Host these experts from now on; replies with the number of slots hosted afterwards.
+    Install { weights: Vec<ExpertWeights>, reply: oneshot::Sender<Result<usize, ExpertError>> },
+    /// Stop hosting these slots (their weights are freed); replies with how many were hosted.
+    Release { slots: Vec<SlotKey>, reply: oneshot::Sender<usize> },
 }
 
-impl SlotCounters {
-    pub fn new(slots: &[Slot]) -> Self {
-        SlotCounters { tokens: slots.iter().map(|&s| (s, AtomicU64::new(0))).collect(), requests: AtomicU64::new(0) }
-    }
-
-    /// The hosted slots, ascending.
-    pub fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
-        self.tokens.keys().copied()
-    }
-
-    /// `(slot, tokens served)` per hosted slot, ascending.
-    pub fn snapshot(&self) -> Vec<(Slot, u64)> {
-        self.tokens.iter().map(|(&s, n)| (s, n.load(Ordering::Relaxed))).collect()
-    }
-
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    /// Counts a request, and its tokens when it was served.
-    fn record(&self, layer: usize, groups: &[ExpertGroup], served: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        for g in groups.iter().filter(|_| served) {
-            if let Some(n) = self.tokens.get(&Slot { layer, expert: g.expert.0 }) {
-                n.fetch_add(g.num_tokens as u64, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-/// Sends jobs to the compute thread.
+/// Sends commands to the compute thread and sees what it hosts.
 #[derive(Debug, Clone)]
 pub struct ComputeHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Command>,
+    hosted: watch::Receiver<HostedSlots>,
 }
 
 impl ComputeHandle {
@@ -90,30 +63,117 @@ impl ComputeHandle {
         inputs: Vec<f32>,
     ) -> Result<Vec<f32>, ComputeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { layer, hidden, groups, inputs, reply }).await.map_err(|_| ComputeError::Stopped)?;
+        let job = Job { layer, hidden, groups, inputs, reply };
+        self.tx.send(Command::Run(job)).await.map_err(|_| ComputeError::Stopped)?;
         Ok(rx.await.map_err(|_| ComputeError::Stopped)??)
+    }
+
+    /// Installs loaded experts after the batches queued before them; returns the number of
+    /// slots hosted afterwards.
+    pub async fn install(&self, weights: Vec<ExpertWeights>) -> Result<usize, ComputeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Install { weights, reply }).await.map_err(|_| ComputeError::Stopped)?;
+        Ok(rx.await.map_err(|_| ComputeError::Stopped)??)
+    }
+
+    /// Releases slots after the batches queued before them; returns how many were hosted.
+    pub async fn release(&self, slots: Vec<SlotKey>) -> Result<usize, ComputeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Release { slots, reply }).await.map_err(|_| ComputeError::Stopped)?;
+        rx.await.map_err(|_| ComputeError::Stopped)
+    }
+
+    /// The slots hosted now.
+    pub fn hosted(&self) -> HostedSlots {
+        self.hosted.borrow().clone()
     }
 }
 
-/// Starts the compute thread; it stops once every handle is dropped.
+/// Starts the compute thread with `experts` hosted; it stops once every handle is dropped.
 pub fn spawn_compute(
     experts: LocalExperts,
-    counters: Arc<SlotCounters>,
+    counters: Arc<LoadCounters>,
 ) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
-    let (tx, mut rx) = mpsc::channel::<Job>(COMPUTE_QUEUE_CAPACITY);
+    let (tx, mut rx) = mpsc::channel::<Command>(COMPUTE_QUEUE_CAPACITY);
+    let (hosted_tx, hosted) = watch::channel(hosted_of(&experts));
+    let mut experts = experts;
     let thread = std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
-        while let Some(job) = rx.blocking_recv() {
-            let outputs = compute(&experts, &counters, &job);
-            let _ = job.reply.send(outputs);
+        while let Some(command) = rx.blocking_recv() {
+            match command {
+                Command::Run(job) => {
+                    let outputs = compute(&experts, &counters, &job);
+                    let _ = job.reply.send(outputs);
+                }
+                Command::Install { weights, reply } => {
+                    let result = install(&mut experts, weights);
+                    hosted_tx.send_replace(hosted_of(&experts));
+                    let _ = reply.send(result.map(|()| hosted_tx.borrow().len()));
+                }
+                Command::Release { slots, reply } => {
+                    let released = slots.iter().filter(|s| experts.remove(s.layer, ExpertId(s.expert)).is_some()).count();
+                    hosted_tx.send_replace(hosted_of(&experts));
+                    let _ = reply.send(released);
+                }
+            }
         }
     })?;
-    Ok((ComputeHandle { tx }, thread))
+    Ok((ComputeHandle { tx, hosted }, thread))
 }
 
-fn compute(experts: &LocalExperts, counters: &SlotCounters, job: &Job) -> Result<Vec<f32>, ExpertError> {
+/// Inserts every expert it can; the first refusal is returned after the others are in.
+fn install(experts: &mut LocalExperts, weights: Vec<ExpertWeights>) -> Result<(), ExpertError> {
+    let mut first_error = None;
+    for w in weights {
+        if let Err(e) = experts.insert(w) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn hosted_of(experts: &LocalExperts) -> HostedSlots {
+    experts.hosted().into_iter().map(|(layer, ExpertId(expert))| SlotKey { layer, expert }).collect()
+}
+
+fn compute(experts: &LocalExperts, counters: &LoadCounters, job: &Job) -> Result<Vec<f32>, ExpertError> {
     let batch = ExpertBatch { layer: job.layer, hidden: job.hidden, groups: &job.groups, inputs: &job.inputs };
     let mut outputs = vec![0f32; job.inputs.len()];
     let result = experts.run(&batch, &mut outputs);
     counters.record(job.layer, &job.groups, result.is_ok());
     result.map(|()| outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::serving::ExpertCheckpoint;
+
+    #[tokio::test]
+    async fn installs_and_releases_between_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        model::default_model::ensure(dir.path()).expect("generate");
+        let ckpt = ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open");
+        let config = ckpt.config().clone();
+        let layer = crate::slots::moe_layers(&config)[0];
+        let h = config.hidden_size;
+        let counters = Arc::new(LoadCounters::new(&config));
+        let (compute, thread) =
+            spawn_compute(LocalExperts::empty(&config, kernels::cpu::Precision::Exact), counters.clone()).expect("spawn");
+        let groups = vec![ExpertGroup { expert: ExpertId(1), num_tokens: 3 }];
+        let run = || compute.run(layer, h, groups.clone(), vec![0.5; 3 * h]);
+        assert!(matches!(run().await, Err(ComputeError::Expert(ExpertError::NotHosted { expert: 1, .. }))));
+
+        let w = ckpt.load(layer, ExpertId(1)).expect("load");
+        assert_eq!(compute.install(vec![w]).await.expect("installs"), 1);
+        assert_eq!(compute.hosted(), [SlotKey { layer, expert: 1 }].into_iter().collect());
+        assert_eq!(run().await.expect("runs").len(), 3 * h);
+        assert_eq!(counters.tokens(SlotKey { layer, expert: 1 }), 3);
+
+        let slots = vec![SlotKey { layer, expert: 1 }, SlotKey { layer, expert: 2 }];
+        assert_eq!(compute.release(slots).await.expect("releases"), 1);
+        assert!(compute.hosted().is_empty());
+        assert!(run().await.is_err());
+        drop(compute);
+        thread.join().expect("compute thread ends");
+    }
 }

@@ -2,7 +2,8 @@
 //! is served by one tracked task that decodes a request, waits for the compute thread and
 //! answers, so replies leave in request order.
 
-use crate::compute::{ComputeError, ComputeHandle, SlotCounters};
+use crate::compute::{ComputeError, ComputeHandle};
+use crate::counters::LoadCounters;
 use model::{ExpertGroup, ExpertId};
 use proto::expert::expert_server::{Expert, ExpertServer};
 use proto::expert::{self as pb, expert_reply};
@@ -26,7 +27,7 @@ pub type Server = ExpertServer<ExpertService>;
 #[derive(Debug)]
 pub struct ExpertService {
     pub compute: ComputeHandle,
-    pub counters: Arc<SlotCounters>,
+    pub counters: Arc<LoadCounters>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
 }
@@ -76,16 +77,17 @@ impl Expert for ExpertService {
     }
 
     async fn get_slots(&self, _: Request<pb::SlotsRequest>) -> Result<Response<pb::Slots>, Status> {
-        let slots = self.counters.slots().map(|s| pb::Slot { layer: s.layer as u32, expert: s.expert }).collect();
+        let slots = self.compute.hosted().into_iter().map(|s| pb::Slot { layer: s.layer as u32, expert: s.expert }).collect();
         Ok(Response::new(pb::Slots { slots }))
     }
 
     async fn get_load(&self, _: Request<pb::ExpertLoadRequest>) -> Result<Response<pb::ExpertLoad>, Status> {
+        // Cumulative tokens of the slots hosted now (the load report covers every slot).
         let slots = self
-            .counters
-            .snapshot()
+            .compute
+            .hosted()
             .into_iter()
-            .map(|(s, tokens)| pb::SlotLoad { layer: s.layer as u32, expert: s.expert, tokens })
+            .map(|s| pb::SlotLoad { layer: s.layer as u32, expert: s.expert, tokens: self.counters.tokens(s) })
             .collect();
         Ok(Response::new(pb::ExpertLoad { slots, requests: self.counters.requests() }))
     }

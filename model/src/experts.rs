@@ -45,6 +45,8 @@ pub enum ExpertError {
     Malformed(String),
     #[error("expert service unavailable: {0}")]
     Unavailable(String),
+    #[error("layer {layer} expert {expert} is not a routed expert of this model")]
+    NoSuchExpert { layer: usize, expert: u32 },
 }
 
 /// Runs routed experts. `outputs` is `[Σ num_tokens, hidden]`, rows in the same order as
@@ -53,7 +55,26 @@ pub trait ExpertBackend: Send + Sync + fmt::Debug {
     fn run(&self, batch: &ExpertBatch<'_>, outputs: &mut [f32]) -> Result<(), ExpertError>;
 }
 
-/// Experts held in this process: `layers[layer][expert]`, `None` where not loaded.
+/// One routed expert's weights, loaded and ready to be inserted into [`LocalExperts`].
+#[derive(Debug)]
+pub struct ExpertWeights {
+    layer: usize,
+    expert: ExpertId,
+    mlp: Mlp,
+}
+
+impl ExpertWeights {
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    pub fn expert(&self) -> ExpertId {
+        self.expert
+    }
+}
+
+/// Experts held in this process: `layers[layer][expert]`, `None` where not loaded. Every
+/// MoE layer has `n_routed_experts` entries, every dense layer none.
 #[derive(Debug)]
 pub struct LocalExperts {
     layers: Vec<Vec<Option<Mlp>>>,
@@ -61,6 +82,14 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
+    /// Hosts nothing yet; experts arrive through [`LocalExperts::insert`].
+    pub fn empty(config: &ModelConfig, precision: Precision) -> Self {
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| if config.is_moe_layer(l) { (0..config.n_routed_experts).map(|_| None).collect() } else { Vec::new() })
+            .collect();
+        LocalExperts { layers, precision }
+    }
+
     /// Loads the experts for which `want(layer, expert)` holds.
     pub fn load(
         ckpt: &Checkpoint,
@@ -69,31 +98,75 @@ impl LocalExperts {
         want: &dyn Fn(usize, ExpertId) -> bool,
         progress: &dyn Fn(u64),
     ) -> Result<Self, ModelError> {
+        let mut experts = LocalExperts::empty(config, Precision::Exact);
+        for l in (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)) {
+            for id in (0..config.n_routed_experts as u32).map(ExpertId).filter(|&id| want(l, id)) {
+                let w = LocalExperts::load_expert(ckpt, config, dtype, l, id)?;
+                experts.layers[l][id.0 as usize] = Some(w.mlp);
+                progress(1);
+            }
+        }
+        Ok(experts)
+    }
+
+    /// Loads one routed expert's weights from `ckpt` (the checkpoint of `config`); refuses a
+    /// layer that is not a MoE layer or an expert id beyond `n_routed_experts`.
+    pub fn load_expert(
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        dtype: WeightDtype,
+        layer: usize,
+        expert: ExpertId,
+    ) -> Result<ExpertWeights, ModelError> {
+        let routed = layer < config.num_hidden_layers && config.is_moe_layer(layer);
+        if !routed || expert.0 as usize >= config.n_routed_experts {
+            return Err(ModelError::Config {
+                path: ckpt.dir().join("config.json"),
+                field: "n_routed_experts".into(),
+                reason: format!("layer {layer} expert {} is not a routed expert of this model", expert.0),
+            });
+        }
         let reader = WeightReader { ckpt, dtype, fp8_block: config.fp8.map(|f| f.block) };
         let (h, i) = (config.hidden_size, config.moe_intermediate_size);
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for l in 0..config.num_hidden_layers {
-            let mut experts = Vec::new();
-            if config.is_moe_layer(l) {
-                for e in 0..config.n_routed_experts {
-                    let id = ExpertId(e as u32);
-                    experts.push(if want(l, id) {
-                        let mlp = Mlp::load(&reader, &format!("model.layers.{l}.mlp.experts.{e}"), h, i)?;
-                        progress(1);
-                        Some(mlp)
-                    } else {
-                        None
-                    });
-                }
-            }
-            layers.push(experts);
-        }
-        Ok(LocalExperts { layers, precision: Precision::Exact })
+        let mlp = Mlp::load(&reader, &format!("model.layers.{layer}.mlp.experts.{}", expert.0), h, i)?;
+        Ok(ExpertWeights { layer, expert, mlp })
     }
 
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+
+    fn entry(&mut self, layer: usize, expert: ExpertId) -> Option<&mut Option<Mlp>> {
+        self.layers.get_mut(layer).and_then(|l| l.get_mut(expert.0 as usize))
+    }
+
+    /// Hosts `weights` from now on, replacing (and returning) what was hosted in its place.
+    /// `NoSuchExpert` if this model has no such (layer, expert).
+    pub fn insert(&mut self, weights: ExpertWeights) -> Result<Option<ExpertWeights>, ExpertError> {
+        let ExpertWeights { layer, expert, mlp } = weights;
+        let entry = self.entry(layer, expert).ok_or(ExpertError::NoSuchExpert { layer, expert: expert.0 })?;
+        Ok(entry.replace(mlp).map(|mlp| ExpertWeights { layer, expert, mlp }))
+    }
+
+    /// Stops hosting (layer, expert); returns its weights if it was hosted.
+    pub fn remove(&mut self, layer: usize, expert: ExpertId) -> Option<ExpertWeights> {
+        self.entry(layer, expert)?.take().map(|mlp| ExpertWeights { layer, expert, mlp })
+    }
+
+    pub fn is_hosted(&self, layer: usize, expert: ExpertId) -> bool {
+        self.layers.get(layer).and_then(|l| l.get(expert.0 as usize)).is_some_and(Option::is_some)
+    }
+
+    /// The hosted (layer, expert) pairs, ascending.
+    pub fn hosted(&self) -> Vec<(usize, ExpertId)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, experts)| {
+                experts.iter().enumerate().filter(|(_, m)| m.is_some()).map(move |(e, _)| (l, ExpertId(e as u32)))
+            })
+            .collect()
     }
 }
 
@@ -121,5 +194,68 @@ impl ExpertBackend for LocalExperts {
         // otherwise pay a fork/join per matmul.
         jobs.into_par_iter().for_each(|(mlp, x, m, out)| mlp.forward(x, m, out, self.precision));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serving::ExpertCheckpoint;
+
+    fn batch_output(experts: &LocalExperts, layer: usize, expert: u32, hidden: usize) -> Result<Vec<f32>, ExpertError> {
+        let groups = [ExpertGroup { expert: ExpertId(expert), num_tokens: 2 }];
+        let inputs: Vec<f32> = (0..2 * hidden).map(|i| (i as f32 * 0.013).sin()).collect();
+        let mut out = vec![0f32; inputs.len()];
+        experts.run(&ExpertBatch { layer, hidden, groups: &groups, inputs: &inputs }, &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn experts_inserted_one_by_one_match_a_full_load_and_can_be_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::default_model::ensure(dir.path()).expect("generate");
+        let ckpt = ExpertCheckpoint::open(Some(dir.path().to_path_buf()), WeightDtype::Auto).expect("open");
+        let config = ckpt.config().clone();
+        let layer = (0..config.num_hidden_layers).find(|&l| config.is_moe_layer(l)).expect("a MoE layer");
+        let h = config.hidden_size;
+
+        let full = Checkpoint::open(dir.path()).expect("open");
+        let all = LocalExperts::load(&full, &config, WeightDtype::Auto, &|_, _| true, &|_| {}).expect("load");
+        let mut some = LocalExperts::empty(&config, Precision::Exact);
+        assert!(some.hosted().is_empty());
+        assert!(matches!(batch_output(&some, layer, 3, h), Err(ExpertError::NotHosted { expert: 3, .. })));
+
+        let w = ckpt.load(layer, ExpertId(3)).expect("load one");
+        assert_eq!((w.layer(), w.expert()), (layer, ExpertId(3)));
+        assert!(some.insert(w).expect("in range").is_none());
+        assert_eq!(some.hosted(), vec![(layer, ExpertId(3))]);
+        assert!(some.is_hosted(layer, ExpertId(3)));
+        let want = batch_output(&all, layer, 3, h).expect("runs");
+        assert_eq!(batch_output(&some, layer, 3, h).expect("runs"), want);
+
+        let again = ckpt.load(layer, ExpertId(3)).expect("load again");
+        assert!(some.insert(again).expect("in range").is_some(), "replacing returns the old weights");
+        assert!(some.remove(layer, ExpertId(3)).is_some());
+        assert!(some.remove(layer, ExpertId(3)).is_none());
+        assert!(some.hosted().is_empty());
+        assert!(matches!(batch_output(&some, layer, 3, h), Err(ExpertError::NotHosted { .. })));
+    }
+
+    #[test]
+    fn load_expert_refuses_what_is_not_a_routed_expert() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::default_model::ensure(dir.path()).expect("generate");
+        let ckpt = ExpertCheckpoint::open(Some(dir.path().to_path_buf()), WeightDtype::Auto).expect("open");
+        let c = ckpt.config().clone();
+        let dense = (0..c.num_hidden_layers).find(|&l| !c.is_moe_layer(l)).expect("a dense layer");
+        let moe = (0..c.num_hidden_layers).find(|&l| c.is_moe_layer(l)).expect("a MoE layer");
+        for (layer, expert) in [(dense, 0), (moe, c.n_routed_experts as u32), (c.num_hidden_layers, 0)] {
+            let e = ckpt.load(layer, ExpertId(expert)).expect_err("not an expert").to_string();
+            assert!(e.contains("config.json") && e.contains(&format!("layer {layer} expert {expert}")), "{e}");
+        }
+        let mut experts = LocalExperts::empty(&c, Precision::Exact);
+        let w = ckpt.load(moe, ExpertId(0)).expect("load");
+        let other = ModelConfig { n_routed_experts: 0, ..c };
+        assert!(matches!(LocalExperts::empty(&other, Precision::Exact).insert(w), Err(ExpertError::NoSuchExpert { .. })));
+        assert!(experts.remove(dense, ExpertId(0)).is_none());
     }
 }

@@ -23,7 +23,7 @@ pub use cache::{CacheLayout, LatentCache, SequenceCacheExport};
 pub use config::{ModelConfig, ModelType};
 pub use engine::{Engine, EngineOptions, FinishReason, SeqId, StepOutput};
 pub use error::{EngineError, ModelError};
-pub use experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, LocalExperts};
+pub use experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
 pub use forward::{ForwardOutput, LogitsWanted, Model, RouterTrace};
 pub use load::{LoadOptions, LoadProgress, load_model};
 pub use sampling::SamplingParams;

@@ -1,11 +1,12 @@
 //! Opening a checkpoint as a serving role does: weights in the chosen dtype, routed experts
 //! in this process or behind a remote backend, the precision of activations, and an engine
-//! sized for the role; or, for an expert worker, only the experts it hosts.
+//! sized for the role; or, for an expert worker, only the experts it hosts (all at once, or one
+//! at a time from a checkpoint kept open).
 
 use crate::checkpoint::Checkpoint;
 use crate::{
-    Engine, EngineOptions, ExpertBackend, ExpertId, LoadOptions, LoadProgress, LocalExperts, ModelConfig, ModelError,
-    Tokenizer, WeightDtype, load_model,
+    Engine, EngineOptions, ExpertBackend, ExpertId, ExpertWeights, LoadOptions, LoadProgress, LocalExperts, ModelConfig,
+    ModelError, Tokenizer, WeightDtype, load_model,
 };
 use kernels::cpu::Precision;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,41 @@ pub fn open_experts(
     let experts = LocalExperts::load(&ckpt, &config, weight_dtype, &|l, e| want(&config, l, e), &step)?
         .with_precision(precision);
     Ok(HostedExperts { experts, config, dir })
+}
+
+/// A checkpoint kept open (memory-mapped) to load routed experts one at a time, as an
+/// expert worker does when its placement changes. Loading is blocking work: call it off the
+/// async runtime.
+#[derive(Debug)]
+pub struct ExpertCheckpoint {
+    ckpt: Checkpoint,
+    config: ModelConfig,
+    dir: PathBuf,
+    dtype: WeightDtype,
+}
+
+impl ExpertCheckpoint {
+    /// Opens `dir` (the default model when `None`): its config and the safetensors index,
+    /// no weights yet.
+    pub fn open(dir: Option<PathBuf>, dtype: WeightDtype) -> Result<Self, ModelError> {
+        let dir = crate::default_model::resolve_dir(dir)?;
+        let config = ModelConfig::from_dir(&dir)?;
+        let ckpt = Checkpoint::open(&dir)?;
+        Ok(ExpertCheckpoint { ckpt, config, dir, dtype })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Loads routed expert `expert` of MoE layer `layer` (see [`LocalExperts::load_expert`]).
+    pub fn load(&self, layer: usize, expert: ExpertId) -> Result<ExpertWeights, ModelError> {
+        LocalExperts::load_expert(&self.ckpt, &self.config, self.dtype, layer, expert)
+    }
 }
 
 /// The model's identity for worker records: the checkpoint directory's last component.

@@ -13,6 +13,7 @@ pub const ROUTER: &str = "router";
 pub const PREFILL_WORKER: &str = "prefill-worker";
 pub const DECODE_WORKER: &str = "decode-worker";
 pub const EXPERT_WORKER: &str = "expert-worker";
+pub const CONTROLLER: &str = "expert-controller";
 pub const CLI: &str = "expertmesh";
 
 /// Longest a reference generation may take (it loads the model each time).

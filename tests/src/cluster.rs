@@ -14,11 +14,12 @@ use proto::internal::decode_client::DecodeClient;
 use proto::internal::prefill_client::PrefillClient;
 use proto::internal::{LoadRequest, WorkerLoad};
 use proto::v1::generation_client::GenerationClient;
+use cluster_core::experts::{CurrentPlacement, LoadReport, PlacementSpec};
 use tempfile::TempDir;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tonic::transport::Channel;
 
-use crate::binaries::{self, DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, ROUTER};
+use crate::binaries::{self, CONTROLLER, DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, ROUTER};
 use crate::etcd::Etcd;
 use crate::grpc::{connect, generation_client, ids_request};
 use crate::process::Process;
@@ -56,9 +57,14 @@ impl Role {
 pub struct ClusterSpec {
     pub prefill: usize,
     pub decode: usize,
-    /// Expert workers (`--shard i/N`); when > 0, prefill and decode workers get
-    /// `--remote-experts`.
+    /// Expert workers; when > 0, prefill and decode workers get `--remote-experts`. Without
+    /// controllers worker i hosts `--shard i/N`; with them they start empty and follow the
+    /// controller's placement.
     pub expert: usize,
+    /// Expert placement controllers (`expert-controller`; one leads, the others stand by).
+    pub controllers: usize,
+    pub controller_args: Vec<String>,
+    pub expert_args: Vec<String>,
     /// Extra router flags (e.g. `--max-retries 3`).
     pub router_args: Vec<String>,
     pub prefill_args: Vec<String>,
@@ -78,6 +84,9 @@ impl ClusterSpec {
             prefill,
             decode,
             expert: 0,
+            controllers: 0,
+            controller_args: Vec::new(),
+            expert_args: Vec::new(),
             router_args: Vec::new(),
             prefill_args: Vec::new(),
             decode_args: Vec::new(),
@@ -90,6 +99,23 @@ impl ClusterSpec {
     /// Adds `n` expert workers and runs prefill and decode with remote experts.
     pub fn experts(mut self, n: usize) -> ClusterSpec {
         self.expert = n;
+        self
+    }
+
+    /// Adds `n` expert placement controllers with `args`.
+    pub fn controllers(mut self, n: usize, args: &[&str]) -> ClusterSpec {
+        self.controllers = n;
+        self.controller_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn controller_args(mut self, args: &[&str]) -> ClusterSpec {
+        self.controller_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn expert_args(mut self, args: &[&str]) -> ClusterSpec {
+        self.expert_args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -122,6 +148,8 @@ pub struct Cluster {
     pub prefill: Vec<Process>,
     pub decode: Vec<Process>,
     pub expert: Vec<Process>,
+    /// Controllers print no ready line: wait on [`Cluster::wait_leader`].
+    pub controllers: Vec<Process>,
     pub etcd: Etcd,
     name: String,
     spec: ClusterSpec,
@@ -160,6 +188,9 @@ impl Cluster {
         for p in expert.iter_mut() {
             p.wait_ready(READY_TIMEOUT).await;
         }
+        let controllers: Vec<Process> = (0..spec.controllers)
+            .map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i))
+            .collect();
         let mut prefill: Vec<Process> =
             (0..spec.prefill).map(|i| spawn(Role::Prefill, i)).collect();
         let mut decode: Vec<Process> = (0..spec.decode).map(|i| spawn(Role::Decode, i)).collect();
@@ -176,6 +207,7 @@ impl Cluster {
             prefill,
             decode,
             expert,
+            controllers,
             etcd,
             name,
             spec,
@@ -203,6 +235,9 @@ impl Cluster {
                 READY_TIMEOUT,
             )
             .await;
+        if cluster.spec.controllers > 0 {
+            cluster.wait_leader(READY_TIMEOUT).await;
+        }
         if cluster.spec.wait_serving {
             cluster.wait_serving(READY_TIMEOUT).await;
         }
@@ -471,6 +506,64 @@ impl Cluster {
         .await;
     }
 
+    /// The controller holding leadership (the election key's value).
+    pub async fn leader(&self) -> Result<Option<String>, String> {
+        let key = format!("/expertmesh/{}/controller/leader", self.name);
+        let kvs = self.etcd.get_prefix(&key).await?;
+        Ok(kvs
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Waits until some controller leads; returns its id.
+    pub async fn wait_leader(&self, timeout: Duration) -> String {
+        wait_for("a controller to lead", timeout, async || match self.leader().await {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err("no leader key".into()),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    /// The current placement spec, if any.
+    pub async fn placement(&self) -> Result<Option<PlacementSpec>, String> {
+        let prefix = format!("/expertmesh/{}/placement/", self.name);
+        let kvs = self.etcd.get_prefix(&prefix).await?;
+        let get = |key: String| kvs.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+        let Some(current) = get(format!("{prefix}current")) else { return Ok(None) };
+        let current: CurrentPlacement =
+            serde_json::from_slice(&current).map_err(|e| format!("placement/current: {e}"))?;
+        let spec = get(format!("{prefix}{}/spec", current.version.0))
+            .ok_or_else(|| format!("placement {} has no spec", current.version.0))?;
+        let spec: PlacementSpec = serde_json::from_slice(&spec).map_err(|e| format!("spec: {e}"))?;
+        Ok(Some(spec))
+    }
+
+    /// Waits until the current placement satisfies `pred`; returns it.
+    pub async fn wait_placement(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&PlacementSpec) -> bool,
+    ) -> PlacementSpec {
+        wait_for(what, timeout, async || match self.placement().await {
+            Ok(Some(spec)) if pred(&spec) => Ok(spec),
+            Ok(Some(spec)) => Err(format!("current: version {} ({})", spec.version.0, spec.reason)),
+            Ok(None) => Err("no placement".into()),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    /// Every expert worker's load report in etcd.
+    pub async fn load_reports(&self) -> Result<Vec<LoadReport>, String> {
+        let kvs = self.etcd.get_prefix(&format!("/expertmesh/{}/load/", self.name)).await?;
+        kvs.iter()
+            .map(|(k, v)| serde_json::from_slice(v).map_err(|e| format!("{k}: {e}")))
+            .collect()
+    }
+
     /// Log tails of every process and of etcd.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
@@ -478,6 +571,7 @@ impl Cluster {
             .chain(&self.prefill)
             .chain(&self.decode)
             .chain(&self.expert)
+            .chain(&self.controllers)
         {
             out.push_str(&format!(
                 "===== {} (pid {}) =====\n{}",
@@ -553,11 +647,33 @@ fn spawn_worker(
     };
     args.extend(extra.iter().cloned());
     match role {
-        Role::Expert => args.extend(["--shard".into(), format!("{index}/{}", spec.expert)]),
+        Role::Expert => {
+            args.extend(spec.expert_args.iter().cloned());
+            if spec.controllers == 0 {
+                args.extend(["--shard".into(), format!("{index}/{}", spec.expert)]);
+            }
+        }
         Role::Prefill | Role::Decode if spec.expert > 0 => args.push("--remote-experts".into()),
         Role::Prefill | Role::Decode => {}
     }
     Process::spawn(&id, &binaries::binary(binary), &args, env, log_dir)
+}
+
+/// Spawns controller `controller-<index>` (not waited for).
+fn spawn_controller(
+    cluster: &str,
+    etcd: &str,
+    spec: &ClusterSpec,
+    env: &[(String, String)],
+    log_dir: &Path,
+    index: usize,
+) -> Process {
+    let id = format!("controller-{index}");
+    let mut args: Vec<String> = ["--etcd", etcd, "--cluster", cluster, "--controller-id", &id]
+        .map(String::from)
+        .to_vec();
+    args.extend(spec.controller_args.iter().cloned());
+    Process::spawn(&id, &binaries::binary(CONTROLLER), &args, env, log_dir)
 }
 
 async fn bounded_load(

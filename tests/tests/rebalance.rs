@@ -1,0 +1,237 @@
+//! Expert placement under a controller: live load reaches etcd, skew triggers an EPLB
+//! rebalance that gives the hottest experts more replicas and evens the measured load over
+//! the expert workers, while requests keep flowing with unchanged tokens; a killed
+//! controller leader is replaced by a standby, which re-places a killed expert worker's
+//! experts while every request completes.
+
+use cluster_core::experts::{LoadReport, PlacementSpec};
+use cluster_tests::grpc::{Streams, check_all, ids_request};
+use cluster_tests::{Cluster, ClusterSpec, Reference, references, secs};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+const MAX_NEW: u32 = 12;
+const EXPERT_WORKERS: usize = 3;
+/// Reports every 250 ms over a 2 s window; old slots released 1 s after a switch.
+const EXPERT_ARGS: &[&str] = &["--load-report-ms", "250", "--load-window", "8", "--release-delay-ms", "1000"];
+const CONTROLLER_ARGS: &[&str] = &[
+    "--check-period-ms",
+    "250",
+    "--lease-ttl-ms",
+    "2000",
+    "--redundant-slots",
+    "8",
+    "--min-rebalance-interval-ms",
+    "8000",
+];
+
+/// Prompts of few distinct tokens: every position routes to nearly the same experts.
+fn skewed_prompts() -> Vec<Vec<u32>> {
+    let run = |t: u32, n: usize| std::iter::repeat_n(t, n);
+    vec![
+        std::iter::once(0).chain(run(101, 40)).collect(),
+        std::iter::once(0).chain(run(101, 30)).chain(run(102, 10)).collect(),
+        std::iter::once(0).chain(run(102, 40)).collect(),
+    ]
+}
+
+/// Waves of concurrent streams, each checked against the in-process engine's tokens, until
+/// stopped. Counts waves and streams; the first wrong or failed stream is kept.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    waves: Arc<AtomicUsize>,
+    task: JoinHandle<Result<usize, String>>,
+}
+
+impl Workload {
+    fn start(url: String, prompts: Vec<Vec<u32>>, expected: Vec<Reference>) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let waves = Arc::new(AtomicUsize::new(0));
+        let (s, w) = (stop.clone(), waves.clone());
+        let task = tokio::spawn(async move {
+            let mut streams = 0;
+            while !s.load(Ordering::SeqCst) {
+                let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();
+                let results = Streams::start(&url, requests).await.finish(secs(120)).await;
+                check_all(&results, &expected, MAX_NEW)?;
+                streams += results.len();
+                w.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(streams)
+        });
+        Workload { stop, waves, task }
+    }
+
+    fn waves(&self) -> usize {
+        self.waves.load(Ordering::SeqCst)
+    }
+
+    async fn wait_waves(&self, n: usize, what: &str) {
+        let target = self.waves() + n;
+        cluster_tests::wait_until(what, secs(180), async || self.task.is_finished() || self.waves() >= target).await;
+    }
+
+    /// Stops after the running wave; the number of streams served, all correct.
+    async fn finish(self) -> Result<usize, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.map_err(|e| format!("workload task: {e}"))?
+    }
+}
+
+/// Measured per-layer load over the expert workers: Σ_layer max_worker / Σ_layer mean_worker
+/// of the reported tokens/s (each layer waits for its slowest worker).
+fn measured_ratio(reports: &[LoadReport]) -> f64 {
+    let layers = reports.first().map_or(0, |r| r.layers.len());
+    let (mut sum_max, mut sum_mean) = (0.0, 0.0);
+    for l in 0..layers {
+        let per_worker: Vec<f64> = reports.iter().map(|r| r.tokens_per_s[l].iter().sum()).collect();
+        sum_max += per_worker.iter().copied().fold(0.0, f64::max);
+        sum_mean += per_worker.iter().sum::<f64>() / per_worker.len() as f64;
+    }
+    if sum_mean > 0.0 { sum_max / sum_mean } else { 1.0 }
+}
+
+/// Cluster-wide tokens/s per (layer row, expert).
+fn aggregate(reports: &[LoadReport]) -> Vec<Vec<f64>> {
+    let mut total = reports[0].tokens_per_s.iter().map(|row| vec![0.0; row.len()]).collect::<Vec<_>>();
+    for r in reports {
+        for (t, row) in total.iter_mut().zip(&r.tokens_per_s) {
+            t.iter_mut().zip(row).for_each(|(t, v)| *t += v);
+        }
+    }
+    total
+}
+
+fn replica_counts(spec: &PlacementSpec) -> Vec<Vec<usize>> {
+    spec.phy2log
+        .iter()
+        .map(|row| {
+            let mut cnt = vec![0; spec.num_experts];
+            row.iter().for_each(|&e| cnt[e as usize] += 1);
+            cnt
+        })
+        .collect()
+}
+
+/// Reports of all expert workers, once each covers a full window of load.
+async fn full_reports(cluster: &Cluster) -> Result<Vec<LoadReport>, String> {
+    let reports = cluster.load_reports().await?;
+    if reports.len() != EXPERT_WORKERS {
+        return Err(format!("{} load reports", reports.len()));
+    }
+    if reports.iter().any(|r| r.total_rate() <= 0.0 || r.window_ms < 2000) {
+        return Err("a worker has no load or a partial window yet".into());
+    }
+    Ok(reports)
+}
+
+#[tokio::test]
+async fn skewed_load_rebalances_and_evens_the_expert_workers() {
+    let prompts = skewed_prompts();
+    let expected = references(&prompts, MAX_NEW).await;
+    let spec = ClusterSpec::new(1, 1)
+        .experts(EXPERT_WORKERS)
+        .controllers(1, CONTROLLER_ARGS)
+        .controller_args(&["--skew-threshold", "1.1"])
+        .expert_args(EXPERT_ARGS);
+    let cluster = Cluster::start("rebalance", spec).await;
+    let initial = cluster.wait_placement("the initial placement", secs(60), |_| true).await;
+    assert_eq!(initial.reason, "initial");
+    eprintln!("initial placement v{}: replicas {:?}", initial.version.0, replica_counts(&initial)[0]);
+
+    let workload = Workload::start(cluster.router_url(), prompts, expected);
+    // The skew shows in etcd; keep the last measurement taken under the initial placement.
+    let mut before = None;
+    let switched = cluster_tests::wait_for("a load-driven rebalance", secs(180), async || {
+        match cluster.placement().await? {
+            Some(s) if s.version > initial.version => Ok(s),
+            _ => {
+                if let Ok(reports) = full_reports(&cluster).await {
+                    before = Some((measured_ratio(&reports), aggregate(&reports)));
+                }
+                Err("still on the initial placement".into())
+            }
+        }
+    })
+    .await;
+    let (before, load) = before.expect("load was measured under the initial placement");
+    assert_eq!(switched.reason, "skew", "{switched:?}");
+    eprintln!(
+        "rebalanced to v{} ({}): predicted max/mean {:.3} -> {:.3}",
+        switched.version.0, switched.reason, switched.ratio_before, switched.ratio_after
+    );
+
+    // The hottest expert of every layer gained replicas.
+    let counts = replica_counts(&switched);
+    for (l, row) in load.iter().enumerate() {
+        let hottest = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).expect("experts");
+        eprintln!("layer row {l}: hottest expert {hottest} ({:.1} tokens/s), replicas {:?}", row[hottest], counts[l]);
+        assert!(counts[l][hottest] > 1, "layer row {l}: hottest expert {hottest} has {} replica(s)", counts[l][hottest]);
+    }
+
+    // Measured again once every report covers a window wholly after the switch.
+    let switch_ms = cluster_core::experts::unix_ms();
+    let after = cluster_tests::wait_for("a full load window under the new placement", secs(120), async || {
+        let reports = full_reports(&cluster).await?;
+        let fresh = reports
+            .iter()
+            .all(|r| r.placement_version == Some(switched.version) && r.updated_unix_ms >= switch_ms + r.window_ms + 500);
+        if fresh { Ok(measured_ratio(&reports)) } else { Err("reports still cover the switch".into()) }
+    })
+    .await;
+    eprintln!("measured max/mean over expert workers: before {before:.3}, after {after:.3}");
+    assert!(after < before, "measured max/mean did not drop: before {before:.3}, after {after:.3}");
+
+    workload.wait_waves(1, "one more wave after the switch").await;
+    let served = workload.finish().await.unwrap_or_else(|e| panic!("a request failed or changed: {e}"));
+    eprintln!("{served} streams served, every one identical to the in-process engine");
+}
+
+#[tokio::test]
+async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
+    let prompts = skewed_prompts();
+    let expected = references(&prompts, MAX_NEW).await;
+    let spec = ClusterSpec::new(1, 1)
+        .experts(EXPERT_WORKERS)
+        .controllers(2, CONTROLLER_ARGS)
+        .controller_args(&["--skew-threshold", "1000"])
+        .expert_args(EXPERT_ARGS)
+        .lease_ttl(Duration::from_millis(1500));
+    let mut cluster = Cluster::start("failover-experts", spec).await;
+    let initial = cluster.wait_placement("the initial placement", secs(60), |_| true).await;
+
+    // Kill the leading controller: the standby takes over within the lease TTL.
+    let leader = cluster.wait_leader(secs(10)).await;
+    let index: usize = leader.strip_prefix("controller-").and_then(|i| i.parse().ok()).expect("controller-<i>");
+    cluster.controllers[index].kill();
+    let standby = cluster_tests::wait_for("the standby to lead", secs(30), async || match cluster.leader().await? {
+        Some(id) if id != leader => Ok(id),
+        other => Err(format!("leader: {other:?}")),
+    })
+    .await;
+    eprintln!("{leader} killed; {standby} leads");
+
+    let workload = Workload::start(cluster.router_url(), prompts, expected);
+    workload.wait_waves(1, "a wave before the kill").await;
+    let victim = cluster.expert[1].worker_id().to_string();
+    cluster.expert[1].kill();
+    eprintln!("{victim} killed under load");
+    let replaced = cluster
+        .wait_placement("a placement without the dead worker", secs(60), |s| {
+            s.version > initial.version && !s.workers.iter().any(|w| w.as_str() == victim)
+        })
+        .await;
+    assert_eq!(replaced.reason, "worker_left");
+    replaced.validate().expect("every expert has a live replica");
+    let hosts: BTreeMap<_, _> = replaced.replicas();
+    assert!(hosts.values().all(|h| h.iter().all(|w| w.as_str() != victim)));
+    eprintln!("v{} places {} experts on {:?}", replaced.version.0, hosts.len(), replaced.workers);
+
+    workload.wait_waves(2, "two waves after the re-placement").await;
+    let served = workload.finish().await.unwrap_or_else(|e| panic!("a request failed or changed: {e}"));
+    eprintln!("{served} streams served across the controller and expert worker failures");
+    drop(cluster);
+}
