@@ -162,7 +162,7 @@ pub struct Observed<'a> {
     pub live: &'a BTreeSet<WorkerId>,
     pub current: Option<&'a PlacementSpec>,
     pub load: &'a [Vec<f64>],
-    /// Time since the last rebalance this leader made (`None`: none yet).
+    /// Age of the current placement (`None`: there is none).
     pub since_last: Option<Duration>,
 }
 

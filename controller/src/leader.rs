@@ -62,7 +62,6 @@ pub struct Leader {
     shape: ModelShape,
     policy: Policy,
     timing: Timing,
-    last_rebalance: Option<Instant>,
     last_desired: Option<(DesiredWorkers, Instant)>,
 }
 
@@ -75,7 +74,7 @@ impl Leader {
         policy: Policy,
         timing: Timing,
     ) -> Self {
-        Leader { store, cluster, membership, shape, policy, timing, last_rebalance: None, last_desired: None }
+        Leader { store, cluster, membership, shape, policy, timing, last_desired: None }
     }
 
     /// Leads until `lost` fires.
@@ -112,7 +111,11 @@ impl Leader {
             live: &live,
             current: placement.current.as_ref(),
             load: &load,
-            since_last: self.last_rebalance.map(|t| t.elapsed()),
+            // From the store, not this process: a newly elected leader keeps the schedule.
+            since_last: placement
+                .current
+                .as_ref()
+                .map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
         };
         let next = PlacementVersion(placement.highest + 1);
         let rebalance = match decide::decide(&self.shape, &self.policy, &seen, next) {
@@ -222,7 +225,6 @@ impl Leader {
         match self.two_phase(&spec, lost).await {
             Ok(()) => {
                 let took = started.elapsed();
-                self.last_rebalance = Some(Instant::now());
                 telemetry::rebalanced(reason, took);
                 tracing::info!(version = version.0, reason, ratio_before = spec.ratio_before, ratio_after = spec.ratio_after,
                     measured_ratio_before = measured_before, duration_ms = took.as_millis() as u64, "rebalance_done");

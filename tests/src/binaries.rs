@@ -78,7 +78,8 @@ pub async fn ensure_model() {
         .await;
 }
 
-async fn run_cli(args: &[&str]) -> std::process::Output {
+/// Runs `expertmesh` with `args` (bounded by the reference timeout).
+pub async fn run_cli(args: &[&str]) -> std::process::Output {
     let cli = binary(CLI);
     let mut cmd = tokio::process::Command::new(&cli);
     cmd.args(args)

@@ -2,11 +2,13 @@
 //! rebalance that gives the hottest experts more replicas and evens the measured load over
 //! the expert workers, while requests keep flowing with unchanged tokens; a killed
 //! controller leader is replaced by a standby, which re-places a killed expert worker's
-//! experts while every request completes.
+//! experts while every request completes and includes a new expert worker at the next
+//! periodic rebalance.
 
-use cluster_core::experts::{LoadReport, PlacementSpec};
+use cluster_core::experts::{DesiredWorkers, LoadReport, PlacementSpec};
 use cluster_tests::grpc::{Streams, check_all, ids_request};
-use cluster_tests::{Cluster, ClusterSpec, Reference, references, secs};
+use cluster_tests::binaries::run_cli;
+use cluster_tests::{Cluster, ClusterSpec, Reference, Role, references, secs};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -188,6 +190,21 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     workload.wait_waves(1, "one more wave after the switch").await;
     let served = workload.finish().await.unwrap_or_else(|e| panic!("a request failed or changed: {e}"));
     eprintln!("{served} streams served, every one identical to the in-process engine");
+
+    // The autoscaling target is in etcd, and `expertmesh placement` shows the live state.
+    let desired = cluster.etcd.get_prefix(&format!("/expertmesh/{}/controller/desired_expert_workers", cluster.name())).await;
+    let (_, desired) = desired.expect("etcd").into_iter().next().expect("the controller wrote the desired worker count");
+    let desired: DesiredWorkers = serde_json::from_slice(&desired).expect("DesiredWorkers JSON");
+    assert_eq!(desired.live, EXPERT_WORKERS as u32);
+    assert!(desired.desired >= 1 && desired.tokens_per_s > 0.0, "{desired:?}");
+    let out = run_cli(&["placement", "--etcd", &cluster.etcd.endpoint(), "--cluster", cluster.name(), "--json"]).await;
+    assert!(out.status.success(), "expertmesh placement: {}", String::from_utf8_lossy(&out.stderr));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("placement JSON");
+    assert_eq!(view["version"], switched.version.0);
+    assert_eq!(view["workers"].as_array().map(Vec::len), Some(EXPERT_WORKERS));
+    assert!(view["workers"].as_array().expect("workers").iter().all(|w| w["live"] == true && w["ready"] == true), "{view}");
+    let table = run_cli(&["placement", "--etcd", &cluster.etcd.endpoint(), "--cluster", cluster.name()]).await;
+    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
 }
 
 #[tokio::test]
@@ -197,7 +214,7 @@ async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
     let spec = ClusterSpec::new(1, 1)
         .experts(EXPERT_WORKERS)
         .controllers(2, CONTROLLER_ARGS)
-        .controller_args(&["--skew-threshold", "1000"])
+        .controller_args(&["--skew-threshold", "1000", "--rebalance-period-ms", "4000"])
         .expert_args(EXPERT_ARGS)
         .lease_ttl(Duration::from_millis(1500));
     let mut cluster = Cluster::start("failover-experts", spec).await;
@@ -230,7 +247,17 @@ async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
     assert!(hosts.values().all(|h| h.iter().all(|w| w.as_str() != victim)));
     eprintln!("v{} places {} experts on {:?}", replaced.version.0, hosts.len(), replaced.workers);
 
-    workload.wait_waves(2, "two waves after the re-placement").await;
+    workload.wait_waves(1, "a wave after the re-placement").await;
+
+    // A new expert worker is included at the next periodic rebalance.
+    let added = cluster.add_worker(Role::Expert).await;
+    let newcomer = cluster.expert[added].worker_id().to_string();
+    let grown = cluster
+        .wait_placement("a placement including the new worker", secs(60), |s| s.workers.iter().any(|w| w.as_str() == newcomer))
+        .await;
+    assert_eq!(grown.reason, "period");
+    eprintln!("v{} ({}) includes {newcomer}: {:?}", grown.version.0, grown.reason, grown.workers);
+    workload.wait_waves(1, "a wave on the grown placement").await;
     let served = workload.finish().await.unwrap_or_else(|e| panic!("a request failed or changed: {e}"));
     eprintln!("{served} streams served across the controller and expert worker failures");
     drop(cluster);
