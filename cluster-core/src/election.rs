@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,6 +43,13 @@ impl Leadership {
     }
 }
 
+impl Drop for Leadership {
+    /// Dropped without resigning: stop renewing, so the key expires with the lease.
+    fn drop(&mut self) {
+        self.lost.cancel();
+    }
+}
+
 /// Campaigns for `key` until elected (or `shutdown`: then `Err(StoreError::Closed)`).
 /// Renewal runs on a task in `tracker`. `value` names the candidate (shown to operators).
 pub async fn campaign(
@@ -62,11 +70,13 @@ pub async fn campaign(
             }
             return Err(StoreError::Closed);
         }
+        // The lease is refreshed (or granted) after this instant.
+        let attempt = Instant::now();
         match try_once(store.as_ref(), key, &value, ttl, &mut lease).await {
             Ok(true) => {
                 let lease = lease.expect("try_once sets the lease it created the key with");
                 let lost = shutdown.child_token();
-                tracker.spawn(renew(store.clone(), lease, ttl, period, lost.clone()));
+                tracker.spawn(renew(store.clone(), lease, ttl, period, attempt, lost.clone()));
                 return Ok(Leadership { store, lease, lost });
             }
             Ok(false) => {}
@@ -117,30 +127,33 @@ async fn try_once(store: &dyn Store, key: &str, value: &[u8], ttl: Duration, lea
     }
 }
 
-/// Keeps the leader's lease alive; cancels `lost` once it is gone or could not be renewed
-/// for a whole TTL.
-async fn renew(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, period: Duration, lost: CancellationToken) {
-    let mut last_ok = tokio::time::Instant::now();
+/// Keeps the leader's lease alive. Leadership is trusted only until the lease could have
+/// expired: the send time of the last refresh the store answered (`refreshed`), plus the
+/// TTL, less a margin. `lost` fires then, whether or not a refresh is still in flight, so a
+/// standby that takes over after expiry never overlaps with this leader.
+async fn renew(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, period: Duration, refreshed: Instant, lost: CancellationToken) {
+    let margin = ttl / 5;
+    let mut valid_until = refreshed + ttl - margin;
+    let expire = |why: &'static str| {
+        tracing::warn!(%lease, why, "leadership_lost");
+        lost.cancel();
+    };
     loop {
         tokio::select! {
             _ = lost.cancelled() => return,
+            _ = tokio::time::sleep_until(valid_until) => return expire("unrenewed"),
             _ = tokio::time::sleep(period) => {}
         }
-        match store.keep_alive(lease).await {
-            Ok(_) => last_ok = tokio::time::Instant::now(),
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!(%lease, "leadership_lost_lease_expired");
-                lost.cancel();
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%lease, %error, "leadership_keep_alive_failed");
-                if last_ok.elapsed() >= ttl {
-                    tracing::warn!(%lease, "leadership_lost_unrenewed");
-                    lost.cancel();
-                    return;
-                }
-            }
+        let sent = Instant::now();
+        let result = tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep_until(valid_until) => return expire("unrenewed"),
+            result = store.keep_alive(lease) => result,
+        };
+        match result {
+            Ok(_) => valid_until = sent + ttl - margin,
+            Err(StoreError::LeaseExpired(_)) => return expire("lease_expired"),
+            Err(error) => tracing::warn!(%lease, %error, "leadership_keep_alive_failed"),
         }
     }
 }

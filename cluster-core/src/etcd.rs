@@ -295,10 +295,19 @@ impl Store for EtcdStore {
             let mut client = self.client.clone();
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0)))]);
+                .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0)))])
+                .or_else([TxnOp::get(key, None)]);
             let call = client.txn(txn);
             let resp = with_timeout_map("create_with_lease", call, |e| map_lease_err("create_with_lease", lease, e)).await?;
-            Ok(resp.succeeded())
+            if resp.succeeded() {
+                return Ok(true);
+            }
+            // Refused: ours anyway if an earlier attempt created it and its answer was lost.
+            let held_by_us = resp.op_responses().into_iter().any(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get.kvs().iter().any(|kv| kv.lease() == lease.0),
+                _ => false,
+            });
+            Ok(held_by_us)
         })
     }
 

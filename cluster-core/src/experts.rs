@@ -62,6 +62,14 @@ impl PlacementSpec {
         if self.layers.len() != self.phy2log.len() {
             return bad(format!("{} layers but {} phy2log rows", self.layers.len(), self.phy2log.len()));
         }
+        if !self.layers.windows(2).all(|w| w[0] < w[1]) {
+            return bad(format!("layers {:?} are not strictly ascending", self.layers));
+        }
+        if let Some(first) = self.phy2log.first()
+            && let Some(row) = self.phy2log.iter().position(|r| r.len() != first.len())
+        {
+            return bad(format!("phy2log row {row} has {} slots, row 0 has {}", self.phy2log[row].len(), first.len()));
+        }
         for (row, layer) in self.phy2log.iter().zip(&self.layers) {
             if row.len() < self.num_experts || !row.len().is_multiple_of(self.workers.len()) {
                 return bad(format!("layer {layer}: {} slots for {} experts on {} workers", row.len(), self.num_experts, self.workers.len()));
@@ -215,5 +223,11 @@ mod tests {
         let mut s = spec();
         s.phy2log[0][0] = 7;
         assert!(s.validate().is_err(), "expert out of range");
+        let mut s = spec();
+        s.phy2log[1] = vec![0, 1, 2, 0, 1, 2];
+        assert!(s.validate().is_err(), "rows of different lengths");
+        let mut s = spec();
+        s.layers = vec![3, 1];
+        assert!(s.validate().is_err(), "layers out of order");
     }
 }

@@ -272,8 +272,8 @@ impl Store for MemoryStore {
         Box::pin(async move {
             let mut state = self.inner.lock();
             self.inner.live_lease(&mut state, lease)?;
-            if state.kvs.contains_key(key) {
-                return Ok(false);
+            if let Some(entry) = state.kvs.get(key) {
+                return Ok(entry.lease == Some(lease));
             }
             self.inner.put_locked(&mut state, key, value, Some(lease));
             Ok(true)

@@ -91,7 +91,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Puts `key` attached to `lease` only if the key does not exist (an etcd transaction on
-    /// its create revision); returns whether it was created. Leader election is built on it.
+    /// its create revision); returns whether the key is now held with `lease` (created, or
+    /// already attached to it by an earlier attempt whose answer was lost). Leader election
+    /// is built on it.
     fn create_with_lease<'a>(
         &'a self,
         key: &'a str,

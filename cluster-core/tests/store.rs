@@ -124,6 +124,7 @@ async fn contract_create_with_lease(store: Arc<dyn Store>) {
     let b = store.grant_lease(TTL).await.expect("grant");
     assert!(store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("create"));
     assert!(!store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("second create is refused"));
+    assert!(store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("a retry by the holder is not refused"));
     assert_eq!(store.get("/c/leader").await.expect("get"), Some(b"a".to_vec()));
     store.revoke(a).await.expect("revoke");
     assert!(store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("create after the holder left"));

@@ -61,7 +61,9 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
         match keys::parse_placement_key(cluster, &kv.key) {
             Some(PlacementKey::Current) => current = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version.0),
             Some(PlacementKey::Spec(v)) => {
-                specs.insert(v.0, decode_json::<PlacementSpec>(&kv.key, &kv.value)?);
+                let spec = decode_json::<PlacementSpec>(&kv.key, &kv.value)?;
+                spec.validate().map_err(|e| StoreError::Corrupt { key: kv.key.clone(), reason: e.to_string() })?;
+                specs.insert(v.0, spec);
             }
             Some(PlacementKey::Ready(v, w)) => ready.entry(v.0).or_default().push(w),
             None => {}

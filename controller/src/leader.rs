@@ -142,9 +142,10 @@ impl Leader {
         let mut specs = BTreeMap::new();
         for kv in kvs {
             match keys::parse_placement_key(&self.cluster, &kv.key) {
-                Some(PlacementKey::Current) => {
-                    current_version = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version);
-                }
+                Some(PlacementKey::Current) => match decode_json::<CurrentPlacement>(&kv.key, &kv.value) {
+                    Ok(c) => current_version = Some(c.version),
+                    Err(error) => tracing::error!(%error, "controller_bad_current_placement"),
+                },
                 Some(PlacementKey::Spec(v)) => {
                     state.versions.insert(v.0);
                     specs.insert(v, (kv.key, kv.value));
@@ -157,14 +158,30 @@ impl Leader {
         }
         if let Some(v) = current_version {
             state.highest = state.highest.max(v.0);
+            // A current spec that is unreadable, inconsistent or of another model counts as no
+            // placement: the next decision places anew (`initial`) at a higher version.
             if let Some((key, value)) = specs.get(&v) {
-                let spec: PlacementSpec = decode_json(key, value)?;
-                spec.validate().map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
-                state.current = Some(spec);
+                match decode_json::<PlacementSpec>(key, value).and_then(|spec| self.check_spec(key, spec)) {
+                    Ok(spec) => state.current = Some(spec),
+                    Err(error) => tracing::error!(%error, "controller_bad_current_placement"),
+                }
             }
         }
         state.highest = state.highest.max(state.versions.last().copied().unwrap_or(0));
         Ok(state)
+    }
+
+    /// `spec` if it is consistent and describes this controller's model.
+    fn check_spec(&self, key: &str, spec: PlacementSpec) -> Result<PlacementSpec, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt { key: key.to_owned(), reason };
+        spec.validate().map_err(|e| corrupt(e.to_string()))?;
+        if spec.layers != self.shape.layers || spec.num_experts != self.shape.num_experts {
+            return Err(corrupt(format!(
+                "placement of {} experts on layers {:?}; the model has {} on {:?}",
+                spec.num_experts, spec.layers, self.shape.num_experts, self.shape.layers
+            )));
+        }
+        Ok(spec)
     }
 
     /// Load reports of live workers (stale keys of dead workers vanish with their lease).

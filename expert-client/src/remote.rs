@@ -32,6 +32,9 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// One MoE layer, retries included: from planning the first attempt to the last reply.
     pub call_timeout: Duration,
+    /// One attempt: a part not answered within it (a worker that accepts but no longer
+    /// answers) is retried on the hosts known then.
+    pub attempt_timeout: Duration,
     /// Least time between retries of workers that could not be reached; also how long a
     /// worker that failed a call is avoided while another replica exists.
     pub retry_period: Duration,
@@ -42,6 +45,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(20),
             retry_period: Duration::from_secs(1),
         }
     }
@@ -180,7 +184,8 @@ impl ExpertBackend for RemoteExperts {
         loop {
             attempt = attempt.saturating_add(1);
             let (parts, unhosted) = self.plan(layer, hidden, &pending, batch.inputs);
-            let results = self.dialer.runtime.block_on(self.send(layer, hidden, parts, deadline));
+            let attempt_deadline = deadline.min(Instant::now() + self.options.attempt_timeout);
+            let results = self.dialer.runtime.block_on(self.send(layer, hidden, parts, attempt_deadline));
 
             // (worker, error) of each failed part; `None` for groups nobody hosts.
             let mut failures: Vec<(Option<WorkerId>, String)> = Vec::new();

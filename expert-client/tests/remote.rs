@@ -162,7 +162,7 @@ impl Harness {
     }
 
     async fn remote(&self, call_timeout: Duration) -> Arc<RemoteExperts> {
-        let options = RemoteOptions { connect_timeout: Duration::from_secs(2), call_timeout, retry_period: Duration::from_millis(200) };
+        let options = RemoteOptions { connect_timeout: Duration::from_secs(2), call_timeout, attempt_timeout: call_timeout, retry_period: Duration::from_millis(200) };
         let remote = RemoteExperts::from_store(&self.store, &self.cluster, &self.tracker, &self.shutdown, options);
         Arc::new(remote.await.expect("follows the store"))
     }

@@ -97,11 +97,18 @@ pub fn spawn_compute(
     let (tx, mut rx) = mpsc::channel::<Command>(COMPUTE_QUEUE_CAPACITY);
     let (hosted_tx, hosted) = watch::channel(hosted_of(&experts));
     let mut experts = experts;
+    // A pool of its own: in a one-process cluster (`expertmesh up`) the attention workers'
+    // forward passes block rayon's global pool threads while they wait for these replies,
+    // so expert compute on that pool would deadlock.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("expert-pool-{i}"))
+        .build()
+        .map_err(std::io::Error::other)?;
     let thread = std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
         while let Some(command) = rx.blocking_recv() {
             match command {
                 Command::Run(job) => {
-                    let outputs = compute(&experts, &counters, &job);
+                    let outputs = pool.install(|| compute(&experts, &counters, &job));
                     let _ = job.reply.send(outputs);
                 }
                 Command::Install { weights, reply } => {

@@ -82,29 +82,16 @@ pub struct ExpertConfig {
     /// drain.
     #[arg(long, default_value_t = 5000)]
     pub release_delay_ms: u64,
-    /// Period of the load report at `/load/<worker>`.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Period of the load report at `/load/<worker>` (each report is a new etcd revision of
+    /// a layers x experts table: keep it seconds apart on large models).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub load_report_ms: u64,
-    /// Report periods the load report's sliding window covers.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Report periods the load report's sliding window covers (default: one minute).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..))]
     pub load_window: u32,
 }
 
 impl ExpertConfig {
-    /// The flags' defaults, with `node`, `model` and an optional static `shard`.
-    pub fn new(node: NodeArgs, model: Option<PathBuf>, shard: Option<Shard>) -> Self {
-        ExpertConfig {
-            node,
-            model,
-            dtype: DtypeArg::Auto,
-            precision: PrecisionArg::Exact,
-            shard,
-            release_delay_ms: 5000,
-            load_report_ms: 1000,
-            load_window: 10,
-        }
-    }
-
     pub fn release_delay(&self) -> Duration {
         Duration::from_millis(self.release_delay_ms)
     }

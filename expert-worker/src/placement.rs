@@ -159,8 +159,8 @@ pub fn marks_due(
 }
 
 /// Slots to release once `current` (the version attention workers switched to) has been in
-/// force for the release delay: every hosted slot that neither spec `current` nor any newer
-/// spec gives `me`. Nothing while spec `current` is unknown, or while no placement has named
+/// force for the release delay: every hosted slot that neither spec `current` nor the newest
+/// spec gives `me` (a version between them was abandoned by the controller). Nothing while spec `current` is unknown, or while no placement has named
 /// `me` (`followed` false: a `--shard` worker outside placements keeps its slots). Ascending.
 pub fn slots_to_release(
     hosted: &BTreeSet<SlotKey>,
@@ -172,7 +172,9 @@ pub fn slots_to_release(
     if !followed || !view.specs.contains_key(&current) {
         return Vec::new();
     }
-    let keep: BTreeSet<SlotKey> = view.specs.range(current..).flat_map(|(_, s)| s.slots_of(me)).collect();
+    let newest = view.specs.last_key_value().map(|(_, s)| s);
+    let keep: BTreeSet<SlotKey> =
+        view.specs.get(&current).into_iter().chain(newest).flat_map(|s| s.slots_of(me)).collect();
     hosted.difference(&keep).copied().collect()
 }
 

@@ -78,6 +78,8 @@ impl ExpertWeights {
 #[derive(Debug)]
 pub struct LocalExperts {
     layers: Vec<Vec<Option<Mlp>>>,
+    /// Row width every batch must have (the model's hidden size).
+    hidden: usize,
     precision: Precision,
 }
 
@@ -87,7 +89,7 @@ impl LocalExperts {
         let layers = (0..config.num_hidden_layers)
             .map(|l| if config.is_moe_layer(l) { (0..config.n_routed_experts).map(|_| None).collect() } else { Vec::new() })
             .collect();
-        LocalExperts { layers, precision }
+        LocalExperts { layers, hidden: config.hidden_size, precision }
     }
 
     /// Loads the experts for which `want(layer, expert)` holds.
@@ -173,6 +175,9 @@ impl LocalExperts {
 impl ExpertBackend for LocalExperts {
     fn run(&self, batch: &ExpertBatch<'_>, outputs: &mut [f32]) -> Result<(), ExpertError> {
         let h = batch.hidden;
+        if h != self.hidden {
+            return Err(ExpertError::Malformed(format!("rows of width {h}, but the model's hidden size is {}", self.hidden)));
+        }
         let rows = batch.num_rows();
         if batch.inputs.len() != rows * h || outputs.len() != rows * h {
             return Err(ExpertError::Malformed(format!("{rows} rows of width {h} expected")));
