@@ -125,6 +125,12 @@ pub enum PlanError {
     Eplb(#[from] eplb::EplbError),
 }
 
+/// `policy.nodes` if it divides the workers, else 1.
+fn effective_nodes(policy: &Policy, workers: usize) -> usize {
+    let nodes = policy.nodes.max(1);
+    if workers.is_multiple_of(nodes) { nodes } else { 1 }
+}
+
 /// The placement EPLB chooses for `load` over `workers` (sorted), as version `version`.
 /// An idle cluster is balanced for uniform load.
 pub fn plan(
@@ -140,7 +146,7 @@ pub fn plan(
     let idle = load.iter().flatten().all(|&v| v <= 0.0);
     let weights: Vec<Vec<f64>> =
         if idle { vec![vec![1.0; shape.num_experts]; shape.layers.len()] } else { load.to_vec() };
-    let nodes = if workers.len().is_multiple_of(policy.nodes.max(1)) { policy.nodes.max(1) } else { 1 };
+    let nodes = effective_nodes(policy, workers.len());
     let slots = num_slots(shape.num_experts, policy.redundant_slots, workers.len());
     let placement = eplb::rebalance(&weights, slots, shape.num_groups, nodes, workers.len())?;
     Ok(PlacementSpec {
@@ -181,6 +187,12 @@ pub fn decide(shape: &ModelShape, policy: &Policy, seen: &Observed<'_>, next: Pl
     }
     let make = |reason: Reason| -> Result<Rebalance, PlanError> {
         let mut spec = plan(shape, policy, seen.load, &workers, next)?;
+        // With nodes, worker order is node order: only a single node may be reordered.
+        if let Some(current) = seen.current
+            && effective_nodes(policy, workers.len()) == 1
+        {
+            spec = crate::assign::keep_slots_in_place(spec, current);
+        }
         spec.reason = reason.as_str().to_string();
         spec.ratio_after = max_mean_ratio(seen.load, &spec);
         // No previous placement: nothing to compare with (JSON has no NaN).

@@ -236,7 +236,8 @@ impl Leader {
             row.iter().for_each(|&e| cnt[e as usize] += 1);
             cnt
         });
-        tracing::info!(version = version.0, reason, workers = spec.workers.len(), slots_per_worker = spec.slots_per_worker(),
+        let loads = crate::assign::slots_to_load(&spec, placement.current.as_ref());
+        tracing::info!(version = version.0, reason, workers = spec.workers.len(), slots_per_worker = spec.slots_per_worker(), expert_loads = loads,
             ratio_before = spec.ratio_before, ratio_after = spec.ratio_after, measured_ratio_before = measured_before,
             first_layer_replicas = ?replicas, "rebalance_started");
         match self.two_phase(&spec, lost).await {

@@ -3,11 +3,13 @@
 //! rebalances expert replicas with EPLB through a two-phase placement switch, and computes
 //! how many expert workers the load needs.
 //!
-//! - [`decide`]: the decisions as plain code (aggregate, judge, when and what to place).
+//! - [`decide`]: the decisions as plain code (aggregate, judge, when and what to place);
+//!   `assign`: which worker fills each position of a new placement (least movement).
 //! - `leader`: what the leader does each tick, and the two-phase switch.
 //! - [`inspect`]: a read-only view of placement and load (`expertmesh placement`).
 //! - `telemetry`: the Prometheus metrics.
 
+mod assign;
 pub mod decide;
 pub mod inspect;
 mod leader;

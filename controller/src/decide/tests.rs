@@ -110,7 +110,14 @@ fn a_dead_worker_forces_a_placement_without_it_at_once() {
     let seen = Observed { live: &left, current: Some(&first), load: &idle, since_last: Some(Duration::ZERO) };
     let r = decide(&shape(), &policy(), &seen, PlacementVersion(5)).expect("plans").expect("rebalances");
     assert_eq!(r.reason, Reason::WorkerLeft);
-    assert_eq!(r.spec.workers, vec![w("e0"), w("e2")]);
+    let mut survivors = r.spec.workers.clone();
+    survivors.sort();
+    assert_eq!(survivors, vec![w("e0"), w("e2")]);
+    // The survivors keep what they can: fewer loads than filling the positions in id order.
+    let in_id_order = PlacementSpec { workers: survivors, ..r.spec.clone() };
+    let kept = crate::assign::slots_to_load(&r.spec, Some(&first));
+    let naive = crate::assign::slots_to_load(&in_id_order, Some(&first));
+    assert!(kept <= naive, "{kept} loads with reordering, {naive} without");
     for row in &r.spec.phy2log {
         let present: BTreeSet<u32> = row.iter().copied().collect();
         assert_eq!(present.len(), 8, "every expert keeps a live replica");
@@ -142,6 +149,20 @@ fn idle_clusters_are_left_alone() {
     let none = BTreeSet::new();
     let nobody = Observed { live: &none, current: Some(&first), load: &idle, since_last: None };
     assert!(matches!(decide(&shape(), &policy(), &nobody, PlacementVersion(2)), Err(PlanError::NoWorkers)));
+}
+
+#[test]
+fn reassignment_keeps_chunks_with_their_hosts() {
+    let live = workers(3);
+    let order: Vec<WorkerId> = live.iter().cloned().collect();
+    let first = plan(&shape(), &policy(), &skewed(), &order, PlacementVersion(1)).expect("plans");
+    // The same chunks with the workers listed the other way round: reassignment restores
+    // each chunk to its host, so nothing needs loading.
+    let reversed = PlacementSpec { workers: order.iter().rev().cloned().collect(), ..first.clone() };
+    let restored = crate::assign::keep_slots_in_place(reversed.clone(), &first);
+    assert_eq!(crate::assign::slots_to_load(&restored, Some(&first)), 0);
+    assert!(crate::assign::slots_to_load(&reversed, Some(&first)) > 0);
+    assert_eq!(restored.phy2log, first.phy2log, "chunks unchanged");
 }
 
 #[test]
