@@ -98,6 +98,22 @@ impl PlacementSpec {
             .collect()
     }
 
+    /// `[layers][num_experts]`: replicas of each logical expert (EPLB's `logcnt`).
+    pub fn replica_counts(&self) -> Vec<Vec<usize>> {
+        self.phy2log
+            .iter()
+            .map(|row| {
+                let mut counts = vec![0; self.num_experts];
+                for &e in row {
+                    if let Some(c) = counts.get_mut(e as usize) {
+                        *c += 1;
+                    }
+                }
+                counts
+            })
+            .collect()
+    }
+
     /// Hosts of every (layer, expert), one entry per physical slot, in slot order.
     pub fn replicas(&self) -> BTreeMap<SlotKey, Vec<WorkerId>> {
         let per = self.slots_per_worker().max(1);

@@ -12,7 +12,8 @@ use cluster_core::experts::{PlacementSpec, SlotKey};
 /// `previous` already hosting most of it (greedy on the largest overlap; ties to the lower
 /// chunk, then the lower worker id). The chunks, so the balance, are unchanged.
 pub fn keep_slots_in_place(mut spec: PlacementSpec, previous: &PlacementSpec) -> PlacementSpec {
-    let chunks: Vec<BTreeSet<SlotKey>> = (0..spec.workers.len()).map(|i| chunk(&spec, i)).collect();
+    // Chunk i: what position i holds (workers are distinct, so slots_of names one position).
+    let chunks: Vec<BTreeSet<SlotKey>> = spec.workers.iter().map(|w| spec.slots_of(w)).collect();
     let hosted: BTreeMap<&WorkerId, BTreeSet<SlotKey>> =
         spec.workers.iter().map(|w| (w, previous.slots_of(w))).collect();
     let mut pairs: Vec<(usize, usize, &WorkerId)> = Vec::new();
@@ -33,16 +34,6 @@ pub fn keep_slots_in_place(mut spec: PlacementSpec, previous: &PlacementSpec) ->
     }
     spec.workers = order.into_iter().map(|w| w.expect("as many workers as chunks, each taken once")).collect();
     spec
-}
-
-/// (layer, expert) pairs of chunk `index` (the slots worker position `index` holds).
-fn chunk(spec: &PlacementSpec, index: usize) -> BTreeSet<SlotKey> {
-    let per = spec.slots_per_worker();
-    spec.layers
-        .iter()
-        .zip(&spec.phy2log)
-        .flat_map(|(&layer, row)| row[index * per..(index + 1) * per].iter().map(move |&expert| SlotKey { layer, expert }))
-        .collect()
 }
 
 /// Expert loads a switch from `previous` to `spec` costs: slots workers must load.

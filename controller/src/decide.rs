@@ -86,16 +86,8 @@ pub fn aggregate(shape: &ModelShape, reports: &[&LoadReport]) -> Vec<Vec<f64>> {
 
 /// `spec` as EPLB's placement (for its metrics).
 fn as_placement(spec: &PlacementSpec) -> eplb::Placement {
-    let phy2log: Vec<Vec<usize>> = spec.phy2log.iter().map(|row| row.iter().map(|&e| e as usize).collect()).collect();
-    let logcnt = phy2log
-        .iter()
-        .map(|row| {
-            let mut cnt = vec![0; spec.num_experts];
-            row.iter().for_each(|&e| cnt[e] += 1);
-            cnt
-        })
-        .collect();
-    eplb::Placement { phy2log, log2phy: Vec::new(), logcnt }
+    let phy2log = spec.phy2log.iter().map(|row| row.iter().map(|&e| e as usize).collect()).collect();
+    eplb::Placement { phy2log, log2phy: Vec::new(), logcnt: spec.replica_counts() }
 }
 
 /// Max over mean worker load of a whole forward pass (each layer waits for its slowest

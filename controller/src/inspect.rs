@@ -102,17 +102,7 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
         })
         .collect();
     let rates: Vec<f64> = workers.iter().filter(|w| w.live).filter_map(|w| w.tokens_per_s).collect();
-    let logcnt = spec.map_or_else(BTreeMap::new, |s| {
-        s.layers
-            .iter()
-            .zip(&s.phy2log)
-            .map(|(&l, row)| {
-                let mut cnt = vec![0; s.num_experts];
-                row.iter().for_each(|&e| cnt[e as usize] += 1);
-                (l, cnt)
-            })
-            .collect()
-    });
+    let logcnt = spec.map_or_else(BTreeMap::new, |s| s.layers.iter().copied().zip(s.replica_counts()).collect());
     Ok(PlacementView {
         cluster: cluster.to_string(),
         leader,

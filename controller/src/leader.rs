@@ -231,11 +231,7 @@ impl Leader {
         let spec = rebalance.spec;
         let version = spec.version;
         let reason = rebalance.reason.as_str();
-        let replicas: Vec<usize> = spec.phy2log.first().map_or_else(Vec::new, |row| {
-            let mut cnt = vec![0; spec.num_experts];
-            row.iter().for_each(|&e| cnt[e as usize] += 1);
-            cnt
-        });
+        let replicas = spec.replica_counts().into_iter().next().unwrap_or_default();
         let loads = crate::assign::slots_to_load(&spec, placement.current.as_ref());
         tracing::info!(version = version.0, reason, workers = spec.workers.len(), slots_per_worker = spec.slots_per_worker(), expert_loads = loads,
             ratio_before = spec.ratio_before, ratio_after = spec.ratio_after, measured_ratio_before = measured_before,

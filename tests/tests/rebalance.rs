@@ -5,7 +5,7 @@
 //! experts while every request completes and includes a new expert worker at the next
 //! periodic rebalance.
 
-use cluster_core::experts::{DesiredWorkers, LoadReport, PlacementSpec};
+use cluster_core::experts::{DesiredWorkers, LoadReport};
 use cluster_tests::grpc::{Streams, check_all, ids_request};
 use cluster_tests::binaries::run_cli;
 use cluster_tests::{Cluster, ClusterSpec, Reference, Role, references, secs};
@@ -107,17 +107,6 @@ fn aggregate(reports: &[LoadReport]) -> Vec<Vec<f64>> {
     total
 }
 
-fn replica_counts(spec: &PlacementSpec) -> Vec<Vec<usize>> {
-    spec.phy2log
-        .iter()
-        .map(|row| {
-            let mut cnt = vec![0; spec.num_experts];
-            row.iter().for_each(|&e| cnt[e as usize] += 1);
-            cnt
-        })
-        .collect()
-}
-
 /// Reports of all expert workers, once each covers a full window of load.
 async fn full_reports(cluster: &Cluster) -> Result<Vec<LoadReport>, String> {
     let reports = cluster.load_reports().await?;
@@ -142,7 +131,7 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     let cluster = Cluster::start("rebalance", spec).await;
     let initial = cluster.wait_placement("the initial placement", secs(60), |_| true).await;
     assert_eq!(initial.reason, "initial");
-    eprintln!("initial placement v{}: replicas {:?}", initial.version.0, replica_counts(&initial)[0]);
+    eprintln!("initial placement v{}: replicas {:?}", initial.version.0, initial.replica_counts()[0]);
 
     let workload = Workload::start(cluster.router_url(), prompts, expected);
     // The skew shows in etcd; keep the last measurement taken under the initial placement.
@@ -167,7 +156,7 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     );
 
     // The hottest expert of every layer gained replicas.
-    let counts = replica_counts(&switched);
+    let counts = switched.replica_counts();
     for (l, row) in load.iter().enumerate() {
         let hottest = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).expect("experts");
         eprintln!("layer row {l}: hottest expert {hottest} ({:.1} tokens/s), replicas {:?}", row[hottest], counts[l]);
