@@ -35,6 +35,11 @@ impl Leadership {
         !self.lost.is_cancelled()
     }
 
+    /// The lease the election key is attached to (for [`Store::put_fenced`]).
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
     /// Gives leadership up now: revokes the lease, so a standby takes over without waiting
     /// for the TTL.
     pub async fn resign(self) -> Result<(), StoreError> {

@@ -311,6 +311,23 @@ impl Store for EtcdStore {
         })
     }
 
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        guard: &'a str,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let txn = Txn::new()
+                .when([Compare::lease(guard, CompareOp::Equal, lease.0)])
+                .and_then([TxnOp::put(key, value, None)]);
+            let resp = with_timeout("put_fenced", client.txn(txn)).await?;
+            Ok(resp.succeeded())
+        })
+    }
+
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Duration, StoreError>> {
         Box::pin(async move {
             let mut client = self.client.clone();

@@ -280,6 +280,24 @@ impl Store for MemoryStore {
         })
     }
 
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        guard: &'a str,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut state = self.inner.lock();
+            let held = state.leases.get(&lease).is_some_and(|l| l.deadline > Instant::now())
+                && state.kvs.get(guard).is_some_and(|e| e.lease == Some(lease));
+            if held {
+                self.inner.put_locked(&mut state, key, value, None);
+            }
+            Ok(held)
+        })
+    }
+
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Duration, StoreError>> {
         Box::pin(async move {
             let mut state = self.inner.lock();

@@ -101,6 +101,17 @@ pub trait Store: Send + Sync + fmt::Debug {
         lease: LeaseId,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// Puts `key` (no lease) only while `guard` exists attached to `lease` (an etcd
+    /// transaction on the guard's lease); returns whether it was put. A leader fences its
+    /// writes with its election key, so a deposed leader cannot overwrite its successor's.
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        guard: &'a str,
+        lease: LeaseId,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// One refresh: resets the lease to its full TTL and returns that TTL;
     /// `LeaseExpired` if it is gone.
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Duration, StoreError>>;

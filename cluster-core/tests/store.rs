@@ -129,7 +129,13 @@ async fn contract_create_with_lease(store: Arc<dyn Store>) {
     store.revoke(a).await.expect("revoke");
     assert!(store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("create after the holder left"));
     assert_eq!(store.get("/c/leader").await.expect("get"), Some(b"b".to_vec()));
+    // Writes fenced by the key: only the holder's lease passes.
+    assert!(store.put_fenced("/c/data", b"1".to_vec(), "/c/leader", b).await.expect("fenced put"));
+    assert!(!store.put_fenced("/c/data", b"2".to_vec(), "/c/leader", a).await.expect("refused"));
+    assert_eq!(store.get("/c/data").await.expect("get"), Some(b"1".to_vec()));
     store.revoke(b).await.expect("revoke");
+    assert!(!store.put_fenced("/c/data", b"3".to_vec(), "/c/leader", b).await.expect("refused after expiry"));
+    assert_eq!(store.get("/c/data").await.expect("get"), Some(b"1".to_vec()));
     assert!(matches!(store.create_with_lease("/c/x", vec![], b).await, Err(StoreError::LeaseExpired(_))));
 }
 

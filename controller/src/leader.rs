@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use cluster_core::experts::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementSpec, unix_ms};
 use cluster_core::keys::{self, PlacementKey, PlacementVersion};
 use cluster_core::store::decode_json;
-use cluster_core::{ClusterName, Membership, Role, Store, StoreError, WorkerId};
+use cluster_core::election::Leadership;
+use cluster_core::{ClusterName, LeaseId, Membership, Role, Store, StoreError, WorkerId};
 use tokio_util::sync::CancellationToken;
 
 use crate::decide::{self, ModelShape, Observed, Policy, Rebalance};
@@ -63,6 +64,8 @@ pub struct Leader {
     policy: Policy,
     timing: Timing,
     last_desired: Option<(DesiredWorkers, Instant)>,
+    /// The leadership lease writes are fenced with.
+    fence: Option<LeaseId>,
 }
 
 impl Leader {
@@ -74,11 +77,13 @@ impl Leader {
         policy: Policy,
         timing: Timing,
     ) -> Self {
-        Leader { store, cluster, membership, shape, policy, timing, last_desired: None }
+        Leader { store, cluster, membership, shape, policy, timing, last_desired: None, fence: None }
     }
 
-    /// Leads until `lost` fires.
-    pub async fn lead(&mut self, lost: &CancellationToken) {
+    /// Leads until leadership is lost. Every write is fenced by the election key.
+    pub async fn lead(&mut self, leadership: &Leadership) {
+        self.fence = Some(leadership.lease());
+        let lost = &leadership.lost();
         let mut members = self.membership.subscribe();
         loop {
             if let Err(error) = self.tick(lost).await {
@@ -107,18 +112,25 @@ impl Leader {
         if let Some(current) = &placement.current {
             telemetry::set_placement(current.version, decide::max_mean_ratio(&load, current));
         }
-        let seen = Observed {
-            live: &live,
-            current: placement.current.as_ref(),
-            load: &load,
-            // From the store, not this process: a newly elected leader keeps the schedule.
-            since_last: placement
-                .current
-                .as_ref()
-                .map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
-        };
         let next = PlacementVersion(placement.highest + 1);
-        let rebalance = match decide::decide(&self.shape, &self.policy, &seen, next) {
+        // EPLB runs off the runtime (milliseconds at DeepSeek-V3 scale).
+        let (shape, policy, current) = (self.shape.clone(), self.policy.clone(), placement.current.clone());
+        let decided = tokio::task::spawn_blocking(move || {
+            let seen = Observed {
+                live: &live,
+                current: current.as_ref(),
+                load: &load,
+                // From the store, not this process: a newly elected leader keeps the schedule.
+                since_last: current.as_ref().map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
+            };
+            decide::decide(&shape, &policy, &seen, next)
+        })
+        .await;
+        let Ok(decided) = decided else {
+            tracing::error!("controller_decision_task_failed");
+            return Ok(());
+        };
+        let rebalance = match decided {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(decide::PlanError::NoWorkers) => {
@@ -212,7 +224,7 @@ impl Leader {
         }
         let key = keys::desired_expert_workers_key(&self.cluster);
         match serde_json::to_vec(&doc) {
-            Ok(value) => match self.store.put(&key, value).await {
+            Ok(value) => match self.put_as_leader(&key, value).await {
                 Ok(()) => {
                     if self.last_desired.as_ref().is_none_or(|(d, _)| d.desired != desired) {
                         tracing::info!(desired, live, tokens_per_s, "expert_workers_desired");
@@ -253,7 +265,7 @@ impl Leader {
     async fn two_phase(&self, spec: &PlacementSpec, lost: &CancellationToken) -> Result<(), SwitchError> {
         let key = keys::placement_spec_key(&self.cluster, spec.version);
         let value = serde_json::to_vec(spec).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
-        self.store.put(&key, value).await?;
+        self.put_as_leader(&key, value).await?;
         let ready_prefix = keys::placement_ready_prefix(&self.cluster, spec.version);
         let deadline = Instant::now() + self.timing.ready_timeout;
         loop {
@@ -291,8 +303,17 @@ impl Leader {
         }
         let current = serde_json::to_vec(&CurrentPlacement { version: spec.version })
             .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
-        self.store.put(&keys::placement_current_key(&self.cluster), current).await?;
-        Ok(())
+        self.put_as_leader(&keys::placement_current_key(&self.cluster), current).await
+    }
+
+    /// Puts `key` only while this process holds the election key.
+    async fn put_as_leader(&self, key: &str, value: Vec<u8>) -> Result<(), SwitchError> {
+        let lease = self.fence.ok_or(SwitchError::Lost)?;
+        let guard = keys::controller_leader_key(&self.cluster);
+        match self.store.put_fenced(key, value, &guard, lease).await? {
+            true => Ok(()),
+            false => Err(SwitchError::Lost),
+        }
     }
 
     /// Deletes every version older than `current - 1` (the previous one stays for workers

@@ -161,7 +161,7 @@ pub async fn run(config: ControllerConfig, store: StoreConfig, shutdown: Cancell
             };
         tracing::info!(%id, "controller_elected");
         telemetry::set_leader(true);
-        leader.lead(&leadership.lost()).await;
+        leader.lead(&leadership).await;
         if shutdown.is_cancelled() {
             if let Err(e) = leadership.resign().await {
                 tracing::warn!(error = %e, "controller_resign_failed");
