@@ -42,6 +42,8 @@ pub struct UpArgs {
     prompt: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    metrics: cluster_core::telemetry::MetricsArgs,
     /// Exit after answering --prompt instead of serving until interrupted.
     #[arg(long, requires = "prompt")]
     once: bool,
@@ -59,6 +61,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // One recorder for every role of this process.
+    args.metrics.install()?;
     let store = StoreConfig::Memory(MemoryStore::new());
     let shutdown = CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());

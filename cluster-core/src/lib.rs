@@ -12,6 +12,7 @@ pub mod registration;
 pub mod serve;
 pub mod store;
 mod sync;
+pub mod telemetry;
 
 pub use etcd::EtcdStore;
 pub use ids::{Capacity, ClusterName, IdError, Role, WorkerId, WorkerInfo};

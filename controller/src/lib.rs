@@ -76,9 +76,6 @@ pub struct ControllerConfig {
     /// Autoscaling: the utilization to size the expert workers for.
     #[arg(long, default_value_t = 0.7)]
     pub target_utilization: f64,
-    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9090).
-    #[arg(long, env = "EXPERTMESH_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ControllerConfig {
@@ -129,9 +126,6 @@ pub async fn run(config: ControllerConfig, store: StoreConfig, shutdown: Cancell
     .await
     .context("model config task")??;
     let policy = config.policy(shape.num_experts)?;
-    if let Some(addr) = config.metrics_listen {
-        telemetry::serve(addr)?;
-    }
     let id = config.controller_id.clone().unwrap_or_else(|| format!("controller-{}", std::process::id()));
     let store = store.open(STORE_PATIENCE).await.context("opening the cluster store")?;
     let tracker = TaskTracker::new();

@@ -11,12 +11,18 @@ struct Cli {
     config: controller::ControllerConfig,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    metrics: cluster_core::telemetry::MetricsArgs,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cluster_core::node::init_logging();
+    if let Err(e) = cli.metrics.install() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());
     match controller::run(cli.config, cli.etcd.store_config(), shutdown).await {

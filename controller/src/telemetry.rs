@@ -1,19 +1,9 @@
-//! The controller's Prometheus metrics (names follow Prometheus conventions; reference in
-//! docs/EXPERT_PLACEMENT.md).
+//! The controller's Prometheus metrics (reference: docs/METRICS.md).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cluster_core::keys::PlacementVersion;
 use metrics::{counter, gauge, histogram};
-
-/// Installs the Prometheus recorder and serves `/metrics` on `addr`.
-pub fn serve(addr: SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
-}
 
 pub fn set_leader(leader: bool) {
     gauge!("expertmesh_controller_leader").set(if leader { 1.0 } else { 0.0 });

@@ -245,7 +245,10 @@ impl Actor {
         }
         let ids = round_robin(&running, self.max_batch, &mut self.next_start);
         let _span = tracing::debug_span!("decode_step", batch = ids.len()).entered();
-        match self.engine.decode_step(&ids) {
+        let started = std::time::Instant::now();
+        let result = self.engine.decode_step(&ids);
+        crate::telemetry::decode_step(ids.len(), started.elapsed());
+        match result {
             Ok(outs) => outs.into_iter().for_each(|o| self.emit(o)),
             Err(e) => self.fail(&ids, &e),
         }

@@ -7,6 +7,7 @@
 
 mod engine_thread;
 mod grpc;
+mod telemetry;
 
 use anyhow::Context;
 use clap::ValueEnum;
@@ -125,6 +126,7 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
         draining: draining.clone(),
     };
     let server_stop = CancellationToken::new();
+    tracker.spawn(telemetry::sample(engine.clone(), server_stop.clone()));
     let (reporter_tx, reporter_rx) = oneshot::channel();
     let routes = tonic::service::Routes::new(
         proto::internal::decode_server::DecodeServer::new(service)

@@ -13,12 +13,18 @@ struct Cli {
     config: decode_worker::DecodeConfig,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    metrics: cluster_core::telemetry::MetricsArgs,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cluster_core::node::init_logging();
+    if let Err(e) = cli.metrics.install() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<cluster_core::serve::Ready>();

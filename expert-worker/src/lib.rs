@@ -18,6 +18,7 @@ mod load_report;
 mod placement;
 mod shard;
 mod slots;
+mod telemetry;
 
 use anyhow::Context;
 use clap::ValueEnum;

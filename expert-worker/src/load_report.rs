@@ -146,6 +146,7 @@ pub async fn publish(p: Publisher, cancel: CancellationToken) {
         window.tick(&counts, now - last);
         last = now;
         let total = counts.iter().sum();
+        crate::telemetry::publish(&p.me, &p.counters, &counts, *p.version.borrow());
         let load = report(&p.me, &p.counters, &window, total, *p.version.borrow(), unix_ms());
         let value = match serde_json::to_vec(&load) {
             Ok(v) => v,

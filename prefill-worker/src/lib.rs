@@ -16,6 +16,7 @@ mod engine_thread;
 mod error;
 mod grpc;
 mod request;
+mod telemetry;
 mod transfer;
 
 use std::cell::Cell;
@@ -117,6 +118,7 @@ pub async fn run(
     let service = grpc::PrefillService::new(engine.clone(), limits, decode, worker_id.clone());
     let routes = tonic::service::Routes::new(grpc::server(service));
     let stop_serving = CancellationToken::new();
+    tracker.spawn(telemetry::sample(engine.clone(), stop_serving.clone()));
     let (health_tx, health_rx) = oneshot::channel();
     let mut server = tracker.spawn(cluster_core::serve::serve(
         listener,

@@ -17,12 +17,18 @@ struct Cli {
     config: prefill_worker::PrefillConfig,
     #[command(flatten)]
     etcd: cluster_core::node::EtcdArgs,
+    #[command(flatten)]
+    metrics: cluster_core::telemetry::MetricsArgs,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cluster_core::node::init_logging();
+    if let Err(e) = cli.metrics.install() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let token = CancellationToken::new();
     cluster_core::serve::cancel_on_signal(token.clone());
     let (ready_tx, ready_rx) = oneshot::channel::<prefill_worker::Ready>();

@@ -160,8 +160,14 @@ pub async fn run(t: Transfer) {
             transfer,
         });
         match &result {
-            Ok(o) => tracing::debug!(kv_bytes = o.kv_bytes, transfer_s = o.transfer.as_secs_f64(), "kv_transfer_done"),
-            Err(error) => tracing::warn!(decode = sink.addr(), %error, "prefill_failed"),
+            Ok(o) => {
+                crate::telemetry::kv_transferred(o.kv_bytes, o.transfer);
+                tracing::debug!(kv_bytes = o.kv_bytes, transfer_s = o.transfer.as_secs_f64(), "kv_transfer_done");
+            }
+            Err(error) => {
+                crate::telemetry::kv_transfer_failed();
+                tracing::warn!(decode = sink.addr(), %error, "prefill_failed");
+            }
         }
         if reply.send(result).is_err() {
             tracing::debug!("prefill_reply_dropped_caller_gone");

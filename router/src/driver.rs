@@ -3,6 +3,7 @@
 //! runs again on another pair and the tokens the client already has are skipped: sampling
 //! is seeded per request and per token, so the second run draws the same tokens.
 
+use crate::telemetry::RequestOutcome;
 use crate::grpc::internal::{self, CallError, DecodeEvent, DecodeEvents};
 use crate::pool::{Picked, Pool};
 use crate::request::Job;
@@ -105,11 +106,16 @@ impl Driver {
                         total: now - started,
                         retries: retry,
                     };
+                    crate::telemetry::request_completed(&outcome);
                     let _ = out.send(Ok(Delivery::Done(outcome))).await;
                     return;
                 }
-                Err(AttemptError::ClientGone) => return,
+                Err(AttemptError::ClientGone) => {
+                    crate::telemetry::request_ended(RequestOutcome::Cancelled);
+                    return;
+                }
                 Err(AttemptError::Fatal(e)) => {
+                    crate::telemetry::request_ended(RequestOutcome::of(&e));
                     let _ = out.send(Err(e)).await;
                     return;
                 }
@@ -119,6 +125,7 @@ impl Driver {
                 }
             }
         }
+        crate::telemetry::request_ended(RequestOutcome::Failed);
         let _ = out.send(Err(RequestError::RetriesExhausted { attempts: self.config.max_retries + 1, last })).await;
     }
 

@@ -9,6 +9,7 @@ mod grpc;
 mod pool;
 mod request;
 mod schedule;
+mod telemetry;
 
 use anyhow::Context;
 use cluster_core::node::NodeArgs;

@@ -4,6 +4,7 @@
 //! kept.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -76,6 +77,8 @@ pub struct ClusterSpec {
     /// Wait until a short request succeeds before returning (off for clusters that
     /// cannot serve, e.g. without workers).
     pub wait_serving: bool,
+    /// Give every process `--metrics-listen` on a free port ([`Cluster::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl ClusterSpec {
@@ -93,6 +96,7 @@ impl ClusterSpec {
             lease_ttl: Duration::from_secs(3),
             env: Vec::new(),
             wait_serving: true,
+            metrics: false,
         }
     }
 
@@ -111,6 +115,12 @@ impl ClusterSpec {
 
     pub fn controller_args(mut self, args: &[&str]) -> ClusterSpec {
         self.controller_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Serves Prometheus metrics from every process.
+    pub fn with_metrics(mut self) -> ClusterSpec {
+        self.metrics = true;
         self
     }
 
@@ -199,8 +209,9 @@ impl Cluster {
         }
         let mut args = common_args(&name, &endpoint);
         args.extend(spec.router_args.iter().cloned());
+        let metrics = metrics_args(&spec, &mut args);
         let mut router =
-            Process::spawn("router", &binaries::binary(ROUTER), &args, &env, dir.path());
+            Process::spawn("router", &binaries::binary(ROUTER), &args, &env, dir.path()).with_metrics(metrics);
         router.wait_ready(READY_TIMEOUT).await;
         let cluster = Cluster {
             router,
@@ -656,7 +667,8 @@ fn spawn_worker(
         Role::Prefill | Role::Decode if spec.expert > 0 => args.push("--remote-experts".into()),
         Role::Prefill | Role::Decode => {}
     }
-    Process::spawn(&id, &binaries::binary(binary), &args, env, log_dir)
+    let metrics = metrics_args(spec, &mut args);
+    Process::spawn(&id, &binaries::binary(binary), &args, env, log_dir).with_metrics(metrics)
 }
 
 /// Spawns controller `controller-<index>` (not waited for).
@@ -673,7 +685,37 @@ fn spawn_controller(
         .map(String::from)
         .to_vec();
     args.extend(spec.controller_args.iter().cloned());
-    Process::spawn(&id, &binaries::binary(CONTROLLER), &args, env, log_dir)
+    let metrics = metrics_args(spec, &mut args);
+    Process::spawn(&id, &binaries::binary(CONTROLLER), &args, env, log_dir).with_metrics(metrics)
+}
+
+/// With `spec.metrics`, adds `--metrics-listen` on a free loopback port to `args`.
+fn metrics_args(spec: &ClusterSpec, args: &mut Vec<String>) -> Option<SocketAddr> {
+    if !spec.metrics {
+        return None;
+    }
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port");
+    args.extend(["--metrics-listen".into(), addr.to_string()]);
+    Some(addr)
+}
+
+/// `GET /metrics` of a process's Prometheus endpoint.
+pub async fn scrape(addr: SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
+        match body.split_once("\r\n\r\n") {
+            Some((head, text)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => Ok(text.to_string()),
+            _ => Err(format!("unexpected answer from {addr}: {}", body.lines().next().unwrap_or(""))),
+        }
+    };
+    tokio::time::timeout(LOAD_TIMEOUT, call).await.unwrap_or_else(|_| Err(format!("{addr} did not answer")))
 }
 
 async fn bounded_load(

@@ -52,6 +52,8 @@ pub struct Process {
     announced: Arc<Mutex<Option<Ready>>>,
     ready: Option<Ready>,
     stopped: bool,
+    /// Where it serves Prometheus metrics (`--metrics-listen`), if asked to.
+    metrics: Option<SocketAddr>,
 }
 
 impl Process {
@@ -115,7 +117,19 @@ impl Process {
             announced,
             ready: None,
             stopped: false,
+            metrics: None,
         }
+    }
+
+    /// Records that the process was given `--metrics-listen addr`.
+    pub fn with_metrics(mut self, addr: Option<SocketAddr>) -> Process {
+        self.metrics = addr;
+        self
+    }
+
+    /// The `--metrics-listen` address it was given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// Waits for the ready line; panics (with the log tail) when the process exits first or

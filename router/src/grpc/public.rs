@@ -44,6 +44,7 @@ fn status(e: RequestError) -> Status {
 }
 
 fn invalid(e: InvalidRequest) -> Status {
+    crate::telemetry::request_ended(crate::telemetry::RequestOutcome::Invalid);
     Status::invalid_argument(e.0)
 }
 
@@ -124,6 +125,7 @@ impl GenerationService {
             .map_err(invalid)?;
         let job = request::job(ids, sampling, r.prompt_logits_top, &self.config, model::sampling::random_seed).map_err(invalid)?;
         let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+            crate::telemetry::request_ended(crate::telemetry::RequestOutcome::Rejected);
             Status::resource_exhausted(format!("the router is at its limit of {} requests in flight", self.max_inflight))
         })?;
         let request_id = model::sampling::random_seed();
@@ -134,14 +136,17 @@ impl GenerationService {
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 let _permit = permit;
+                crate::telemetry::inflight(1.0);
                 match timeout {
                     None => driver.run(job, tx, started).await,
                     Some(t) => {
                         if tokio::time::timeout(t, driver.run(job, tx.clone(), started)).await.is_err() {
+                            crate::telemetry::request_ended(crate::telemetry::RequestOutcome::DeadlineExceeded);
                             let _ = tx.send(Err(RequestError::DeadlineExceeded(t))).await;
                         }
                     }
                 }
+                crate::telemetry::inflight(-1.0);
             },
             span,
         ));

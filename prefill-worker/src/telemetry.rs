@@ -1,0 +1,41 @@
+//! The prefill worker's Prometheus metrics (reference: docs/METRICS.md): load gauges sampled
+//! from the engine actor's counters, and the KV transfer of every finished prefill.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine_thread::EngineHandle;
+
+/// How often the load gauges are refreshed.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Refreshes the load gauges until `stop`.
+pub async fn sample(engine: EngineHandle, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_PERIOD);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let l = engine.load();
+        gauge!("expertmesh_prefill_queued_tokens").set(f64::from(u32::try_from(l.queued_tokens).unwrap_or(u32::MAX)));
+        gauge!("expertmesh_prefill_waiting_sequences").set(f64::from(l.waiting_sequences));
+        gauge!("expertmesh_prefill_running_sequences").set(f64::from(l.running_sequences));
+        gauge!("expertmesh_cache_blocks", "state" => "free").set(f64::from(l.free_blocks));
+        gauge!("expertmesh_cache_blocks", "state" => "used").set(f64::from(l.total_blocks.saturating_sub(l.free_blocks)));
+    }
+}
+
+/// One finished latent-cache transfer to a decode worker.
+pub fn kv_transferred(bytes: u64, took: Duration) {
+    counter!("expertmesh_kv_transfers_total", "outcome" => "ok").increment(1);
+    counter!("expertmesh_kv_transfer_bytes_total").increment(bytes);
+    histogram!("expertmesh_kv_transfer_duration_seconds").record(took.as_secs_f64());
+}
+
+/// A prefill whose transfer (or compute) failed.
+pub fn kv_transfer_failed() {
+    counter!("expertmesh_kv_transfers_total", "outcome" => "failed").increment(1);
+}
