@@ -183,3 +183,30 @@ async fn streams_on_a_frozen_decode_worker_complete() {
         .unwrap_or_else(|e| panic!("with decode-{victim} frozen mid-stream: {e}"));
     cluster.decode[victim].cont();
 }
+
+/// Graceful shutdown under load: SIGTERM makes a decode worker stop admitting, leave
+/// membership and finish the sequences it runs before exiting; no request fails, new ones go
+/// to the other decode worker.
+#[tokio::test]
+async fn decode_worker_sigterm_drains_under_load() {
+    let prompts = test_prompts(8, 31);
+    let expected = references(&prompts, LONG).await;
+    let mut cluster = Cluster::start("drain-decode", ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL)).await;
+
+    let requests = prompts.iter().map(|p| ids_request(p, LONG)).collect();
+    let streams = Streams::start(&cluster.router_url(), requests).await;
+    wait_until("every stream to receive its first token", secs(60), async || streams.all_have(1)).await;
+    let victim = busiest_decode(&cluster).await;
+    eprintln!("loads before SIGTERM:\n{}", cluster.describe_loads().await);
+    cluster.decode[victim].terminate();
+    // New requests during the drain are served elsewhere.
+    let during = Streams::start(&cluster.router_url(), prompts[..2].iter().map(|p| ids_request(p, 8)).collect()).await;
+
+    let results = streams.finish(secs(180)).await;
+    check_all(&results, &expected, LONG).unwrap_or_else(|e| panic!("after SIGTERM to decode-{victim}: {e}"));
+    let short = references(&prompts[..2], 8).await;
+    check_all(&during.finish(secs(120)).await, &short, 8).unwrap_or_else(|e| panic!("requests sent during the drain: {e}"));
+    eprintln!("retries per stream: {:?}", retries(&results));
+    let decode = &mut cluster.decode[victim];
+    assert!(poll_until(secs(60), async || !decode.is_alive()).await, "decode-{victim} did not exit after draining");
+}
