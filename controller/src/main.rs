@@ -13,11 +13,18 @@ struct Cli {
     etcd: EtcdArgs,
     #[command(flatten)]
     metrics: cluster_core::telemetry::MetricsArgs,
+    /// Parse the flags and environment, print the resulting configuration, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        println!("{cli:#?}");
+        return std::process::ExitCode::SUCCESS;
+    }
     cluster_core::node::init_logging();
     if let Err(e) = cli.metrics.install() {
         eprintln!("error: {e}");
