@@ -90,6 +90,10 @@ pub async fn stream(args: &ClientArgs, w: &mut dyn Write) -> anyhow::Result<()> 
             }
             Some(generate_response::Event::Summary(s)) => {
                 out.prompt_ids = s.prompt_ids;
+                // On stderr, so stdout stays the answer (and --json the same object as generate's).
+                if !s.trace_id.is_empty() {
+                    eprintln!("trace id: {}", s.trace_id);
+                }
                 if args.json {
                     writeln!(w, "{}", serde_json::to_string(&out)?)?;
                 } else {

@@ -13,6 +13,7 @@ pub mod serve;
 pub mod store;
 mod sync;
 pub mod telemetry;
+pub mod trace;
 
 pub use etcd::EtcdStore;
 pub use ids::{Capacity, ClusterName, IdError, Role, WorkerId, WorkerInfo};

@@ -38,6 +38,8 @@ pub enum Command {
         params: SamplingParams,
         local_prefill: Option<LocalPrefill>,
         events: mpsc::Sender<SeqEvent>,
+        /// W3C context of the sequence's span (empty when not traced).
+        trace: String,
         reply: oneshot::Sender<Result<usize, EngineError>>,
     },
     ImportLayer { id: SeqId, layer: usize, num_tokens: usize, rows: Vec<u8>, reply: oneshot::Sender<Result<(), EngineError>> },
@@ -92,6 +94,8 @@ struct Slot {
     events: mpsc::Sender<SeqEvent>,
     params: SamplingParams,
     state: SlotState,
+    /// The sequence's span context, linked from every step that runs it.
+    trace: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +149,7 @@ impl Actor {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Reserve { id, prompt_tokens, params, local_prefill, events, reply } => {
+            Command::Reserve { id, prompt_tokens, params, local_prefill, events, trace, reply } => {
                 let result = match local_prefill {
                     Some(lp) => self
                         .engine
@@ -157,7 +161,7 @@ impl Actor {
                         .map(|()| SlotState::Importing),
                 };
                 let result = result.map(|state| {
-                    self.slots.insert(id, Slot { events, params, state });
+                    self.slots.insert(id, Slot { events, params, state, trace });
                     self.engine.free_blocks()
                 });
                 let _ = reply.send(result);
@@ -244,7 +248,14 @@ impl Actor {
             return;
         }
         let ids = round_robin(&running, self.max_batch, &mut self.next_start);
-        let _span = tracing::debug_span!("decode_step", batch = ids.len()).entered();
+        // One span per step (not per token), linked to every sequence it advances.
+        let span = tracing::info_span!("decode_step", batch = ids.len());
+        for id in &ids {
+            if let Some(slot) = self.slots.get(id) {
+                cluster_core::trace::link_to(&slot.trace, &span);
+            }
+        }
+        let _span = span.entered();
         let started = std::time::Instant::now();
         let result = self.engine.decode_step(&ids);
         crate::telemetry::decode_step(ids.len(), started.elapsed());

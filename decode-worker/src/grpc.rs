@@ -78,6 +78,8 @@ struct AdmitStream {
     id: SeqId,
     engine: EngineHandle,
     done: bool,
+    /// The sequence's `decode` span, open while its tokens stream.
+    _span: tracing::Span,
 }
 
 impl Stream for AdmitStream {
@@ -132,10 +134,15 @@ impl Decode for DecodeService {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable(format!("decode worker {} is draining", self.worker_id)));
         }
+        let span = tracing::info_span!("decode", request_id = tracing::field::Empty);
+        cluster_core::trace::extract_into(request.metadata(), &span);
         let r = request.into_inner();
+        span.record("request_id", r.request_id);
         let params = sampling(r.sampling)?;
         params.validate().map_err(status_of)?;
         let id = SeqId(r.request_id);
+        // Decode steps link to this sequence's span.
+        let trace = cluster_core::trace::traceparent(&span);
         let local_prefill = (!r.local_prefill_prompt_ids.is_empty()).then_some(LocalPrefill {
             prompt: r.local_prefill_prompt_ids,
             prompt_logits_top: r.prompt_logits_top as usize,
@@ -146,55 +153,23 @@ impl Decode for DecodeService {
         // Room for every token of the sequence: the engine never blocks on this channel.
         let (events, rx) = mpsc::channel(params.max_new_tokens + 2);
         let prompt_tokens = r.prompt_tokens as usize;
-        let free = self
-            .engine
-            .call(|reply| Command::Reserve { id, prompt_tokens, params, local_prefill, events, reply })
-            .await
-            .map_err(stopped)?
-            .map_err(status_of)?;
+        let admission = tracing::info_span!(parent: &span, "admission", prompt_tokens);
+        let free = tracing::Instrument::instrument(
+            self.engine.call(|reply| Command::Reserve { id, prompt_tokens, params, local_prefill, events, trace, reply }),
+            admission,
+        )
+        .await
+        .map_err(stopped)?
+        .map_err(status_of)?;
         let first = pb::DecodeEvent { event: Some(decode_event::Event::Admitted(pb::Admitted { free_blocks: free as u32 })) };
-        let stream = AdmitStream { first: Some(first), events: rx, id, engine: self.engine.clone(), done: false };
+        let stream = AdmitStream { first: Some(first), events: rx, id, engine: self.engine.clone(), done: false, _span: span };
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn push_kv(&self, request: Request<Streaming<pb::KvChunk>>) -> Result<Response<pb::PushKvReply>, Status> {
-        let mut chunks = request.into_inner();
-        let mut incoming: Option<Incoming> = None;
-        let mut received = 0u64;
-        while let Some(chunk) = chunks.message().await? {
-            match (chunk.part, incoming.as_mut()) {
-                (Some(kv_chunk::Part::Header(h)), None) => incoming = Some(self.header(h)?),
-                (Some(kv_chunk::Part::Header(_)), Some(_)) => return Err(Status::invalid_argument("second KvHeader in one stream")),
-                (Some(kv_chunk::Part::Layer(l)), Some(inc)) => {
-                    received += l.data.len() as u64;
-                    if let Some((layer, rows)) = inc.add(l)? {
-                        let (id, num_tokens) = (inc.id, inc.num_tokens);
-                        self.engine
-                            .call(|reply| Command::ImportLayer { id, layer, num_tokens, rows, reply })
-                            .await
-                            .map_err(stopped)?
-                            .map_err(status_of)?;
-                    }
-                }
-                (Some(kv_chunk::Part::Commit(c)), Some(inc)) => {
-                    if let Some(l) = inc.complete.iter().position(|c| !c) {
-                        return Err(Status::invalid_argument(format!("KvCommit before layer {l} was complete")));
-                    }
-                    let id = inc.id;
-                    let top = c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect();
-                    let (tokens, prompt_len) = (c.tokens, c.prompt_len as usize);
-                    self.engine
-                        .call(|reply| Command::Commit { id, tokens, prompt_len, prompt_logits_top: top, reply })
-                        .await
-                        .map_err(stopped)?
-                        .map_err(status_of)?;
-                    return Ok(Response::new(pb::PushKvReply { bytes_received: received }));
-                }
-                (Some(_), None) => return Err(Status::invalid_argument("the stream must start with a KvHeader")),
-                (None, _) => return Err(Status::invalid_argument("empty KvChunk")),
-            }
-        }
-        Err(Status::invalid_argument("stream ended before KvCommit"))
+        let span = tracing::info_span!("kv_import", request_id = tracing::field::Empty, bytes = tracing::field::Empty);
+        cluster_core::trace::extract_into(request.metadata(), &span);
+        tracing::Instrument::instrument(self.import(request.into_inner(), span.clone()), span).await
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
@@ -270,5 +245,51 @@ impl Incoming {
             return Ok(Some((layer, std::mem::take(buf))));
         }
         Ok(None)
+    }
+}
+
+impl DecodeService {
+    /// One `PushKv` stream: header, layers, commit. `span` gets the request id and bytes.
+    async fn import(&self, mut chunks: Streaming<pb::KvChunk>, span: tracing::Span) -> Result<Response<pb::PushKvReply>, Status> {
+        let mut incoming: Option<Incoming> = None;
+        let mut received = 0u64;
+        while let Some(chunk) = chunks.message().await? {
+            match (chunk.part, incoming.as_mut()) {
+                (Some(kv_chunk::Part::Header(h)), None) => {
+                    span.record("request_id", h.request_id);
+                    incoming = Some(self.header(h)?);
+                }
+                (Some(kv_chunk::Part::Header(_)), Some(_)) => return Err(Status::invalid_argument("second KvHeader in one stream")),
+                (Some(kv_chunk::Part::Layer(l)), Some(inc)) => {
+                    received += l.data.len() as u64;
+                    if let Some((layer, rows)) = inc.add(l)? {
+                        let (id, num_tokens) = (inc.id, inc.num_tokens);
+                        self.engine
+                            .call(|reply| Command::ImportLayer { id, layer, num_tokens, rows, reply })
+                            .await
+                            .map_err(stopped)?
+                            .map_err(status_of)?;
+                    }
+                }
+                (Some(kv_chunk::Part::Commit(c)), Some(inc)) => {
+                    if let Some(l) = inc.complete.iter().position(|c| !c) {
+                        return Err(Status::invalid_argument(format!("KvCommit before layer {l} was complete")));
+                    }
+                    let id = inc.id;
+                    let top = c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect();
+                    let (tokens, prompt_len) = (c.tokens, c.prompt_len as usize);
+                    self.engine
+                        .call(|reply| Command::Commit { id, tokens, prompt_len, prompt_logits_top: top, reply })
+                        .await
+                        .map_err(stopped)?
+                        .map_err(status_of)?;
+                    span.record("bytes", received);
+                    return Ok(Response::new(pb::PushKvReply { bytes_received: received }));
+                }
+                (Some(_), None) => return Err(Status::invalid_argument("the stream must start with a KvHeader")),
+                (None, _) => return Err(Status::invalid_argument("empty KvChunk")),
+            }
+        }
+        Err(Status::invalid_argument("stream ended before KvCommit"))
     }
 }

@@ -120,7 +120,7 @@ impl RemoteExperts {
 
     /// Sends every part (queued first, so the workers run concurrently) and collects the
     /// replies; a part without reply by `deadline` fails with `TimedOut`.
-    async fn send(&self, layer: usize, hidden: usize, parts: Vec<Planned>, deadline: Instant) -> Vec<Replied> {
+    async fn send(&self, layer: usize, hidden: usize, parts: Vec<Planned>, deadline: Instant, traceparent: &str) -> Vec<Replied> {
         let deadline = tokio::time::Instant::from_std(deadline);
         let mut waiting = Vec::with_capacity(parts.len());
         for (mut part, conn) in parts {
@@ -128,7 +128,7 @@ impl RemoteExperts {
                 None => Err(CallError::NotConnected),
                 Some(conn) => {
                     let inputs = std::mem::take(&mut part.inputs);
-                    let submit = conn.submit(layer, hidden, part.groups.clone(), inputs);
+                    let submit = conn.submit(layer, hidden, part.groups.clone(), inputs, traceparent.to_owned());
                     tokio::time::timeout_at(deadline, submit).await.unwrap_or(Err(CallError::TimedOut))
                 }
             };
@@ -177,6 +177,10 @@ impl ExpertBackend for RemoteExperts {
             return Err(ExpertError::Unavailable("RemoteExperts::run called on an async runtime thread".into()));
         }
         let (layer, hidden) = (batch.layer, batch.hidden);
+        // A child of the step's (or prefill batch's) span; its context rides on each request.
+        let span = tracing::info_span!("expert_call", layer, groups = batch.groups.len(), rows = batch.num_rows());
+        let _entered = span.enter();
+        let traceparent = cluster_core::trace::traceparent(&span);
         let mut pending = plan::pieces(batch, outputs.len())?;
         let deadline = Instant::now() + self.options.call_timeout;
         let mut backoff = FIRST_BACKOFF;
@@ -185,7 +189,7 @@ impl ExpertBackend for RemoteExperts {
             attempt = attempt.saturating_add(1);
             let (parts, unhosted) = self.plan(layer, hidden, &pending, batch.inputs);
             let attempt_deadline = deadline.min(Instant::now() + self.options.attempt_timeout);
-            let results = self.dialer.runtime.block_on(self.send(layer, hidden, parts, attempt_deadline));
+            let results = self.dialer.runtime.block_on(self.send(layer, hidden, parts, attempt_deadline, &traceparent));
 
             // (worker, error) of each failed part; `None` for groups nobody hosts.
             let mut failures: Vec<(Option<WorkerId>, String)> = Vec::new();

@@ -51,6 +51,8 @@ struct Call {
     hidden: u32,
     groups: Vec<ExpertGroup>,
     inputs: Vec<f32>,
+    /// W3C context of the caller's span (empty when not traced).
+    traceparent: String,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -94,9 +96,10 @@ impl Conn {
         hidden: usize,
         groups: Vec<ExpertGroup>,
         inputs: Vec<f32>,
+        traceparent: String,
     ) -> Result<oneshot::Receiver<Reply>, CallError> {
         let (reply, rx) = oneshot::channel();
-        let call = Call { layer: layer as u32, hidden: hidden as u32, groups, inputs, reply };
+        let call = Call { layer: layer as u32, hidden: hidden as u32, groups, inputs, traceparent, reply };
         self.calls.send(call).await.map_err(|_| CallError::Closed)?;
         Ok(rx)
     }
@@ -128,6 +131,7 @@ async fn drive(mut client: ExpertClient<Channel>, mut calls: mpsc::Receiver<Call
                 let Some(call) = call else { break CallError::Closed };
                 seq += 1;
                 let request = pb::ExpertRequest {
+                    traceparent: call.traceparent,
                     seq,
                     layer: call.layer,
                     hidden: call.hidden,

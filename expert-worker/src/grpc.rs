@@ -95,7 +95,9 @@ impl Expert for ExpertService {
 
 async fn answer(compute: &ComputeHandle, req: pb::ExpertRequest) -> pb::ExpertReply {
     let seq = req.seq;
-    let result = match run(compute, req).await {
+    let span = tracing::info_span!("expert_compute", layer = req.layer, groups = req.groups.len());
+    cluster_core::trace::parent_from(&req.traceparent, &span);
+    let result = match tracing::Instrument::instrument(run(compute, req), span).await {
         Ok(outputs) => expert_reply::Result::Outputs(outputs.iter().flat_map(|v| v.to_le_bytes()).collect()),
         Err(e) => expert_reply::Result::Error(e.to_string()),
     };

@@ -225,7 +225,10 @@ impl Model {
         experts: &dyn ExpertBackend,
         trace: Option<&mut RouterTrace>,
     ) -> Result<ForwardOutput, ExpertError> {
-        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, trace, None))
+        // The caller's span (a decode step, a prefill batch) follows onto the pool thread, so
+        // expert calls made there are its children.
+        let span = tracing::Span::current();
+        rayon::scope(|_| span.in_scope(|| self.forward_on_pool(cache, segments, experts, trace, None)))
     }
 
     /// [`Model::forward`], calling `on_layer(l, cache)` as soon as layer `l`'s latent rows
@@ -238,7 +241,8 @@ impl Model {
         experts: &dyn ExpertBackend,
         on_layer: &mut LayerHook<'_>,
     ) -> Result<ForwardOutput, ExpertError> {
-        rayon::scope(|_| self.forward_on_pool(cache, segments, experts, None, Some(on_layer)))
+        let span = tracing::Span::current();
+        rayon::scope(|_| span.in_scope(|| self.forward_on_pool(cache, segments, experts, None, Some(on_layer))))
     }
 
     fn forward_on_pool(

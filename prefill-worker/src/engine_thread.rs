@@ -37,6 +37,8 @@ pub struct Job {
     pub enqueued: Instant,
     /// The request's span: parent of its transfer, linked from its batch.
     pub span: tracing::Span,
+    /// Open from enqueueing until the job's batch starts.
+    pub queue_wait: tracing::Span,
 }
 
 /// How the engine thread batches and hands off.
@@ -300,7 +302,12 @@ impl EngineActor {
         let num_tokens: usize = admitted.iter().map(|a| a.prompt.len()).sum();
         self.stats.running.store(saturate(admitted.len()), Ordering::Relaxed);
         self.stats.free_blocks.store(saturate(self.engine.free_blocks()), Ordering::Relaxed);
-        let span = tracing::info_span!("prefill_batch", num_seqs = admitted.len(), num_tokens);
+        // Child of its first request (so a lone request's trace holds its expert calls),
+        // linked to every request it serves.
+        let span = match links.first() {
+            Some(first) => tracing::info_span!(parent: first, "prefill_batch", num_seqs = admitted.len(), num_tokens),
+            None => tracing::info_span!("prefill_batch", num_seqs = admitted.len(), num_tokens),
+        };
         for request in &links {
             span.follows_from(request);
         }
@@ -363,7 +370,8 @@ impl EngineActor {
 
     /// Starts the job's transfer task, which now owns its reply.
     fn start_transfer(&self, job: Job, layout: CacheLayout) -> Admitted {
-        let Job { request, sink, reply, enqueued, span } = job;
+        let Job { request, sink, reply, enqueued, span, queue_wait } = job;
+        drop(queue_wait);
         let (events, rx) = mpsc::channel(transfer::event_capacity(layout.num_layers));
         let shape =
             KvShape { num_tokens: request.prompt.len(), latent_dim: layout.latent_dim, num_layers: layout.num_layers };

@@ -19,6 +19,8 @@ struct Cli {
     etcd: cluster_core::node::EtcdArgs,
     #[command(flatten)]
     metrics: cluster_core::telemetry::MetricsArgs,
+    #[command(flatten)]
+    tracing: cluster_core::trace::TracingArgs,
     /// Parse the flags and environment, print the resulting configuration, and exit.
     #[arg(long)]
     check_config: bool,
@@ -31,7 +33,13 @@ async fn main() -> std::process::ExitCode {
         println!("{cli:#?}");
         return std::process::ExitCode::SUCCESS;
     }
-    cluster_core::node::init_logging();
+    let _tracing = match cli.tracing.init("prefill-worker") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = cli.metrics.install() {
         eprintln!("error: {e}");
         return std::process::ExitCode::FAILURE;

@@ -328,7 +328,8 @@ async fn feed(
                     }
                 }
                 let rows = state.layers[layer].insert(rows);
-                send_layer(&tx, layer, rows, shape, settings).await?;
+                let span = tracing::info_span!("kv_send_layer", layer, bytes = rows.len() as u64);
+                send_layer(&tx, layer, rows, shape, settings).instrument(span).await?;
             }
             Some(SeqEvent::Done { commit, first_token, compute }) => state.done = Some((commit, first_token, compute)),
             Some(SeqEvent::Failed(e)) => return Err(FeedError::Engine(e)),

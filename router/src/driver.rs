@@ -133,13 +133,24 @@ impl Driver {
         let attempt_id = model::sampling::random_seed();
         let has_prefill = self.pool.has_role(Role::Prefill);
         let local = job.prompt.len() <= self.config.local_prefill_max_tokens || !has_prefill;
-        let (decode, mut events) = self.reserve(job, attempt_id, local, out).await?;
+        let admission = tracing::info_span!("admission", attempt = attempt_id, local_prefill = local);
+        let (decode, mut events) = tracing::Instrument::instrument(self.reserve(job, attempt_id, local, out), admission).await?;
         let _decode_guard = self.pool.begin(&decode.id);
-        let prefill = if local { None } else { Some(self.pick_prefill()?) };
+        let prefill = if local {
+            None
+        } else {
+            let _schedule = tracing::info_span!("schedule_prefill").entered();
+            Some(self.pick_prefill()?)
+        };
         let _prefill_guard = prefill.as_ref().map(|p| self.pool.begin(&p.id));
         let prefill_call = async {
             match &prefill {
-                Some(p) => internal::prefill(p.channel.clone(), attempt_id, job, &decode.address).await.map(Some),
+                Some(p) => {
+                    let span = tracing::info_span!("prefill_call", prefill_worker = %p.id, decode_worker = %decode.id);
+                    tracing::Instrument::instrument(internal::prefill(p.channel.clone(), attempt_id, job, &decode.address), span)
+                        .await
+                        .map(Some)
+                }
                 None => std::future::pending().await,
             }
         };

@@ -10,12 +10,14 @@
 //!   `expertmesh generate --json`.
 //! - [`grpc`]: request builders, collected streams checked against the reference, raw
 //!   bytes, health checks.
+//! - [`otlp`]: an in-test OTLP/gRPC trace receiver.
 //! - [`wait`]: `wait_until` / `wait_for` / `within`.
 
 pub mod binaries;
 pub mod cluster;
 pub mod etcd;
 pub mod grpc;
+pub mod otlp;
 pub mod process;
 pub mod wait;
 

@@ -76,9 +76,12 @@ impl KvSink for DecodeSink {
 
     fn push(&self, parts: mpsc::Receiver<KvPart>) -> BoxFuture<'static, Result<u64, PushFailure>> {
         let mut client = self.client.clone();
+        // Called inside the transfer's span: the decode worker's import joins the trace.
+        let span = tracing::Span::current();
         Box::pin(async move {
-            let stream = ReceiverStream::new(parts).map(to_chunk);
-            match client.push_kv(stream).await {
+            let mut request = tonic::Request::new(ReceiverStream::new(parts).map(to_chunk));
+            cluster_core::trace::inject(&span, request.metadata_mut());
+            match client.push_kv(request).await {
                 Ok(reply) => Ok(reply.into_inner().bytes_received),
                 Err(status) => Err(classify(&status)),
             }

@@ -43,7 +43,8 @@ impl PrefillService {
         self.limits.check(&request.prompt, &request.params)?;
         let sink = self.decode.get(&request.decode_addr)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.engine.submit(Job { request, sink, reply, enqueued: Instant::now(), span: tracing::Span::current() })?;
+        let queue_wait = tracing::info_span!("queue_wait");
+        self.engine.submit(Job { request, sink, reply, enqueued: Instant::now(), span: tracing::Span::current(), queue_wait })?;
         // Dropping this future (the caller cancelled) closes `answer`: a queued job is then
         // skipped and a running transfer abandoned.
         answer.await.map_err(|_| PrefillError::ShuttingDown)?
@@ -63,9 +64,11 @@ impl Prefill for PrefillService {
         &self,
         request: Request<proto::internal::PrefillRequest>,
     ) -> Result<Response<PrefillReply>, Status> {
+        let parent = request.metadata().clone();
         let request = request.into_inner();
         let span =
             tracing::info_span!("prefill", request_id = request.request_id, num_tokens = request.prompt_ids.len());
+        cluster_core::trace::extract_into(&parent, &span);
         let outcome = self.prefill_one(request).instrument(span).await.map_err(|e| status(&e))?;
         Ok(Response::new(PrefillReply {
             first_token: outcome.first_token,

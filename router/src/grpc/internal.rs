@@ -99,6 +99,8 @@ pub async fn admit(channel: Channel, attempt: u64, job: &Job, local_prefill: boo
         local_prefill_prompt_ids: if local_prefill { job.prompt.clone() } else { Vec::new() },
         prompt_logits_top: job.prompt_logits_top as u32,
     };
+    let mut req = tonic::Request::new(req);
+    cluster_core::trace::inject(&tracing::Span::current(), req.metadata_mut());
     let mut stream = DecodeClient::new(channel).admit(req).await?.into_inner();
     match stream.message().await? {
         Some(pb::DecodeEvent { event: Some(decode_event::Event::Admitted(a)) }) => {
@@ -124,6 +126,8 @@ pub async fn prefill(channel: Channel, attempt: u64, job: &Job, decode_addr: &st
         prompt_logits_top: job.prompt_logits_top as u32,
         decode_addr: decode_addr.to_string(),
     };
+    let mut req = tonic::Request::new(req);
+    cluster_core::trace::inject(&tracing::Span::current(), req.metadata_mut());
     let r = PrefillClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .prefill(req)

@@ -79,7 +79,31 @@ fn deadline<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
-fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: u64) -> pb::Summary {
+/// What the summary of a started request reports besides its outcome.
+struct Started {
+    prompt_ids: Vec<u32>,
+    request_id: u64,
+    /// Empty when traces are not exported.
+    trace_id: String,
+}
+
+impl Started {
+    fn summary(&mut self, o: &Outcome) -> pb::Summary {
+        summary(o, std::mem::take(&mut self.prompt_ids), self.request_id, self.trace_id.clone())
+    }
+}
+
+/// The trace id as a response header, so a client sees it before the first token.
+fn with_trace_id<T>(mut response: Response<T>, trace_id: &str) -> Response<T> {
+    if !trace_id.is_empty()
+        && let Ok(v) = trace_id.parse()
+    {
+        response.metadata_mut().insert("x-trace-id", v);
+    }
+    response
+}
+
+fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: u64, trace_id: String) -> pb::Summary {
     pb::Summary {
         finish_reason: finish_reason(o.reason) as i32,
         prompt_tokens: prompt_ids.len() as u32,
@@ -89,6 +113,7 @@ fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: u64) -> pb::Summary {
         request_id: format!("{request_id:016x}"),
         prompt_ids,
         retries: o.retries,
+        trace_id,
     }
 }
 
@@ -96,8 +121,11 @@ type Deliveries = mpsc::Receiver<Result<Delivery, RequestError>>;
 
 impl GenerationService {
     /// Validates, admits and starts a request; returns its deliveries.
-    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(Deliveries, Vec<u32>, u64), Status> {
+    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(Deliveries, Started), Status> {
         let started = Instant::now();
+        // The request's root span (the client's, if it sent a traceparent).
+        let span = tracing::info_span!("request", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
+        cluster_core::trace::extract_into(req.metadata(), &span);
         if self.draining.load(Ordering::Relaxed) {
             return Err(status(RequestError::ShuttingDown));
         }
@@ -132,7 +160,9 @@ impl GenerationService {
         let prompt_ids = job.prompt.clone();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let driver = self.driver.clone();
-        let span = tracing::info_span!("request", request_id = %format!("{request_id:016x}"), prompt_tokens = job.prompt.len());
+        span.record("request_id", format!("{request_id:016x}"));
+        span.record("prompt_tokens", job.prompt.len());
+        let trace_id = cluster_core::trace::trace_id(&span).unwrap_or_default();
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 let _permit = permit;
@@ -150,7 +180,7 @@ impl GenerationService {
             },
             span,
         ));
-        Ok((rx, prompt_ids, request_id))
+        Ok((rx, Started { prompt_ids, request_id, trace_id }))
     }
 }
 
@@ -159,8 +189,8 @@ impl Generation for GenerationService {
     type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let (rx, prompt_ids, request_id) = self.start(req).await?;
-        let mut prompt_ids = Some(prompt_ids);
+        let (rx, mut started) = self.start(req).await?;
+        let trace_id = started.trace_id.clone();
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |d| {
             let event = match d.map_err(status)? {
                 Delivery::Token { index, id, text, prompt_logits_top } => generate_response::Event::Token(pb::TokenChunk {
@@ -169,15 +199,15 @@ impl Generation for GenerationService {
                     text,
                     prompt_logits_top: logits(prompt_logits_top),
                 }),
-                Delivery::Done(o) => generate_response::Event::Summary(summary(&o, prompt_ids.take().unwrap_or_default(), request_id)),
+                Delivery::Done(o) => generate_response::Event::Summary(started.summary(&o)),
             };
             Ok(pb::GenerateResponse { event: Some(event) })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
     }
 
     async fn generate_unary(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateUnaryResponse>, Status> {
-        let (mut rx, prompt_ids, request_id) = self.start(req).await?;
+        let (mut rx, mut started) = self.start(req).await?;
         let mut reply = pb::GenerateUnaryResponse::default();
         while let Some(d) = rx.recv().await {
             match d.map_err(status)? {
@@ -189,8 +219,8 @@ impl Generation for GenerationService {
                     }
                 }
                 Delivery::Done(o) => {
-                    reply.summary = Some(summary(&o, prompt_ids, request_id));
-                    return Ok(Response::new(reply));
+                    reply.summary = Some(started.summary(&o));
+                    return Ok(with_trace_id(Response::new(reply), &started.trace_id));
                 }
             }
         }
