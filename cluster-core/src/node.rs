@@ -106,14 +106,41 @@ impl EtcdArgs {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    init_logging_default("info,h2=warn,tower=warn,hyper=warn");
-}
-
 /// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
 pub fn init_logging_default(default: &str) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// What every serving binary takes besides its role's flags: metrics, trace export, and
+/// `--check-config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    #[command(flatten)]
+    pub metrics: crate::telemetry::MetricsArgs,
+    #[command(flatten)]
+    pub tracing: crate::trace::TracingArgs,
+    /// Parse the flags and environment, print the resulting configuration, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl ProcessArgs {
+    /// With `--check-config`, prints `config` (the whole parsed command line) and asks the
+    /// caller to exit with success; otherwise installs logging, trace export and metrics
+    /// (inside the runtime). `Err` is the exit code to return.
+    pub fn start(&self, role: &str, config: &dyn std::fmt::Debug) -> Result<crate::trace::TracingGuard, std::process::ExitCode> {
+        if self.check_config {
+            println!("{config:#?}");
+            return Err(std::process::ExitCode::SUCCESS);
+        }
+        let fail = |e: &dyn std::fmt::Display| {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        };
+        let guard = self.tracing.init(role).map_err(|e| fail(&e))?;
+        self.metrics.install().map_err(|e| fail(&e))?;
+        Ok(guard)
+    }
 }

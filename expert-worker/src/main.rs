@@ -14,32 +14,16 @@ struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
-    metrics: cluster_core::telemetry::MetricsArgs,
-    #[command(flatten)]
-    tracing: cluster_core::trace::TracingArgs,
-    /// Parse the flags and environment, print the resulting configuration, and exit.
-    #[arg(long)]
-    check_config: bool,
+    process: cluster_core::node::ProcessArgs,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if cli.check_config {
-        println!("{cli:#?}");
-        return std::process::ExitCode::SUCCESS;
-    }
-    let _tracing = match cli.tracing.init("expert-worker") {
+    let _tracing = match cli.process.start("expert-worker", &cli) {
         Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = cli.metrics.install() {
-        eprintln!("error: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<cluster_core::serve::Ready>();
