@@ -146,14 +146,19 @@ pub fn traceparent(span: &tracing::Span) -> String {
     carrier.remove("traceparent").unwrap_or_default()
 }
 
-/// Makes a W3C `traceparent` value the parent of `span` (nothing when empty or invalid).
-pub fn parent_from(traceparent: &str, span: &tracing::Span) {
+/// The span context a W3C `traceparent` value names (`None` when empty or invalid).
+fn context_from(traceparent: &str) -> Option<opentelemetry::Context> {
     if traceparent.is_empty() {
-        return;
+        return None;
     }
     let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
-    if cx.span().span_context().is_valid() {
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes a W3C `traceparent` value the parent of `span` (nothing when empty or invalid).
+pub fn parent_from(traceparent: &str, span: &tracing::Span) {
+    if let Some(cx) = context_from(traceparent) {
         let _ = span.set_parent(cx);
     }
 }
@@ -161,14 +166,8 @@ pub fn parent_from(traceparent: &str, span: &tracing::Span) {
 /// Links `span` to the span whose context is the W3C `traceparent` value (batch spans link
 /// to the requests they serve).
 pub fn link_to(traceparent: &str, span: &tracing::Span) {
-    if traceparent.is_empty() {
-        return;
-    }
-    let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
-    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        span.add_link(sc);
+    if let Some(cx) = context_from(traceparent) {
+        span.add_link(cx.span().span_context().clone());
     }
 }
 
