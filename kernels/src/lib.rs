@@ -5,6 +5,8 @@
 //! is tested against it. The CPU backend always builds; CUDA lives behind the `cuda` feature.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod error;
 
