@@ -80,6 +80,20 @@ impl RopeTable {
         self.inv_freq.len() * 2
     }
 
+    /// The (YaRN-adjusted) inverse frequencies, `dim / 2` of them.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// The factor `cos` and `sin` are multiplied by (YaRN's mscale ratio; 1 without YaRN).
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
+    }
+
+    pub fn interleave(&self) -> bool {
+        self.interleave
+    }
+
     /// Fills `cos` and `sin` (each `dim / 2` long) for position `pos`.
     pub fn cos_sin(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
         for (i, f) in self.inv_freq.iter().enumerate() {
