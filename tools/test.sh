@@ -14,6 +14,11 @@ bash tools/deps.sh protoc etcd
 # kubernetes-validate for the offline check of deploy/.
 python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements-test.txt
 
+# The CUDA kernels compile to PTX with NVRTC on any machine: put the wheel's libnvrtc on the
+# loader's path (cudarc opens it by name at run time).
+nvrtc_lib=$(python3 -c 'import nvidia.cuda_nvrtc as m; print(list(m.__path__)[0] + "/lib")')
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

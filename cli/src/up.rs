@@ -34,6 +34,9 @@ pub struct UpArgs {
     /// Latent cache of each decode worker, in tokens.
     #[arg(long, default_value_t = 32768)]
     cache_tokens: usize,
+    /// Compute device of the prefill and decode workers: cpu, or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: kernels::Device,
     /// Prompts of at most this many tokens are prefilled on the decode worker.
     #[arg(long, default_value_t = 0)]
     local_prefill_max_tokens: usize,
@@ -103,6 +106,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             model: model.clone(),
             dtype: decode_worker::DtypeArg::Auto,
             precision: decode_worker::PrecisionArg::Exact,
+            device: args.device,
             cache_tokens: args.cache_tokens,
             block_size: 16,
             max_batch: 64,
@@ -118,6 +122,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             model: model.clone(),
             dtype: prefill_worker::DtypeArg::Auto,
             precision: prefill_worker::PrecisionArg::Exact,
+            device: args.device,
             max_batch_tokens: 4096,
             cache_tokens: 32768,
             block_size: 16,

@@ -52,6 +52,10 @@ pub struct DecodeConfig {
     pub dtype: DtypeArg,
     #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
     pub precision: PrecisionArg,
+    /// Compute device: cpu, or cuda:N (an NVIDIA GPU; the CUDA engine rounds GEMM inputs to
+    /// bf16, as `--precision bf16` does on the CPU).
+    #[arg(long, env = "EXPERTMESH_DEVICE", default_value = "cpu")]
+    pub device: kernels::Device,
     /// Latent cache size in tokens (all sequences together).
     #[arg(long, env = "EXPERTMESH_CACHE_TOKENS", default_value_t = 32768)]
     pub cache_tokens: usize,
@@ -81,7 +85,11 @@ impl DecodeConfig {
                 PrecisionArg::Exact => kernels::cpu::Precision::Exact,
                 PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
             },
-            options: EngineOptions { cache_tokens: self.cache_tokens, block_size: self.block_size as usize },
+            options: EngineOptions {
+                cache_tokens: self.cache_tokens,
+                block_size: self.block_size as usize,
+                device: self.device,
+            },
         }
     }
 }

@@ -56,6 +56,11 @@ impl LatentCache {
         }
     }
 
+    /// The block allocator alone, for a cache whose rows live elsewhere (GPU memory).
+    pub fn allocator_only(layout: CacheLayout) -> Self {
+        LatentCache { layout, layers: Vec::new(), free: (0..layout.num_blocks as u32).rev().collect() }
+    }
+
     pub fn layout(&self) -> CacheLayout {
         self.layout
     }

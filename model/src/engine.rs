@@ -41,11 +41,13 @@ pub struct EngineOptions {
     pub cache_tokens: usize,
     /// Tokens per cache block.
     pub block_size: usize,
+    /// Where the forward pass and the cache live (see [`Engine::on_device`]).
+    pub device: kernels::Device,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { cache_tokens: 16 * 1024, block_size: 16 }
+        EngineOptions { cache_tokens: 16 * 1024, block_size: 16, device: kernels::Device::Cpu }
     }
 }
 
@@ -88,20 +90,65 @@ struct Sequence {
 pub struct Engine {
     model: Arc<Model>,
     experts: Arc<dyn ExpertBackend>,
+    /// The block allocator, and the rows too unless they live on a GPU.
     cache: LatentCache,
     seqs: HashMap<SeqId, Sequence>,
+    /// Weights and cache rows on the GPU, for `Device::Cuda`.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::GpuModel>,
 }
 
 impl Engine {
     pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Self {
-        let c = &model.config;
-        let layout = CacheLayout {
+        debug_assert_eq!(opts.device, kernels::Device::Cpu, "Engine::new is the CPU engine; use Engine::on_device");
+        let layout = Self::layout_for(&model.config, opts);
+        Engine {
+            cache: LatentCache::new(layout),
+            model,
+            experts,
+            seqs: HashMap::new(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// An engine on `opts.device`: the CPU engine for `Device::Cpu`; for `Device::Cuda(n)`
+    /// the model's weights (and its routed experts, when they are local) are copied to GPU
+    /// `n` and the latent cache is allocated there. Fails with [`EngineError::Device`] when
+    /// the GPU cannot be used (no driver, no such device, a build without CUDA).
+    pub fn on_device(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Result<Self, EngineError> {
+        match opts.device {
+            kernels::Device::Cpu => Ok(Self::new(model, experts, opts)),
+            #[cfg(feature = "cuda")]
+            kernels::Device::Cuda(ordinal) => {
+                let layout = Self::layout_for(&model.config, opts);
+                let gpu = crate::cuda::GpuModel::new(ordinal, &model, experts.as_ref(), layout)
+                    .map_err(|e| EngineError::Device(e.to_string()))?;
+                Ok(Engine { cache: LatentCache::allocator_only(layout), model, experts, seqs: HashMap::new(), gpu: Some(gpu) })
+            }
+            #[cfg(not(feature = "cuda"))]
+            device @ kernels::Device::Cuda(_) => {
+                Err(EngineError::Device(kernels::KernelError::CudaNotBuilt(device.to_string()).to_string()))
+            }
+        }
+    }
+
+    fn layout_for(c: &crate::ModelConfig, opts: EngineOptions) -> CacheLayout {
+        CacheLayout {
             num_layers: c.num_hidden_layers,
             latent_dim: c.latent_dim(),
             block_size: opts.block_size.max(1),
             num_blocks: opts.cache_tokens.div_ceil(opts.block_size.max(1)),
-        };
-        Engine { cache: LatentCache::new(layout), model, experts, seqs: HashMap::new() }
+        }
+    }
+
+    /// The device the forward pass runs on.
+    pub fn device(&self) -> kernels::Device {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return kernels::Device::Cuda(g.gpu().ordinal());
+        }
+        kernels::Device::Cpu
     }
 
     pub fn model(&self) -> &Model {
@@ -221,11 +268,22 @@ impl Engine {
                 }
             })
             .collect();
+        let tables: Vec<(SeqId, &[u32], usize)> =
+            ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect();
+        #[cfg(feature = "cuda")]
+        let on_layer = match self.gpu.as_mut() {
+            Some(gpu) => {
+                let exports = on_layer.map(|f| (&tables[..], f));
+                let out = gpu.run(&self.model, &segments, self.experts.as_ref(), exports)?;
+                drop(segments);
+                drop(tables);
+                return Ok(self.finish_step(ids, phase, out));
+            }
+            None => on_layer,
+        };
         let out = match on_layer {
             None => self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?,
             Some(f) => {
-                let tables: Vec<(SeqId, &[u32], usize)> =
-                    ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect();
                 let mut hook = |layer: usize, cache: &LatentCache| {
                     for &(id, blocks, n) in &tables {
                         f(layer, id, cache.export_layer(layer, blocks, n));
@@ -234,6 +292,13 @@ impl Engine {
                 self.model.forward_with_layer_hook(&mut self.cache, &segments, self.experts.as_ref(), &mut hook)?
             }
         };
+        drop(segments);
+        drop(tables);
+        Ok(self.finish_step(ids, phase, out))
+    }
+
+    /// Samples each sequence's next token from its logits and advances its state.
+    fn finish_step(&mut self, ids: &[SeqId], phase: Phase, out: crate::ForwardOutput) -> Vec<StepOutput> {
         let mut results = Vec::with_capacity(ids.len());
         for (id, logits) in ids.iter().zip(out.logits) {
             let s = self.seqs.get_mut(id).expect("checked above");
@@ -253,7 +318,7 @@ impl Engine {
             s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
             results.push(StepOutput { seq: *id, token, finish, prompt_logits_top });
         }
-        Ok(results)
+        results
     }
 
     /// Tokens generated so far by `id`.
@@ -276,7 +341,9 @@ impl Engine {
         Ok(SequenceCacheExport {
             num_tokens: s.cached,
             latent_dim: layout.latent_dim,
-            layers: (0..layout.num_layers).map(|l| self.cache.export_layer(l, &s.blocks, s.cached)).collect(),
+            layers: (0..layout.num_layers)
+                .map(|l| self.export_layer(l, &s.blocks, s.cached))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -364,6 +431,12 @@ impl Engine {
         if bytes.len() != row_bytes {
             return bad(format!("layer {layer} has {} bytes, expected {row_bytes}", bytes.len()));
         }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.gpu.as_mut() {
+            gpu.cache.import_layer(layer, &s.blocks, bytes).map_err(|e| EngineError::Device(e.to_string()))?;
+            s.imported_layers[layer] = Some(num_tokens);
+            return Ok(());
+        }
         self.cache.import_layer(layer, &s.blocks, bytes);
         s.imported_layers[layer] = Some(num_tokens);
         Ok(())
@@ -438,6 +511,17 @@ impl Engine {
 }
 
 /// `token` ends generation: one of the request's stop ids, or the model's EOS when it gave none.
+impl Engine {
+    /// One layer of a sequence's rows, from wherever the cache lives.
+    fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<Vec<u8>, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));
+        }
+        Ok(self.cache.export_layer(layer, blocks, num_tokens))
+    }
+}
+
 fn is_stop(eos: &[u32], p: &SamplingParams, token: u32) -> bool {
     if p.stop_token_ids.is_empty() { eos.contains(&token) } else { p.stop_token_ids.contains(&token) }
 }

@@ -23,6 +23,9 @@ pub enum ModelError {
     Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    /// The model loaded but the compute device could not take it.
+    #[error("{0}")]
+    Device(String),
 }
 
 /// A request the engine refuses, or a failure while running it.
@@ -50,4 +53,7 @@ pub enum EngineError {
     BadCacheImport(String),
     #[error(transparent)]
     Experts(#[from] crate::ExpertError),
+    /// The compute device failed (a CUDA error) or could not be opened.
+    #[error("device error: {0}")]
+    Device(String),
 }

@@ -53,6 +53,12 @@ pub enum ExpertError {
 /// `batch.inputs`; outputs are unweighted (the caller applies routing weights).
 pub trait ExpertBackend: Send + Sync + fmt::Debug {
     fn run(&self, batch: &ExpertBatch<'_>, outputs: &mut [f32]) -> Result<(), ExpertError>;
+
+    /// The experts themselves when they live in this process (a GPU engine then copies them
+    /// to the device instead of calling `run`).
+    fn as_local(&self) -> Option<&LocalExperts> {
+        None
+    }
 }
 
 /// One routed expert's weights, loaded and ready to be inserted into [`LocalExperts`].
@@ -77,7 +83,7 @@ impl ExpertWeights {
 /// MoE layer has `n_routed_experts` entries, every dense layer none.
 #[derive(Debug)]
 pub struct LocalExperts {
-    layers: Vec<Vec<Option<Mlp>>>,
+    pub(crate) layers: Vec<Vec<Option<Mlp>>>,
     /// Row width every batch must have (the model's hidden size).
     hidden: usize,
     precision: Precision,
@@ -173,6 +179,10 @@ impl LocalExperts {
 }
 
 impl ExpertBackend for LocalExperts {
+    fn as_local(&self) -> Option<&LocalExperts> {
+        Some(self)
+    }
+
     fn run(&self, batch: &ExpertBatch<'_>, outputs: &mut [f32]) -> Result<(), ExpertError> {
         let h = batch.hidden;
         if h != self.hidden {

@@ -19,14 +19,14 @@ use kernels::cpu::{Precision, matmul};
 use rayon::prelude::*;
 
 /// eps of `q_a_layernorm` / `kv_a_layernorm` (fixed in DeepSeek's code, not `rms_norm_eps`).
-const LATENT_NORM_EPS: f32 = 1e-6;
+pub(crate) const LATENT_NORM_EPS: f32 = 1e-6;
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub struct Mlp {
     /// `gate_proj` then `up_proj` stacked: `[2 * inter, hidden]`, one pass over the input.
-    gate_up: Matrix,
-    down: Matrix,
+    pub(crate) gate_up: Matrix,
+    pub(crate) down: Matrix,
 }
 
 impl Mlp {
@@ -53,43 +53,43 @@ impl Mlp {
 }
 
 #[derive(Debug)]
-enum QProj {
+pub(crate) enum QProj {
     Full(Matrix),
     Lora { a: Matrix, norm: Vec<f32>, b: Matrix },
 }
 
 #[derive(Debug)]
-struct Attention {
-    q: QProj,
-    kv_a: Matrix,
-    kv_a_norm: Vec<f32>,
+pub(crate) struct Attention {
+    pub(crate) q: QProj,
+    pub(crate) kv_a: Matrix,
+    pub(crate) kv_a_norm: Vec<f32>,
     /// Per head `W_UKᵀ`: `[kv_lora_rank, qk_nope_head_dim]` (absorbs the key up-projection).
-    w_uk_t: Vec<Matrix>,
+    pub(crate) w_uk_t: Vec<Matrix>,
     /// Per head `W_UV`: `[v_head_dim, kv_lora_rank]`.
-    w_uv: Vec<Matrix>,
-    o_proj: Matrix,
+    pub(crate) w_uv: Vec<Matrix>,
+    pub(crate) o_proj: Matrix,
 }
 
 #[derive(Debug)]
-struct Moe {
+pub(crate) struct Moe {
     /// Router weight `[n_routed_experts, hidden]`, f32.
-    gate: Matrix,
-    bias: Option<Vec<f32>>,
-    shared: Option<Mlp>,
+    pub(crate) gate: Matrix,
+    pub(crate) bias: Option<Vec<f32>>,
+    pub(crate) shared: Option<Mlp>,
 }
 
 #[derive(Debug)]
-enum Ffn {
+pub(crate) enum Ffn {
     Dense(Mlp),
     Moe(Moe),
 }
 
 #[derive(Debug)]
-struct Layer {
-    input_norm: Vec<f32>,
-    post_norm: Vec<f32>,
-    attn: Attention,
-    ffn: Ffn,
+pub(crate) struct Layer {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) post_norm: Vec<f32>,
+    pub(crate) attn: Attention,
+    pub(crate) ffn: Ffn,
 }
 
 /// Called with a layer index once that layer's latent rows are in the cache.
@@ -99,12 +99,12 @@ pub type LayerHook<'a> = dyn FnMut(usize, &LatentCache) + Send + 'a;
 #[derive(Debug)]
 pub struct Model {
     pub config: ModelConfig,
-    embed: Matrix,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Option<Matrix>,
-    rope: RopeTable,
-    scale: f32,
+    pub(crate) embed: Matrix,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: Option<Matrix>,
+    pub(crate) rope: RopeTable,
+    pub(crate) scale: f32,
     precision: Precision,
 }
 

@@ -8,6 +8,8 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod default_model;
 mod engine;
 mod error;
@@ -28,6 +30,7 @@ pub use forward::{ForwardOutput, LogitsWanted, Model, RouterTrace};
 pub use load::{LoadOptions, LoadProgress, load_model};
 pub use sampling::SamplingParams;
 pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+pub use kernels::Device;
 pub use weights::WeightDtype;
 pub use forward::Segment;
 pub use load::Loaded;

@@ -64,7 +64,8 @@ pub fn open_engine_with(
     };
     let mut model = loaded.model;
     model.set_precision(setup.precision);
-    let engine = Engine::new(Arc::new(model), experts, setup.options);
+    let engine = Engine::on_device(Arc::new(model), experts, setup.options)
+        .map_err(|e| ModelError::Device(e.to_string()))?;
     Ok(ServingModel { engine, tokenizer: loaded.tokenizer, dir })
 }
 

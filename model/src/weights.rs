@@ -127,6 +127,20 @@ impl Matrix {
     }
 
     /// Rows `range` as a new matrix.
+    /// All values row-major as bf16 (exact for bf16-stored weights; f32 ones are rounded).
+    pub fn to_bf16(&self) -> Vec<bf16> {
+        self.to_f32().into_iter().map(bf16::from_f32).collect()
+    }
+
+    /// All values row-major as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {
+            self.row_f32(r, row);
+        }
+        out
+    }
+
     pub fn rows_range(&self, range: std::ops::Range<usize>) -> Matrix {
         let c = self.cols;
         self.derive(range.len(), c, |i, j| (range.start + i) * c + j)

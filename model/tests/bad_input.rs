@@ -363,7 +363,7 @@ fn loaded() -> (Arc<model::Model>, Arc<dyn model::ExpertBackend>) {
 
 fn engine(cache_tokens: usize) -> Engine {
     let (m, x) = loaded();
-    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4 })
+    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4, ..Default::default() })
 }
 
 fn expected() -> Expected {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 const FIXTURES: [&str; 2] = ["v3_f32", "v2lite_f32"];
 const NEW_TOKENS: usize = 10;
-const OPTS: EngineOptions = EngineOptions { cache_tokens: 1024, block_size: 4 };
+const OPTS: EngineOptions = EngineOptions { cache_tokens: 1024, block_size: 4, device: model::Device::Cpu };
 
 struct Fixture {
     name: &'static str,

@@ -39,7 +39,7 @@ fn check(name: &str, dtype: WeightDtype) {
             assert_eq!(got, r.experts, "{what}: router choices of layer {}", r.layer);
         }
         // Greedy continuation through the engine (prefill, then decode steps on the cache).
-        let mut engine = Engine::new(model.clone(), experts.clone(), EngineOptions { cache_tokens: 512, block_size: 4 });
+        let mut engine = Engine::new(model.clone(), experts.clone(), EngineOptions { cache_tokens: 512, block_size: 4, ..Default::default() });
         let params = SamplingParams {
             max_new_tokens: case.greedy.len(),
             stop_token_ids: vec![vocab as u32], // never sampled: run the full length

@@ -23,6 +23,10 @@ pub struct PrefillConfig {
     /// exact: f32 activations; bf16: activations rounded to bf16 for bf16 dot products.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
     pub precision: PrecisionArg,
+    /// Compute device: cpu, or cuda:N (an NVIDIA GPU; the CUDA engine rounds GEMM inputs to
+    /// bf16, as `--precision bf16` does on the CPU).
+    #[arg(long, env = "EXPERTMESH_DEVICE", default_value = "cpu")]
+    pub device: kernels::Device,
     /// Most prompt tokens in one prefill batch (a longer prompt runs alone).
     #[arg(long, default_value_t = 4096)]
     pub max_batch_tokens: u32,

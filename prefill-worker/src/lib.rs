@@ -237,7 +237,7 @@ async fn load_engine(
     let setup = model::serving::EngineSetup {
         weight_dtype: config.dtype.into(),
         precision: config.precision.into(),
-        options: EngineOptions { cache_tokens: config.cache_tokens, block_size: config.block_size },
+        options: EngineOptions { cache_tokens: config.cache_tokens, block_size: config.block_size, device: config.device },
     };
     tracing::info!(model = ?dir.as_deref().map_or("default".into(), |d| d.display().to_string()), "model_loading");
     let started = std::time::Instant::now();

@@ -226,7 +226,7 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
         let setup = EngineSetup {
             weight_dtype: WeightDtype::Auto,
             precision: kernels::cpu::Precision::Exact,
-            options: EngineOptions { cache_tokens: 32768, block_size: 16 },
+            options: EngineOptions { cache_tokens: 32768, block_size: 16, ..Default::default() },
         };
         let mut engine = open_engine(None, setup, &|_| {}).expect("default model loads").engine;
         let params = SamplingParams { seed: Some(5), max_new_tokens: 16, ..SamplingParams::default() };

@@ -53,12 +53,24 @@ impl Gpu {
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (bf16 in, f32 accumulate and out).
     pub fn gemm(&self, x: Dev<bf16>, m: usize, k: usize, w: Dev<bf16>, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "gemm shapes");
+        self.gemm_ex(x.ptr, w.ptr, cudaDataType::CUDA_R_16BF, m, k, n, out)
+    }
+
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` in full f32 (no TF32): the MoE router's logits, whose
+    /// top-k must not flip against the CPU engine's.
+    pub fn gemm_f32(&self, x: Dev<f32>, m: usize, k: usize, w: Dev<f32>, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
+        assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "gemm shapes");
+        self.gemm_ex(x.ptr, w.ptr, cudaDataType::CUDA_R_32F, m, k, n, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(&self, x: u64, w: u64, dtype: cudaDataType, m: usize, k: usize, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
         if m == 0 || n == 0 {
             return Ok(());
         }
         let (mi, ki, ni) = (int(m)?, int(k)?, int(n)?);
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: ranges checked above; the handle is bound to this GPU's stream.
+        // SAFETY: callers checked the ranges; the handle is bound to this GPU's stream.
         unsafe {
             gemm_ex(
                 *self.blas.handle(),
@@ -68,11 +80,11 @@ impl Gpu {
                 mi,
                 ki,
                 (&alpha as *const f32).cast::<c_void>(),
-                w.ptr as *const c_void,
-                cudaDataType::CUDA_R_16BF,
+                w as *const c_void,
+                dtype,
                 ki,
-                x.ptr as *const c_void,
-                cudaDataType::CUDA_R_16BF,
+                x as *const c_void,
+                dtype,
                 ki,
                 (&beta as *const f32).cast::<c_void>(),
                 out.ptr as *mut c_void,

@@ -86,6 +86,10 @@ impl Gpu {
         &self.name
     }
 
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
     }
