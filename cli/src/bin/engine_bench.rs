@@ -2,6 +2,9 @@
 //! checkpoint, plus the machine's read bandwidth and the fraction of the batch-1
 //! bandwidth limit reached. Prints one line per figure and a final JSON summary.
 //!
+//! With `--device cuda:N` the same figures come from the GPU engine, the batch-1 fraction is
+//! taken against the GPU's nominal HBM bandwidth and prefill against its bf16 peak.
+//!
 //! On a shared machine the available bandwidth drifts, so for batch 1 each timed decode
 //! step is paired with a bandwidth probe run right before it, and the fraction is the ratio
 //! of the medians (weight bytes per step / step time vs probe bandwidth).
@@ -45,6 +48,16 @@ struct Args {
     /// Bytes read by the bandwidth probe.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
+    /// cpu, or cuda:N. On a GPU the batch-1 fraction is taken against --hbm-gb-s and the
+    /// prefill rate against --peak-bf16-tflops (no probe: the GPU's figures are fixed).
+    #[arg(long, default_value = "cpu")]
+    device: kernels::Device,
+    /// The GPU's memory bandwidth (H100 SXM: 3350; H200: 4800).
+    #[arg(long, default_value_t = 3350.0)]
+    hbm_gb_s: f64,
+    /// The GPU's dense bf16 tensor-core peak (H100/H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    peak_bf16_tflops: f64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,10 +118,11 @@ fn main() -> anyhow::Result<()> {
         Prec::Exact => Precision::Exact,
         Prec::Bf16 => Precision::Bf16Activations,
     };
-    println!("threads: {}", rayon::current_num_threads());
+    let on_gpu = args.device != kernels::Device::Cpu;
+    println!("device: {}; threads: {}", args.device, rayon::current_num_threads());
     let probe = || kernels::cpu::bandwidth::measure_read_bandwidth(args.bandwidth_bytes, 1);
-    let mut bw = probe();
-    println!("read bandwidth (one pass): {bw:.1} GB/s");
+    let mut bw = if on_gpu { args.hbm_gb_s } else { probe() };
+    println!("read bandwidth ({}): {bw:.1} GB/s", if on_gpu { "GPU, as given" } else { "one pass" });
     let t = Instant::now();
     let loaded = load_model(&args.model, LoadOptions { weight_dtype, local_experts: true }, &|_| {})?;
     println!("load: {:.1} s", t.elapsed().as_secs_f64());
@@ -124,11 +138,11 @@ fn main() -> anyhow::Result<()> {
     };
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let cache_tokens = (max_batch.max(args.prefill_batch) + 1) * (args.prompt_len + args.steps + 8);
-    let opts = EngineOptions { cache_tokens, block_size: 16, ..Default::default() };
+    let opts = EngineOptions { cache_tokens, block_size: 16, device: args.device };
     let params = |n: usize| SamplingParams { max_new_tokens: n, stop_token_ids: vec![c.vocab_size as u32], ..Default::default() };
 
     // Prefill: one prompt, after a short warm-up.
-    let mut engine = Engine::new(model.clone(), experts.clone(), opts);
+    let mut engine = Engine::on_device(model.clone(), experts.clone(), opts)?;
     engine.add_sequence(SeqId(0), prompt(8, c.vocab_size, 0), params(2), 0)?;
     engine.prefill(&[SeqId(0)])?;
     engine.release(SeqId(0))?;
@@ -151,6 +165,15 @@ fn main() -> anyhow::Result<()> {
     println!("prefill {} x {} tokens in one batch: {batched_prefill_tps:.1} tokens/s", args.prefill_batch, args.prompt_len);
 
     let bytes = active_bytes_per_token(&c, weight_size);
+    // Two FLOPs per active weight per token (the attention's own FLOPs are not counted).
+    let prefill_tflops = 2.0 * bytes / weight_size as f64 * batched_prefill_tps / 1e12;
+    if on_gpu {
+        println!(
+            "prefill compute: {prefill_tflops:.1} TFLOP/s = {:.0}% of the {:.0} TFLOP/s bf16 peak",
+            100.0 * prefill_tflops / args.peak_bf16_tflops,
+            args.peak_bf16_tflops
+        );
+    }
     let mut decode = Vec::new();
     for &b in &args.batches {
         let ids: Vec<SeqId> = (0..b as u64).map(|i| SeqId(100 + i)).collect();
@@ -164,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         let mut step_secs = Vec::with_capacity(args.steps);
         let mut probes = Vec::new();
         for _ in 0..args.steps {
-            if b == 1 && !args.no_step_probes {
+            if b == 1 && !args.no_step_probes && !on_gpu {
                 probes.push(probe());
             }
             let t = Instant::now();
@@ -175,8 +198,10 @@ fn main() -> anyhow::Result<()> {
         let tps = (b * args.steps) as f64 / secs;
         let step_ms = secs * 1e3 / args.steps as f64;
         print!("decode batch {b}: {tps:.1} tokens/s ({step_ms:.1} ms/step)");
-        if b == 1 && !probes.is_empty() {
-            bw = median(&mut probes);
+        if b == 1 && (on_gpu || !probes.is_empty()) {
+            if !on_gpu {
+                bw = median(&mut probes);
+            }
             let achieved = bytes / median(&mut step_secs) / 1e9;
             let limit = bw * 1e9 / bytes;
             print!(
@@ -192,7 +217,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let summary = serde_json::json!({
-        "dtype": format!("{:?}", args.dtype), "precision": format!("{:?}", args.precision),
+        "device": args.device.to_string(), "dtype": format!("{:?}", args.dtype), "precision": format!("{:?}", args.precision),
+        "prefill_tflops": prefill_tflops,
         "bandwidth_gb_s": bw, "active_gb_per_token": bytes / 1e9,
         "prefill_tokens_per_s": prefill_tps, "batched_prefill_tokens_per_s": batched_prefill_tps, "decode": decode,
     });
