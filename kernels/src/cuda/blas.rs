@@ -69,6 +69,7 @@ impl Gpu {
             return Ok(());
         }
         let (mi, ki, ni) = (int(m)?, int(k)?, int(n)?);
+        self.bind()?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: callers checked the ranges; the handle is bound to this GPU's stream.
         unsafe {
@@ -110,6 +111,7 @@ impl Gpu {
             WeightLayout::OutIn => (cublasOperation_t::CUBLAS_OP_T, g.k),
             WeightLayout::InOut => (cublasOperation_t::CUBLAS_OP_N, g.n),
         };
+        self.bind()?;
         let (alpha, beta) = (1f32, 0f32);
         let stride = |v: usize| i64::try_from(v).map_err(|_| KernelError::UnsupportedShape(format!("stride {v}")));
         // SAFETY: ranges checked above; the handle is bound to this GPU's stream.

@@ -100,6 +100,13 @@ impl Gpu {
         Ok((total, free))
     }
 
+    /// Makes this GPU's context current on the calling thread (the engine runs on another
+    /// thread than the one that opened it). Launches through cudarc do this themselves; raw
+    /// copies and cuBLAS calls need it first.
+    pub(super) fn bind(&self) -> Result<(), KernelError> {
+        self.ctx.bind_to_thread().map_err(cuda_err("binding the context to this thread"))
+    }
+
     pub(super) fn function(&self, name: &'static str) -> &CudaFunction {
         // Every entry point was loaded by `open`.
         &self.functions[name]
@@ -107,6 +114,7 @@ impl Gpu {
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.bind()?;
         self.stream.synchronize().map_err(cuda_err("synchronising the stream"))
     }
 
@@ -129,6 +137,7 @@ impl Gpu {
         if host.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: `dst` is a live range of `host.len()` elements of T (bounds checked when made).
         unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, host, self.stream.cu_stream()) }
             .map_err(cuda_err("copying to the device"))?;
@@ -141,6 +150,7 @@ impl Gpu {
         if out.is_empty() {
             return Ok(out);
         }
+        self.bind()?;
         // SAFETY: `src` is a live range of `out.len()` elements of T.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, src.ptr, self.stream.cu_stream()) }
             .map_err(cuda_err("copying to the host"))?;
@@ -154,6 +164,7 @@ impl Gpu {
         if src.len == 0 {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: both are live ranges of `len` elements of T.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, src.len * std::mem::size_of::<T>(), self.stream.cu_stream())
