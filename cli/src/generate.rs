@@ -58,6 +58,7 @@ enum DtypeArg {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device: kernels::Device = args.device.parse()?;
+    device.check()?;
     let dir = crate::model_dir::resolve(args.model.clone())?;
     let weight_dtype = match args.dtype {
         DtypeArg::Auto => WeightDtype::Auto,

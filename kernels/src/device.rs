@@ -37,6 +37,20 @@ impl FromStr for Device {
     }
 }
 
+impl Device {
+    /// Whether this device can be used here, checked cheaply before anything is loaded onto
+    /// it (for CUDA: the libraries load and the ordinal exists).
+    pub fn check(self) -> Result<(), KernelError> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::Gpu::check(ordinal),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(KernelError::CudaNotBuilt(self.to_string())),
+        }
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -487,6 +487,15 @@ impl Engine {
         Ok(())
     }
 
+    /// One layer of a sequence's rows, from wherever the cache lives.
+    fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<Vec<u8>, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));
+        }
+        Ok(self.cache.export_layer(layer, blocks, num_tokens))
+    }
+
     fn check_import(&self, tokens: &[u32], prompt_len: usize, params: &SamplingParams, cached: usize) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::BadCacheImport(m));
         if cached + 1 != tokens.len() || prompt_len == 0 || prompt_len > cached {
@@ -511,17 +520,6 @@ impl Engine {
 }
 
 /// `token` ends generation: one of the request's stop ids, or the model's EOS when it gave none.
-impl Engine {
-    /// One layer of a sequence's rows, from wherever the cache lives.
-    fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<Vec<u8>, EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));
-        }
-        Ok(self.cache.export_layer(layer, blocks, num_tokens))
-    }
-}
-
 fn is_stop(eos: &[u32], p: &SamplingParams, token: u32) -> bool {
     if p.stop_token_ids.is_empty() { eos.contains(&token) } else { p.stop_token_ids.contains(&token) }
 }

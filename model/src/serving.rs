@@ -53,6 +53,8 @@ pub fn open_engine_with(
     placement: ExpertPlacement,
     on_progress: &dyn Fn(LoadProgress),
 ) -> Result<ServingModel, ModelError> {
+    // Refuse an unusable device before spending minutes loading a checkpoint for it.
+    setup.options.device.check().map_err(|e| ModelError::Device(e.to_string()))?;
     let dir = crate::default_model::resolve_dir(dir)?;
     let local_experts = matches!(placement, ExpertPlacement::Local);
     let loaded = load_model(&dir, LoadOptions { weight_dtype: setup.weight_dtype, local_experts }, on_progress)?;

@@ -180,7 +180,8 @@ pub async fn references(prompts: &[Vec<u32>], max_new_tokens: u32) -> Vec<Refere
     out
 }
 
-fn parse_reference(stdout: &str) -> Result<Reference, String> {
+/// Parses the one JSON line `expertmesh generate --json` prints.
+pub fn parse_reference(stdout: &str) -> Result<Reference, String> {
     let line = stdout
         .lines()
         .rev()
@@ -224,4 +225,17 @@ fn parse_reference(stdout: &str) -> Result<Reference, String> {
             .to_string(),
         last_prompt_logits_top: top,
     })
+}
+
+/// `expertmesh generate --json` on `device` (`cuda:0`, say): the reference of a cluster whose
+/// workers run there. `Err` carries the command's stderr when it fails (no such device).
+pub async fn reference_on(prompt_ids: &[u32], max_new_tokens: u32, device: &str) -> Result<Reference, String> {
+    ensure_model().await;
+    let ids = prompt_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let max_new = max_new_tokens.to_string();
+    let out = run_cli(&["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new, "--device", device]).await;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    parse_reference(&String::from_utf8_lossy(&out.stdout))
 }

@@ -118,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         Prec::Exact => Precision::Exact,
         Prec::Bf16 => Precision::Bf16Activations,
     };
+    args.device.check()?;
     let on_gpu = args.device != kernels::Device::Cpu;
     println!("device: {}; threads: {}", args.device, rayon::current_num_threads());
     let probe = || kernels::cpu::bandwidth::measure_read_bandwidth(args.bandwidth_bytes, 1);

@@ -35,10 +35,10 @@ pub(super) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Ke
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal`: checks that the driver, cuBLAS and NVRTC libraries load (cudarc
-    /// panics on a missing library, so this never lets it try), compiles the kernels for the
-    /// device's architecture and loads them.
-    pub fn open(ordinal: usize) -> Result<Arc<Gpu>, KernelError> {
+    /// Whether GPU `ordinal` can be opened, without opening it: the driver, cuBLAS and NVRTC
+    /// libraries load (cudarc panics on a missing library, so this never lets it try) and the
+    /// device exists. Cheap: serving binaries call it before loading a checkpoint.
+    pub fn check(ordinal: usize) -> Result<(), KernelError> {
         let device = format!("cuda:{ordinal}");
         // SAFETY: these only try to open the libraries by their candidate names.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -55,6 +55,13 @@ impl Gpu {
                 hint: "install CUDA 12's cuBLAS (the toolkit, or the `nvidia-cublas-cu12` Python wheel) and put it on LD_LIBRARY_PATH",
             });
         }
+        if !super::source::nvrtc_available() {
+            return Err(KernelError::CudaLibraryMissing {
+                device,
+                library: "libnvrtc.so.12",
+                hint: "install CUDA 12's NVRTC (the toolkit, or the `nvidia-cuda-nvrtc-cu12` Python wheel) and put it on LD_LIBRARY_PATH",
+            });
+        }
         let count = match CudaContext::device_count() {
             Ok(n) => usize::try_from(n).unwrap_or(0),
             Err(e) if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => 0,
@@ -63,6 +70,13 @@ impl Gpu {
         if ordinal >= count {
             return Err(KernelError::NoSuchGpu { ordinal, count });
         }
+        Ok(())
+    }
+
+    /// Opens GPU `ordinal` (after [`Gpu::check`]), compiles the kernels for its architecture
+    /// and loads them.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>, KernelError> {
+        Self::check(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the context"))?;
         let compute_capability = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
         let name = ctx.name().map_err(cuda_err("reading the device name"))?;
