@@ -222,6 +222,29 @@ fn gemms_match_the_cpu_with_bf16_activations() {
 }
 
 #[test]
+fn device_side_expert_gemv_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(8);
+    // Three experts stacked; 2 tokens x top-2 pairs; k = 40 (8-aligned) and 20 (not).
+    let (experts, n, top_k) = (3, 24, 2);
+    for k in [40, 20] {
+        let w = bf16s(&r.vec(experts * n * k));
+        let x = bf16s(&r.vec(2 * k));
+        let ids = [2u32, 0, 1, 2];
+        let mut want = vec![0f32; ids.len() * n];
+        for (p, &e) in ids.iter().enumerate() {
+            let xf: Vec<f32> = x[(p / top_k) * k..][..k].iter().map(|v| v.to_f32()).collect();
+            let we = &w[e as usize * n * k..][..n * k];
+            matmul(&xf, 1, k, WeightRef::Bf16(we), n, &mut want[p * n..(p + 1) * n], Precision::Bf16Activations);
+        }
+        let (dw, di, dx) = (g.upload(&w).unwrap(), g.upload(&ids).unwrap(), g.upload(&x).unwrap());
+        let dout = g.zeros::<f32>(ids.len() * n).unwrap();
+        g.moe_gemv(dw.dev(), di.dev(), dx.dev(), top_k, dout.dev(), n, k).unwrap();
+        assert_close(&g.read(dout.dev()).unwrap(), &want, 1e-4, &format!("moe_gemv k={k}"));
+    }
+}
+
+#[test]
 fn routers_match_the_cpu() {
     let Some(g) = gpu() else { return };
     let mut r = Rng(5);

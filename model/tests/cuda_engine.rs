@@ -101,6 +101,39 @@ fn fp8_checkpoint_on_the_gpu_matches_the_cpu_engine() {
 }
 
 #[test]
+fn long_prompts_and_batches_take_the_grouped_expert_path_and_match() {
+    // 48 prompt tokens route more (token, expert) pairs than the device-side expert path
+    // takes, so prefill groups tokens by expert on the host; decode steps of one sequence
+    // stay on the device; a batch of 12 decoding sequences groups again.
+    let (model, experts) = load("v3_bf16");
+    let Some(mut gpu) = gpu_engine(&model, &experts) else { return };
+    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS);
+    let vocab = model.config.vocab_size;
+    let prompt: Vec<u32> = (0..48).map(|i| (i * 37 + 5) % vocab as u32).collect();
+    let (cpu_top, cpu_tokens) = run(&mut cpu, &prompt, 6, vocab);
+    let (gpu_top, gpu_tokens) = run(&mut gpu, &prompt, 6, vocab);
+    assert_eq!(cpu_top[0].0, gpu_top[0].0, "top prompt logit: cpu {cpu_top:?} gpu {gpu_top:?}");
+    assert_eq!(gpu_tokens, cpu_tokens, "long prompt greedy tokens");
+    let batch: Vec<SeqId> = (0..12).map(|i| SeqId(100 + i)).collect();
+    let mut outputs = Vec::new();
+    for engine in [&mut cpu, &mut gpu] {
+        for (i, id) in batch.iter().enumerate() {
+            let p: Vec<u32> = (0..3 + i as u32).map(|t| (t * 11 + i as u32) % vocab as u32).collect();
+            engine.add_sequence(*id, p, greedy(4, vocab), 0).expect("add");
+        }
+        let mut tokens = vec![engine.prefill(&batch).expect("prefill").iter().map(|o| o.token).collect::<Vec<_>>()];
+        for _ in 0..3 {
+            tokens.push(engine.decode_step(&batch).expect("decode").iter().map(|o| o.token).collect());
+        }
+        for id in &batch {
+            engine.release(*id).expect("release");
+        }
+        outputs.push(tokens);
+    }
+    assert_eq!(outputs[1], outputs[0], "batched greedy tokens, gpu vs cpu");
+}
+
+#[test]
 fn a_cache_prefilled_on_the_gpu_decodes_on_the_cpu_and_back() {
     let (model, experts) = load("v3_bf16");
     let Some(mut gpu) = gpu_engine(&model, &experts) else { return };

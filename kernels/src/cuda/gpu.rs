@@ -137,6 +137,15 @@ impl Gpu {
         Ok(DeviceBuf { slice, len })
     }
 
+    /// Device memory whose contents are undefined until written: per-call scratch that kernels
+    /// fill completely before anything reads it (saves the memset of [`Gpu::zeros`]).
+    pub fn scratch<T: DeviceRepr>(&self, len: usize) -> Result<DeviceBuf<T>, KernelError> {
+        // SAFETY: uninitialised device memory is only ever garbage values, never host UB;
+        // callers write every element before reading it.
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(cuda_err("allocating device memory"))?;
+        Ok(DeviceBuf { slice, len })
+    }
+
     pub fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, host: &[T]) -> Result<DeviceBuf<T>, KernelError> {
         if host.is_empty() {
             return self.zeros(0);

@@ -10,6 +10,7 @@ mod ops_cache;
 mod ops_elementwise;
 mod ops_fp8;
 mod ops_mla;
+mod ops_moe;
 mod ops_norm;
 mod ops_rope;
 mod ops_router;

@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("fp8.cu", include_str!("../../cuda/fp8.cu")),
     ("cache.cu", include_str!("../../cuda/cache.cu")),
     ("mla.cu", include_str!("../../cuda/mla.cu")),
+    ("moe.cu", include_str!("../../cuda/moe.cu")),
 ];
 
 /// Every kernel entry point the Rust side launches.
@@ -35,6 +36,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "scatter_rows_f32",
     "gather_rows_f32",
     "mla_attend_f32",
+    "moe_gemv_bf16",
 ];
 
 /// The one translation unit: the prelude, then every source, each under a `#line` directive

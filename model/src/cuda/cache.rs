@@ -38,7 +38,7 @@ impl GpuCache {
     pub(crate) fn export_layer(&self, layer: usize, table: &[u32], num_tokens: usize) -> Result<Vec<u8>, KernelError> {
         let width = self.layout.latent_dim;
         let slots = self.gpu.upload(&self.slots(table, num_tokens))?;
-        let rows = self.gpu.zeros::<f32>(num_tokens * width)?;
+        let rows = self.gpu.scratch::<f32>(num_tokens * width)?;
         self.gpu.gather_cache_rows(self.layers[layer].dev(), slots.dev(), rows.dev(), width)?;
         let values = self.gpu.read(rows.dev())?;
         Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())

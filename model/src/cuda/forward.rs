@@ -5,7 +5,7 @@
 //! by expert.
 
 use super::cache::{GpuCache, slot};
-use super::weights::{GpuFfn, GpuLayer, GpuMlp, GpuMoe, GpuQ, GpuWeights};
+use super::weights::{GpuFfn, GpuLayer, GpuMoe, GpuQ, GpuWeights, MlpView, StackedExperts};
 use crate::config::ModelConfig;
 use crate::experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
 use crate::forward::{ForwardOutput, LATENT_NORM_EPS, LogitsWanted, Segment};
@@ -66,7 +66,7 @@ impl Batch {
 
 /// `f32` scratch plus its bf16 copy for the next GEMM.
 fn bf16_of(gpu: &Gpu, x: Dev<f32>) -> Result<DeviceBuf<bf16>, KernelError> {
-    let b = gpu.zeros::<bf16>(x.len())?;
+    let b = gpu.scratch::<bf16>(x.len())?;
     gpu.to_bf16(x, b.dev())?;
     Ok(b)
 }
@@ -86,10 +86,10 @@ impl GpuWeights {
         let h = c.hidden_size;
         let b = Batch::new(gpu, segments, cache.layout.block_size)?;
         let n = b.n;
-        let x = gpu.zeros::<f32>(n * h)?;
+        let x = gpu.scratch::<f32>(n * h)?;
         gpu.embed(self.embed.dev(), b.ids.dev(), x.dev(), h)?;
-        let hn = gpu.zeros::<f32>(n * h)?;
-        let out = gpu.zeros::<f32>(n * h)?;
+        let hn = gpu.scratch::<f32>(n * h)?;
+        let out = gpu.scratch::<f32>(n * h)?;
         for (li, layer) in self.layers.iter().enumerate() {
             gpu.rms_norm(x.dev(), h, layer.input_norm.dev(), hn.dev(), h, n, c.rms_norm_eps)?;
             self.attention(c, scale, li, layer, &b, hn.dev(), cache, out.dev())?;
@@ -101,7 +101,7 @@ impl GpuWeights {
             match &layer.ffn {
                 GpuFfn::Dense(m) => {
                     let hb = bf16_of(gpu, hn.dev())?;
-                    mlp(gpu, m, hb.dev(), n, h, out.dev())?;
+                    mlp(gpu, m.view(), hb.dev(), n, h, out.dev())?;
                 }
                 GpuFfn::Moe(moe) => self.moe(c, li, moe, hn.dev(), n, experts, out.dev())?,
             }
@@ -129,11 +129,11 @@ impl GpuWeights {
             Vec::new()
         } else {
             let idx = gpu.upload(&rows)?;
-            let hs = gpu.zeros::<f32>(r * h)?;
+            let hs = gpu.scratch::<f32>(r * h)?;
             gpu.gather_cache_rows(x, idx.dev(), hs.dev(), h)?;
             gpu.rms_norm(hs.dev(), h, self.norm.dev(), hs.dev(), h, r, c.rms_norm_eps)?;
             let hb = bf16_of(gpu, hs.dev())?;
-            let logits = gpu.zeros::<f32>(r * vocab)?;
+            let logits = gpu.scratch::<f32>(r * vocab)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             gpu.gemm(hb.dev(), r, h, head.dev(), vocab, logits.dev())?;
             gpu.read(logits.dev())?
@@ -171,11 +171,11 @@ impl GpuWeights {
         let (dq, lat) = (dn + dr, rank + dr);
         let hb = bf16_of(gpu, hn)?;
         // Queries [n, heads * dq].
-        let q = gpu.zeros::<f32>(n * heads * dq)?;
+        let q = gpu.scratch::<f32>(n * heads * dq)?;
         match &a.q {
             GpuQ::Full(w) => gpu.gemm(hb.dev(), n, h, w.dev(), heads * dq, q.dev())?,
             GpuQ::Lora { a: wa, rank: qr, norm, b: wb } => {
-                let qa = gpu.zeros::<f32>(n * qr)?;
+                let qa = gpu.scratch::<f32>(n * qr)?;
                 gpu.gemm(hb.dev(), n, h, wa.dev(), *qr, qa.dev())?;
                 gpu.rms_norm(qa.dev(), *qr, norm.dev(), qa.dev(), *qr, n, LATENT_NORM_EPS)?;
                 let qab = bf16_of(gpu, qa.dev())?;
@@ -183,7 +183,7 @@ impl GpuWeights {
             }
         }
         // Latents [n, rank + dr]: normalize c_kv, rope k_pe, store in the cache.
-        let kv = gpu.zeros::<f32>(n * lat)?;
+        let kv = gpu.scratch::<f32>(n * lat)?;
         gpu.gemm(hb.dev(), n, h, a.kv_a.dev(), lat, kv.dev())?;
         gpu.rms_norm(kv.dev(), lat, a.kv_a_norm.dev(), kv.dev(), lat, n, LATENT_NORM_EPS)?;
         let (freq, factor, il) = (self.inv_freq.dev(), self.attention_factor, self.interleave);
@@ -192,7 +192,7 @@ impl GpuWeights {
         // Rope the rope part of every head; absorb W_UK into the nope part: q_lat [n, heads, rank].
         gpu.rope(q.dev().from(dn), heads * dq, dq, heads, b.pos.dev(), freq, factor, il)?;
         let qb = bf16_of(gpu, q.dev())?;
-        let q_lat = gpu.zeros::<f32>(n * heads * rank)?;
+        let q_lat = gpu.scratch::<f32>(n * heads * rank)?;
         gpu.gemm_batched(&BatchedGemm {
             batch: heads,
             m: n,
@@ -208,7 +208,7 @@ impl GpuWeights {
             ldo: heads * rank,
             stride_o: rank,
         })?;
-        let o_lat = gpu.zeros::<f32>(n * heads * rank)?;
+        let o_lat = gpu.scratch::<f32>(n * heads * rank)?;
         gpu.mla_attend(&MlaArgs {
             cache: cache.layers[li].dev(),
             block_size: cache.layout.block_size,
@@ -228,7 +228,7 @@ impl GpuWeights {
         })?;
         // Up-project values per head: [n, heads * dv], then o_proj.
         let olb = bf16_of(gpu, o_lat.dev())?;
-        let o = gpu.zeros::<f32>(n * heads * dv)?;
+        let o = gpu.scratch::<f32>(n * heads * dv)?;
         gpu.gemm_batched(&BatchedGemm {
             batch: heads,
             m: n,
@@ -261,16 +261,53 @@ impl GpuWeights {
     ) -> Result<(), GpuForwardError> {
         let gpu = self.gpu();
         let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.router.top_k);
-        let logits = gpu.zeros::<f32>(n * e)?;
+        let logits = gpu.scratch::<f32>(n * e)?;
         gpu.gemm_f32(hn, n, h, moe.gate.dev(), e, logits.dev())?;
-        let (ids, weights) = (gpu.zeros::<u32>(n * k)?, gpu.zeros::<f32>(n * k)?);
+        let (ids, weights) = (gpu.scratch::<u32>(n * k)?, gpu.scratch::<f32>(n * k)?);
         gpu.route(&c.router, logits.dev(), moe.bias.as_ref().map(DeviceBuf::dev), ids.dev(), weights.dev())?;
+        let hb = bf16_of(gpu, hn)?;
+        match &moe.experts {
+            Some(stacked) if n * k <= DEVICE_MOE_MAX_PAIRS => {
+                device_moe(gpu, stacked, &ids, &weights, &hb, n, k, out)?;
+            }
+            _ => {
+                let shape = MoeShape { layer, n, k, hidden: h, n_experts: e };
+                self.grouped_moe(shape, moe.experts.as_ref(), &ids, &weights, hn, experts, out)?;
+            }
+        }
+        if let Some(shared) = &moe.shared {
+            let s = gpu.scratch::<f32>(n * h)?;
+            mlp(gpu, shared.view(), hb.dev(), n, h, s.dev())?;
+            gpu.add(out, s.dev())?;
+        }
+        Ok(())
+    }
+
+    /// Larger batches: tokens grouped by expert on the host (the router's choices are read
+    /// back), one GEMM pair per active expert, or one call of the expert backend.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_moe(
+        &self,
+        shape: MoeShape,
+        stacked: Option<&StackedExperts>,
+        ids: &DeviceBuf<u32>,
+        weights: &DeviceBuf<f32>,
+        hn: Dev<f32>,
+        experts: &dyn ExpertBackend,
+        out: Dev<f32>,
+    ) -> Result<(), GpuForwardError> {
+        let gpu = self.gpu();
+        let MoeShape { layer, n, k, hidden: h, n_experts: e } = shape;
         let ids = gpu.read(ids.dev())?;
         // Rows in ascending expert order (tokens ascending within an expert), as the CPU
         // engine sums; row_of[token * k + slot] is where that choice's output lands.
         let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
         for (choice, &x) in ids.iter().enumerate() {
-            by_expert[x as usize].push(choice);
+            let Some(list) = by_expert.get_mut(x as usize) else {
+                let detail = format!("the router chose expert {x} of {e}");
+                return Err(KernelError::Cuda { what: "routing".into(), detail }.into());
+            };
+            list.push(choice);
         }
         let mut src = Vec::with_capacity(n * k);
         let mut row_of = vec![0u32; n * k];
@@ -283,17 +320,14 @@ impl GpuWeights {
             }
         }
         let rows = src.len();
-        let expert_out = gpu.zeros::<f32>(rows * h)?;
-        if self.resident_experts {
+        let expert_out = gpu.scratch::<f32>(rows * h)?;
+        if let Some(stacked) = stacked {
             let src_dev = gpu.upload(&src)?;
-            let xin = gpu.zeros::<bf16>(rows * h)?;
+            let xin = gpu.scratch::<bf16>(rows * h)?;
             gpu.gather_rows_bf16(hn, src_dev.dev(), xin.dev(), h)?;
             let mut start = 0;
             for g in &groups {
-                let m = moe.experts[g.expert.0 as usize].as_ref().ok_or(ExpertError::NotHosted {
-                    layer,
-                    expert: g.expert.0,
-                })?;
+                let m = stacked.expert(g.expert.0 as usize);
                 let (at, len) = (start * h, g.num_tokens * h);
                 mlp(gpu, m, xin.dev().range(at, len), g.num_tokens, h, expert_out.dev().range(at, len))?;
                 start += g.num_tokens;
@@ -311,22 +345,58 @@ impl GpuWeights {
         }
         let row_of = gpu.upload(&row_of)?;
         gpu.moe_combine(expert_out.dev(), row_of.dev(), weights.dev(), k, out, h)?;
-        if let Some(shared) = &moe.shared {
-            let s = gpu.zeros::<f32>(n * h)?;
-            let hb = bf16_of(gpu, hn)?;
-            mlp(gpu, shared, hb.dev(), n, h, s.dev())?;
-            gpu.add(out, s.dev())?;
-        }
         Ok(())
     }
 }
 
+/// One MoE layer's batch shape.
+#[derive(Debug, Clone, Copy)]
+struct MoeShape {
+    layer: usize,
+    /// Tokens.
+    n: usize,
+    /// Experts per token.
+    k: usize,
+    hidden: usize,
+    n_experts: usize,
+}
+
+/// Batches of at most this many (token, expert) pairs run their routed experts on the device
+/// from the router's ids (no read-back, no per-expert launches): decode steps, mostly.
+const DEVICE_MOE_MAX_PAIRS: usize = 32;
+
+/// Routed experts of a small batch, all on the device: per pair, the gate/up projection of
+/// the token's row by its expert, the SiLU gate, the down projection, then the weighted sum
+/// per token in slot (ascending expert) order.
+#[allow(clippy::too_many_arguments)]
+fn device_moe(
+    gpu: &Gpu,
+    x: &StackedExperts,
+    ids: &DeviceBuf<u32>,
+    weights: &DeviceBuf<f32>,
+    hb: &DeviceBuf<bf16>,
+    n: usize,
+    k: usize,
+    out: Dev<f32>,
+) -> Result<(), KernelError> {
+    let (h, i, pairs) = (x.hidden, x.inter, n * k);
+    let gu = gpu.scratch::<f32>(pairs * 2 * i)?;
+    gpu.moe_gemv(x.gate_up.dev(), ids.dev(), hb.dev(), k, gu.dev(), 2 * i, h)?;
+    let act = gpu.scratch::<bf16>(pairs * i)?;
+    gpu.silu_mul(gu.dev(), act.dev(), pairs, i)?;
+    let eo = gpu.scratch::<f32>(pairs * h)?;
+    gpu.moe_gemv(x.down.dev(), ids.dev(), act.dev(), 1, eo.dev(), h, i)?;
+    let rows: Vec<u32> = (0..pairs as u32).collect();
+    let rows = gpu.upload(&rows)?;
+    gpu.moe_combine(eo.dev(), rows.dev(), weights.dev(), k, out, h)
+}
+
 /// `out[m, h] = down(silu(gate(x)) * up(x))` for bf16 rows `x`.
-fn mlp(gpu: &Gpu, m: &GpuMlp, x: Dev<bf16>, rows: usize, h: usize, out: Dev<f32>) -> Result<(), KernelError> {
+fn mlp(gpu: &Gpu, m: MlpView, x: Dev<bf16>, rows: usize, h: usize, out: Dev<f32>) -> Result<(), KernelError> {
     let i = m.inter;
-    let gu = gpu.zeros::<f32>(rows * 2 * i)?;
-    gpu.gemm(x, rows, h, m.gate_up.dev(), 2 * i, gu.dev())?;
-    let act = gpu.zeros::<bf16>(rows * i)?;
+    let gu = gpu.scratch::<f32>(rows * 2 * i)?;
+    gpu.gemm(x, rows, h, m.gate_up, 2 * i, gu.dev())?;
+    let act = gpu.scratch::<bf16>(rows * i)?;
     gpu.silu_mul(gu.dev(), act.dev(), rows, i)?;
-    gpu.gemm(act.dev(), rows, i, m.down.dev(), h, out)
+    gpu.gemm(act.dev(), rows, i, m.down, h, out)
 }

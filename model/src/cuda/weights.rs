@@ -7,7 +7,7 @@ use crate::forward::{Ffn, Mlp, Model, QProj};
 use crate::weights::Matrix;
 use half::bf16;
 use kernels::KernelError;
-use kernels::cuda::{DeviceBuf, Gpu};
+use kernels::cuda::{Dev, DeviceBuf, Gpu};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -39,20 +39,53 @@ pub(crate) struct GpuAttention {
     pub(crate) o_proj: DeviceBuf<bf16>,
 }
 
+/// A layer's routed experts stacked by id, so kernels can pick one by the router's id.
+#[derive(Debug)]
+pub(crate) struct StackedExperts {
+    /// `[n_routed_experts, 2 * inter, hidden]`.
+    pub(crate) gate_up: DeviceBuf<bf16>,
+    /// `[n_routed_experts, hidden, inter]`.
+    pub(crate) down: DeviceBuf<bf16>,
+    pub(crate) inter: usize,
+    pub(crate) hidden: usize,
+}
+
+impl StackedExperts {
+    /// Expert `e`'s two matrices.
+    pub(crate) fn expert(&self, e: usize) -> MlpView {
+        let (gu, d) = (2 * self.inter * self.hidden, self.hidden * self.inter);
+        MlpView { gate_up: self.gate_up.dev().range(e * gu, gu), down: self.down.dev().range(e * d, d), inter: self.inter }
+    }
+}
+
+/// The two matrices of one MLP, wherever they are stored.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MlpView {
+    pub(crate) gate_up: Dev<bf16>,
+    pub(crate) down: Dev<bf16>,
+    pub(crate) inter: usize,
+}
+
+impl GpuMlp {
+    pub(crate) fn view(&self) -> MlpView {
+        MlpView { gate_up: self.gate_up.dev(), down: self.down.dev(), inter: self.inter }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct GpuMoe {
     /// `[n_routed_experts, hidden]` f32.
     pub(crate) gate: DeviceBuf<f32>,
     pub(crate) bias: Option<DeviceBuf<f32>>,
     pub(crate) shared: Option<GpuMlp>,
-    /// Routed experts on this GPU, by id; empty when they are reached through a backend.
-    pub(crate) experts: Vec<Option<GpuMlp>>,
+    /// Routed experts on this GPU; `None` when they are reached through a backend.
+    pub(crate) experts: Option<StackedExperts>,
 }
 
 #[derive(Debug)]
 pub(crate) enum GpuFfn {
     Dense(GpuMlp),
-    Moe(GpuMoe),
+    Moe(Box<GpuMoe>),
 }
 
 #[derive(Debug)]
@@ -75,8 +108,6 @@ pub(crate) struct GpuWeights {
     pub(crate) inv_freq: DeviceBuf<f32>,
     pub(crate) attention_factor: f32,
     pub(crate) interleave: bool,
-    /// True when every routed expert is on this GPU.
-    pub(crate) resident_experts: bool,
 }
 
 fn bf16_matrix(gpu: &Gpu, m: &Matrix) -> Result<DeviceBuf<bf16>, KernelError> {
@@ -90,6 +121,25 @@ fn stacked(gpu: &Gpu, ms: &[Matrix]) -> Result<DeviceBuf<bf16>, KernelError> {
 
 fn mlp(gpu: &Gpu, m: &Mlp) -> Result<GpuMlp, KernelError> {
     Ok(GpuMlp { gate_up: bf16_matrix(gpu, &m.gate_up)?, down: bf16_matrix(gpu, &m.down)?, inter: m.down.cols })
+}
+
+/// Copies one layer's experts into stacked device buffers, one expert at a time (a V3
+/// layer's experts are 15 GB: never staged whole on the host). Every expert must be present.
+fn stack(gpu: &Gpu, experts: &[Option<Mlp>], hidden: usize, inter: usize) -> Result<StackedExperts, KernelError> {
+    let (gu, d) = (2 * inter * hidden, hidden * inter);
+    let stacked = StackedExperts {
+        gate_up: gpu.zeros::<bf16>(experts.len() * gu)?,
+        down: gpu.zeros::<bf16>(experts.len() * d)?,
+        inter,
+        hidden,
+    };
+    for (e, m) in experts.iter().enumerate() {
+        let m = m.as_ref().ok_or_else(|| KernelError::UnsupportedShape(format!("expert {e} is not loaded")))?;
+        let view = stacked.expert(e);
+        gpu.write(view.gate_up, &m.gate_up.to_bf16())?;
+        gpu.write(view.down, &m.down.to_bf16())?;
+    }
+    Ok(stacked)
 }
 
 impl GpuWeights {
@@ -124,15 +174,12 @@ impl GpuWeights {
             };
             let ffn = match &layer.ffn {
                 Ffn::Dense(m) => GpuFfn::Dense(mlp(gpu, m)?),
-                Ffn::Moe(moe) => GpuFfn::Moe(GpuMoe {
+                Ffn::Moe(moe) => GpuFfn::Moe(Box::new(GpuMoe {
                     gate: gpu.upload(&moe.gate.to_f32())?,
                     bias: moe.bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
                     shared: moe.shared.as_ref().map(|m| mlp(gpu, m)).transpose()?,
-                    experts: match resident {
-                        Some(x) => x.layers[l].iter().map(|e| e.as_ref().map(|m| mlp(gpu, m)).transpose()).collect::<Result<_, _>>()?,
-                        None => Vec::new(),
-                    },
-                }),
+                    experts: resident.map(|x| stack(gpu, &x.layers[l], c.hidden_size, c.moe_intermediate_size)).transpose()?,
+                })),
             };
             layers.push(GpuLayer {
                 input_norm: gpu.upload(&layer.input_norm)?,
@@ -150,7 +197,6 @@ impl GpuWeights {
             inv_freq: gpu.upload(model.rope.inv_freq())?,
             attention_factor: model.rope.attention_factor(),
             interleave: model.rope.interleave(),
-            resident_experts: resident.is_some(),
         })
     }
 
@@ -174,7 +220,7 @@ impl GpuWeights {
                 GpuFfn::Moe(m) => {
                     m.gate.len() * 4
                         + m.shared.as_ref().map_or(0, mlp)
-                        + m.experts.iter().flatten().map(mlp).sum::<usize>()
+                        + m.experts.as_ref().map_or(0, |x| (x.gate_up.len() + x.down.len()) * 2)
                 }
             };
         }
