@@ -305,16 +305,28 @@ fn fp8_dequantization_matches_the_cpu_exactly() {
 #[test]
 fn paged_attention_matches_the_cpu_for_decode_and_prefill_tokens() {
     let Some(g) = gpu() else { return };
+    // Sequence A decoding at 37 positions, sequence B's prompt tokens 0..5 (causal: token j
+    // sees j + 1 rows); scattered blocks.
+    let queries: Vec<(u32, u32)> = std::iter::once((0, 37)).chain((0..5).map(|j| (3, j + 1))).collect();
+    attention_case(&g, 20, vec![5, 1, 9, 20, 2], &queries, 24);
+}
+
+#[test]
+fn split_contexts_merge_to_the_cpu_result() {
+    let Some(g) = gpu() else { return };
+    // One decode token over 1000 rows (split over blocks), and a second over 3 rows whose
+    // later parts are empty.
+    let table: Vec<u32> = (0..63).rev().collect();
+    assert!(kernels::cuda::context_splits(2, 1, 1000) > 1, "this case must split");
+    attention_case(&g, 16, [table, vec![70]].concat(), &[(0, 1000), (63, 3)], 72);
+}
+
+/// Attention of `queries` (table offset, context length) against the CPU reference.
+fn attention_case(g: &Gpu, heads: usize, tables: Vec<u32>, queries: &[(u32, u32)], blocks: usize) {
     let mut r = Rng(6);
-    let (heads, rank, dr, bs, blocks) = (20, 512, 64, 16, 24);
+    let (rank, dr, bs) = (512, 64, 16);
     let width = rank + dr;
     let cache = r.vec(blocks * bs * width);
-    // Two sequences with scattered blocks; queries: sequence A decoding at 37 positions,
-    // sequence B's prompt tokens 0..5 (causal: token j sees j + 1 rows).
-    let table_a: Vec<u32> = vec![5, 1, 9];
-    let table_b: Vec<u32> = vec![20, 2];
-    let tables: Vec<u32> = table_a.iter().chain(&table_b).copied().collect();
-    let queries: Vec<(u32, u32)> = std::iter::once((0, 37)).chain((0..5).map(|j| (3, j + 1))).collect();
     let tokens = queries.len();
     let q_lat = r.vec(tokens * heads * rank);
     let q_pe = r.vec(tokens * heads * dr);
@@ -323,10 +335,9 @@ fn paged_attention_matches_the_cpu_for_decode_and_prefill_tokens() {
     let mut want = vec![0f32; tokens * heads * rank];
     let mut scratch = Vec::new();
     for (i, &(off, n_ctx)) in queries.iter().enumerate() {
-        let table = &tables[off as usize..];
         kernels::cpu::mla::attend(
             view,
-            table,
+            &tables[off as usize..],
             n_ctx as usize,
             &q_lat[i * heads * rank..(i + 1) * heads * rank],
             &q_pe[i * heads * dr..(i + 1) * heads * dr],
@@ -339,8 +350,8 @@ fn paged_attention_matches_the_cpu_for_decode_and_prefill_tokens() {
     let offsets: Vec<u32> = queries.iter().map(|q| q.0).collect();
     let lens: Vec<u32> = queries.iter().map(|q| q.1).collect();
     let (dc, dt, doff, dlen) =
-        (g.upload(&cache).unwrap(), g.upload(&tables).unwrap(), g.upload(&offsets).unwrap(), g.upload(&lens).unwrap());
-    let (dq, dp, dout) = (g.upload(&q_lat).unwrap(), g.upload(&q_pe).unwrap(), g.zeros::<f32>(tokens * heads * rank).unwrap());
+        (g.upload(&cache).expect("gpu call"), g.upload(&tables).expect("gpu call"), g.upload(&offsets).expect("gpu call"), g.upload(&lens).expect("gpu call"));
+    let (dq, dp, dout) = (g.upload(&q_lat).expect("gpu call"), g.upload(&q_pe).expect("gpu call"), g.zeros::<f32>(tokens * heads * rank).expect("gpu call"));
     g.mla_attend(&MlaArgs {
         cache: dc.dev(),
         block_size: bs,
@@ -357,9 +368,10 @@ fn paged_attention_matches_the_cpu_for_decode_and_prefill_tokens() {
         rank,
         rope_dim: dr,
         scale,
+        max_ctx: lens.iter().copied().max().unwrap_or(0) as usize,
     })
-    .unwrap();
-    assert_close(&g.read(dout.dev()).unwrap(), &want, 1e-4, "mla");
+    .expect("gpu call");
+    assert_close(&g.read(dout.dev()).expect("gpu call"), &want, 1e-4, "mla");
 }
 
 #[test]

@@ -18,5 +18,5 @@ pub mod source;
 
 pub use blas::{BatchedGemm, WeightLayout};
 pub use gpu::{Dev, DeviceBuf, Gpu};
-pub use ops_mla::{MAX_KV_LORA_RANK, MAX_ROPE_DIM, MlaArgs};
+pub use ops_mla::{MAX_KV_LORA_RANK, MAX_ROPE_DIM, MlaArgs, context_splits};
 pub use ops_router::{MAX_EXPERT_GROUPS, MAX_ROUTED_EXPERTS};

@@ -12,6 +12,20 @@ pub const MAX_ROPE_DIM: usize = 64;
 const MLA_TILE: usize = 16;
 /// Heads per block (one warp each).
 const MLA_HEADS_PER_BLOCK: usize = 16;
+/// Blocks worth launching before the context is split further: two waves of a 132-SM H100.
+const TARGET_BLOCKS: usize = 264;
+/// Shortest part of a split context, in rows (shorter parts cost more to merge than they save).
+const MIN_SPLIT_ROWS: usize = 256;
+
+/// How many parts to cut each context into: enough blocks to fill the GPU when there are few
+/// query tokens, never parts shorter than [`MIN_SPLIT_ROWS`].
+pub fn context_splits(tokens: usize, head_blocks: usize, max_ctx: usize) -> usize {
+    let blocks = (tokens * head_blocks).max(1);
+    if blocks >= TARGET_BLOCKS {
+        return 1;
+    }
+    TARGET_BLOCKS.div_ceil(blocks).min(max_ctx.div_ceil(MIN_SPLIT_ROWS)).max(1)
+}
 
 /// Arguments of [`Gpu::mla_attend`]: `tokens` query tokens, each attending to the first
 /// `ctx_lens[i]` rows of the sequence whose block table starts at `tables[table_offsets[i]]`.
@@ -36,6 +50,8 @@ pub struct MlaArgs {
     pub rank: usize,
     pub rope_dim: usize,
     pub scale: f32,
+    /// The longest of `ctx_lens` (picks how far the context is split over blocks).
+    pub max_ctx: usize,
 }
 
 impl Gpu {
@@ -61,17 +77,54 @@ impl Gpu {
         let (pts, phs) = (int(a.pe_token_stride, "stride")?, int(a.pe_head_stride, "stride")?);
         let (heads, rank, dr, bs) = (int(a.heads, "heads")?, int(a.rank, "rank")?, int(a.rope_dim, "rope")?, int(a.block_size, "block")?);
         let warps = MLA_HEADS_PER_BLOCK.min(a.heads);
+        let head_blocks = a.heads.div_ceil(warps);
+        let splits = context_splits(a.tokens, head_blocks, a.max_ctx);
+        let rows = a.tokens * a.heads;
+        // Parts of a split context: unnormalised outputs and (max, sum) per part.
+        let parts = if splits > 1 {
+            Some((self.scratch::<f32>(rows * splits * a.rank)?, self.scratch::<f32>(rows * splits * 2)?))
+        } else {
+            None
+        };
+        let (acc_ptr, ml_ptr) = parts.as_ref().map_or((0u64, 0u64), |(acc, ml)| (acc.dev().ptr, ml.dev().ptr));
+        let sp = int(splits, "splits")?;
         let cfg = LaunchConfig {
-            grid_dim: (a.tokens as u32, a.heads.div_ceil(warps) as u32, 1),
+            grid_dim: (a.tokens as u32, head_blocks as u32, splits as u32),
             block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: (MLA_TILE * width * 4) as u32,
         };
         let mut b = self.stream.launch_builder(self.function("mla_attend_f32"));
         b.arg(&a.cache.ptr).arg(&a.tables.ptr).arg(&a.table_offsets.ptr).arg(&a.ctx_lens.ptr);
         b.arg(&a.q_lat.ptr).arg(&a.q_pe.ptr).arg(&pts).arg(&phs).arg(&a.out.ptr);
-        b.arg(&heads).arg(&rank).arg(&dr).arg(&bs).arg(&a.scale);
-        // SAFETY: argument types match the kernel; ranges checked above, tables owned by the caller.
+        b.arg(&heads).arg(&rank).arg(&dr).arg(&bs).arg(&a.scale).arg(&sp).arg(&acc_ptr).arg(&ml_ptr);
+        // SAFETY: argument types match the kernel; ranges checked above, tables owned by the
+        // caller, the part buffers sized for `splits` parts of every (token, head).
         unsafe { b.launch(cfg) }.map_err(cuda_err("mla_attend_f32"))?;
+        if splits > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (u32::try_from(rows).map_err(|_| KernelError::UnsupportedShape(format!("{rows} rows")))?, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(self.function("mla_combine_f32"));
+            b.arg(&acc_ptr).arg(&ml_ptr).arg(&sp).arg(&rank).arg(&a.out.ptr);
+            // SAFETY: argument types match the kernel; the parts were written just above.
+            unsafe { b.launch(cfg) }.map_err(cuda_err("mla_combine_f32"))?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::context_splits;
+
+    #[test]
+    fn contexts_split_only_when_blocks_are_few_and_contexts_long() {
+        assert_eq!(context_splits(1, 1, 100), 1, "short context: one part");
+        assert_eq!(context_splits(1, 1, 4096), 16, "batch 1, 4k context: 256-row parts");
+        assert_eq!(context_splits(1, 8, 100_000), 33, "enough parts for two waves");
+        assert_eq!(context_splits(300, 1, 100_000), 1, "many query tokens fill the GPU already");
+        assert_eq!(context_splits(0, 1, 0), 1);
     }
 }

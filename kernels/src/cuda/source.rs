@@ -36,6 +36,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "scatter_rows_f32",
     "gather_rows_f32",
     "mla_attend_f32",
+    "mla_combine_f32",
     "moe_gemv_bf16",
 ];
 

@@ -28,6 +28,8 @@ pub(crate) type GpuLayerHook<'a> = dyn FnMut(usize, &GpuCache) -> Result<(), Ker
 /// Per-call index arrays on the device.
 struct Batch {
     n: usize,
+    /// The longest context any token attends to.
+    max_ctx: usize,
     ids: DeviceBuf<u32>,
     pos: DeviceBuf<u32>,
     slots: DeviceBuf<u32>,
@@ -54,6 +56,7 @@ impl Batch {
         }
         Ok(Batch {
             n: ids.len(),
+            max_ctx: lens.iter().copied().max().unwrap_or(0) as usize,
             ids: gpu.upload(&ids)?,
             pos: gpu.upload(&pos)?,
             slots: gpu.upload(&slots)?,
@@ -225,6 +228,7 @@ impl GpuWeights {
             rank,
             rope_dim: dr,
             scale,
+            max_ctx: b.max_ctx,
         })?;
         // Up-project values per head: [n, heads * dv], then o_proj.
         let olb = bf16_of(gpu, o_lat.dev())?;
