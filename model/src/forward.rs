@@ -294,33 +294,13 @@ impl Model {
 
     fn logits(&self, x: &[f32], segments: &[Segment<'_>]) -> ForwardOutput {
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut rows = Vec::new();
-        let mut start = 0;
-        for s in segments {
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => rows.push(start + s.tokens.len() - 1),
-                LogitsWanted::All => rows.extend(start..start + s.tokens.len()),
-            }
-            start += s.tokens.len();
-        }
+        let rows = logit_rows(segments);
         let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
         rms_norm(&mut hs, &self.norm, self.config.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut all = vec![0f32; rows.len() * vocab];
         matmul(&hs, rows.len(), h, head.weight(), vocab, &mut all, self.precision);
-        let mut logits = Vec::with_capacity(segments.len());
-        let mut row = 0;
-        for s in segments {
-            let k = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
-            logits.push(all[row * vocab..(row + k) * vocab].to_vec());
-            row += k;
-        }
-        ForwardOutput { logits }
+        split_logits(&all, vocab, segments)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -495,6 +475,37 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Rows of the flattened batch whose logits the segments want, in segment order.
+pub(crate) fn logit_rows(segments: &[Segment<'_>]) -> Vec<usize> {
+    let mut rows = Vec::new();
+    let mut start = 0;
+    for s in segments {
+        match s.logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last => rows.push(start + s.tokens.len() - 1),
+            LogitsWanted::All => rows.extend(start..start + s.tokens.len()),
+        }
+        start += s.tokens.len();
+    }
+    rows
+}
+
+/// `all` (the rows of [`logit_rows`], `vocab` wide) handed out per segment.
+pub(crate) fn split_logits(all: &[f32], vocab: usize, segments: &[Segment<'_>]) -> ForwardOutput {
+    let mut logits = Vec::with_capacity(segments.len());
+    let mut row = 0;
+    for s in segments {
+        let k = match s.logits {
+            LogitsWanted::None => 0,
+            LogitsWanted::Last => 1,
+            LogitsWanted::All => s.tokens.len(),
+        };
+        logits.push(all[row * vocab..(row + k) * vocab].to_vec());
+        row += k;
+    }
+    ForwardOutput { logits }
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

@@ -8,7 +8,7 @@ use super::cache::{GpuCache, slot};
 use super::weights::{GpuFfn, GpuLayer, GpuMoe, GpuQ, GpuWeights, MlpView, StackedExperts};
 use crate::config::ModelConfig;
 use crate::experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
-use crate::forward::{ForwardOutput, LATENT_NORM_EPS, LogitsWanted, Segment};
+use crate::forward::{ForwardOutput, LATENT_NORM_EPS, Segment, logit_rows, split_logits};
 use half::bf16;
 use kernels::KernelError;
 use kernels::cuda::{BatchedGemm, Dev, DeviceBuf, Gpu, MlaArgs, WeightLayout};
@@ -116,17 +116,7 @@ impl GpuWeights {
     fn logits(&self, c: &ModelConfig, x: Dev<f32>, segments: &[Segment<'_>]) -> Result<ForwardOutput, KernelError> {
         let gpu = self.gpu();
         let (h, vocab) = (c.hidden_size, c.vocab_size);
-        let mut rows = Vec::new();
-        let mut start = 0u32;
-        for s in segments {
-            let len = s.tokens.len() as u32;
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => rows.push(start + len - 1),
-                LogitsWanted::All => rows.extend(start..start + len),
-            }
-            start += len;
-        }
+        let rows: Vec<u32> = logit_rows(segments).into_iter().map(|r| r as u32).collect();
         let r = rows.len();
         let all = if r == 0 {
             Vec::new()
@@ -141,18 +131,7 @@ impl GpuWeights {
             gpu.gemm(hb.dev(), r, h, head.dev(), vocab, logits.dev())?;
             gpu.read(logits.dev())?
         };
-        let mut logits = Vec::with_capacity(segments.len());
-        let mut row = 0;
-        for s in segments {
-            let k = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
-            logits.push(all[row * vocab..(row + k) * vocab].to_vec());
-            row += k;
-        }
-        Ok(ForwardOutput { logits })
+        Ok(split_logits(&all, vocab, segments))
     }
 
     #[allow(clippy::too_many_arguments)]
