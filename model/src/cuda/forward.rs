@@ -1,8 +1,9 @@
 //! The batched forward pass on the GPU: the same segments, cache semantics and results as
 //! `crate::forward::Model::forward` (its CPU reference), one stream of kernel launches per
 //! layer. The host builds the small per-token index arrays (positions, cache slots, block
-//! tables) once per call and, in MoE layers, reads back the router's choices to group tokens
-//! by expert.
+//! tables) once per call. MoE layers of small batches run their routed experts on the device
+//! from the router's ids; larger batches (and experts behind a backend) read the choices back
+//! to group tokens by expert.
 
 use super::cache::{GpuCache, slot};
 use super::weights::{GpuFfn, GpuLayer, GpuMoe, GpuQ, GpuWeights, MlpView, StackedExperts};
