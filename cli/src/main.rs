@@ -48,11 +48,5 @@ fn main() -> std::process::ExitCode {
         Command::Eplb(args) => eplb_cmd::run(args),
         Command::Placement(args) => placement_cmd::run(args),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cluster_core::node::exit_code(result)
 }

@@ -20,4 +20,4 @@ pub use ids::{Capacity, ClusterName, IdError, Role, WorkerId, WorkerInfo};
 pub use memory::MemoryStore;
 pub use node::StoreConfig;
 pub use registration::{Membership, Registration, register};
-pub use store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent};
+pub use store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, watch_synced};

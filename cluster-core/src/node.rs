@@ -106,6 +106,17 @@ impl EtcdArgs {
     }
 }
 
+/// A binary's exit status: success, or the error (with its causes) on stderr and failure.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
 pub fn init_logging_default(default: &str) {
     let filter =

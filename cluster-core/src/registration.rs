@@ -141,15 +141,9 @@ impl Membership {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
-        let mut events = store.watch_prefix(&keys::workers_prefix(cluster)).await?;
         let mut initial = WorkerMap::new();
-        loop {
-            match events.recv().await {
-                Some(WatchEvent::Synced) => break,
-                Some(event) => apply_event(cluster, &mut initial, event),
-                None => return Err(StoreError::Closed),
-            }
-        }
+        let events =
+            crate::store::watch_synced(store, &keys::workers_prefix(cluster), |e| apply_event(cluster, &mut initial, e)).await?;
         let (view_tx, view) = watch::channel(initial);
         tracker.spawn(follow(cluster.clone(), events, view_tx, shutdown.clone()));
         Ok(Self { view })

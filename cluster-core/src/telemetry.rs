@@ -45,3 +45,31 @@ impl MetricsArgs {
         Ok(())
     }
 }
+
+/// How often the serving workers refresh their load gauges.
+pub const SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Calls `sample` every [`SAMPLE_PERIOD`] until `stop` is cancelled or `sample` returns
+/// false (its source is gone).
+pub async fn sample_every<F, Fut>(stop: tokio_util::sync::CancellationToken, mut sample: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut tick = tokio::time::interval(SAMPLE_PERIOD);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !sample().await {
+            return;
+        }
+    }
+}
+
+/// The latent-cache gauges every attention worker exports.
+pub fn cache_blocks(free: u64, total: u64) {
+    metrics::gauge!("expertmesh_cache_blocks", "state" => "free").set(free as f64);
+    metrics::gauge!("expertmesh_cache_blocks", "state" => "used").set(total.saturating_sub(free) as f64);
+}

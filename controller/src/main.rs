@@ -24,11 +24,5 @@ async fn main() -> std::process::ExitCode {
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());
-    match controller::run(cli.config, cli.etcd.store_config(), shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cluster_core::node::exit_code(controller::run(cli.config, cli.etcd.store_config(), shutdown).await)
 }

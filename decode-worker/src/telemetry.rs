@@ -8,23 +8,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine_thread::{Command, EngineHandle};
 
-/// How often the load gauges are refreshed.
-const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
-
 /// Refreshes the load gauges until `stop` (or the engine stops).
 pub async fn sample(engine: EngineHandle, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(SAMPLE_PERIOD);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Ok(l) = engine.call(|reply| Command::Load { reply }).await else { return };
+    cluster_core::telemetry::sample_every(stop, || async {
+        let Ok(l) = engine.call(|reply| Command::Load { reply }).await else { return false };
         gauge!("expertmesh_decode_running_sequences").set(l.running as f64);
         gauge!("expertmesh_decode_waiting_sequences").set(l.waiting as f64);
-        gauge!("expertmesh_cache_blocks", "state" => "free").set(l.free_blocks as f64);
-        gauge!("expertmesh_cache_blocks", "state" => "used").set(l.total_blocks.saturating_sub(l.free_blocks) as f64);
-    }
+        cluster_core::telemetry::cache_blocks(l.free_blocks as u64, l.total_blocks as u64);
+        true
+    })
+    .await;
 }
 
 /// One continuous-batching step of `batch` sequences.

@@ -108,17 +108,11 @@ impl PlacementWatch {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
-        let mut events = store.watch_prefix(&keys::placement_prefix(cluster)).await?;
         let mut view = PlacementView::default();
-        loop {
-            match events.recv().await {
-                Some(WatchEvent::Synced) => break,
-                Some(event) => {
-                    view.apply(cluster, event);
-                }
-                None => return Err(StoreError::Closed),
-            }
-        }
+        let events = cluster_core::watch_synced(store, &keys::placement_prefix(cluster), |e| {
+            view.apply(cluster, e);
+        })
+        .await?;
         let (tx, rx) = watch::channel(view.effective().cloned());
         tracker.spawn(follow(cluster.clone(), events, view, tx, shutdown.clone()));
         Ok(PlacementWatch { view: rx })

@@ -268,8 +268,11 @@ impl Engine {
                 }
             })
             .collect();
-        let tables: Vec<(SeqId, &[u32], usize)> =
-            ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect();
+        // What a layer hook exports: only built when there is one.
+        let tables: Vec<(SeqId, &[u32], usize)> = match on_layer {
+            Some(_) => ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect(),
+            None => Vec::new(),
+        };
         #[cfg(feature = "cuda")]
         let on_layer = match self.gpu.as_mut() {
             Some(gpu) => {

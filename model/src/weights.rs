@@ -128,11 +128,13 @@ impl Matrix {
 
     /// Rows `range` as a new matrix.
     /// All values row-major as bf16 (exact for bf16-stored weights; f32 ones are rounded).
+    #[cfg(feature = "cuda")]
     pub fn to_bf16(&self) -> Vec<bf16> {
         self.to_f32().into_iter().map(bf16::from_f32).collect()
     }
 
     /// All values row-major as f32.
+    #[cfg(feature = "cuda")]
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {

@@ -38,11 +38,5 @@ async fn main() -> std::process::ExitCode {
     };
     let (result, ()) =
         tokio::join!(prefill_worker::run(cli.config, cli.etcd.store_config(), token, ready_tx), announce);
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cluster_core::node::exit_code(result)
 }

@@ -8,24 +8,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine_thread::EngineHandle;
 
-/// How often the load gauges are refreshed.
-const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
-
 /// Refreshes the load gauges until `stop`.
 pub async fn sample(engine: EngineHandle, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(SAMPLE_PERIOD);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    cluster_core::telemetry::sample_every(stop, || {
         let l = engine.load();
         gauge!("expertmesh_prefill_queued_tokens").set(f64::from(u32::try_from(l.queued_tokens).unwrap_or(u32::MAX)));
         gauge!("expertmesh_prefill_waiting_sequences").set(f64::from(l.waiting_sequences));
         gauge!("expertmesh_prefill_running_sequences").set(f64::from(l.running_sequences));
-        gauge!("expertmesh_cache_blocks", "state" => "free").set(f64::from(l.free_blocks));
-        gauge!("expertmesh_cache_blocks", "state" => "used").set(f64::from(l.total_blocks.saturating_sub(l.free_blocks)));
-    }
+        cluster_core::telemetry::cache_blocks(u64::from(l.free_blocks), u64::from(l.total_blocks));
+        std::future::ready(true)
+    })
+    .await;
 }
 
 /// One finished latent-cache transfer to a decode worker.
