@@ -69,7 +69,12 @@ pub async fn stream(args: &ClientArgs, w: &mut dyn Write) -> anyhow::Result<()> 
         .map_err(|s| anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()))
         .with_context(|| format!("request to {}", args.addr))?
         .into_inner();
-    let mut out = JsonOut { prompt_ids: Vec::new(), generated_ids: Vec::new(), text: String::new(), last_prompt_logits_top: Vec::new() };
+    let mut out = JsonOut {
+        prompt_ids: Vec::new(),
+        generated_ids: Vec::new(),
+        text: String::new(),
+        last_prompt_logits_top: Vec::new(),
+    };
     loop {
         let msg = responses
             .message()

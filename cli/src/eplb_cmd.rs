@@ -42,8 +42,9 @@ struct Out {
 
 pub fn run(args: EplbArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.load).with_context(|| format!("reading {}", args.load.display()))?;
-    let load: Vec<Vec<f64>> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON array of layers, each an array of per-expert loads", args.load.display()))?;
+    let load: Vec<Vec<f64>> = serde_json::from_str(&text).with_context(|| {
+        format!("{}: expected a JSON array of layers, each an array of per-expert loads", args.load.display())
+    })?;
     let placement = eplb::rebalance(&load, args.replicas, args.groups, args.nodes, args.workers)?;
     let worker_load = eplb::worker_loads(&load, &placement, args.workers);
     let max_mean_ratio = worker_load.iter().map(|l| eplb::max_mean_ratio(l)).collect();

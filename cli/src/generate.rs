@@ -1,14 +1,13 @@
 //! `expertmesh generate`: load a checkpoint, run one prompt, print the continuation.
 
+use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, WeightDtype, load_model};
-use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -55,7 +54,6 @@ enum DtypeArg {
     Bf16,
 }
 
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device: kernels::Device = args.device.parse()?;
     device.check()?;
@@ -95,7 +93,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = Arc::new(model);
     let s = &args.sampling;
     let cache_tokens = prompt_ids.len() + s.max_new_tokens;
-    let mut engine = Engine::on_device(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16, device })?;
+    let mut engine =
+        Engine::on_device(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16, device })?;
     let params = SamplingParams {
         temperature: s.temperature,
         top_k: s.top_k,

@@ -47,7 +47,10 @@ fn print_table(view: &controller::inspect::PlacementView) {
     if let Some(d) = &view.desired {
         println!("expert workers: {} live, {} desired for {:.1} tokens/s", d.live, d.desired, d.tokens_per_s);
     }
-    println!("{:<24} {:>5} {:>5} {:>11} {:>12} {:>14}", "worker", "live", "ready", "slots/layer", "tokens/s", "tokens total");
+    println!(
+        "{:<24} {:>5} {:>5} {:>11} {:>12} {:>14}",
+        "worker", "live", "ready", "slots/layer", "tokens/s", "tokens total"
+    );
     for w in &view.workers {
         println!(
             "{:<24} {:>5} {:>5} {:>11} {:>12} {:>14}",

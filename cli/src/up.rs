@@ -53,7 +53,13 @@ pub struct UpArgs {
 }
 
 fn node(listen: &str, id: String) -> NodeArgs {
-    NodeArgs { cluster: "local".into(), listen: listen.into(), advertise: None, worker_id: Some(id), lease_ttl_ms: 5000 }
+    NodeArgs {
+        cluster: "local".into(),
+        listen: listen.into(),
+        advertise: None,
+        worker_id: Some(id),
+        lease_ttl_ms: 5000,
+    }
 }
 
 type RoleFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -113,7 +119,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             drain_timeout_ms: 30_000,
             remote_experts,
         };
-        roles.push((format!("decode-{i}"), Box::pin(decode_worker::run(config, store.clone(), shutdown.clone(), tx)), rx));
+        roles.push((
+            format!("decode-{i}"),
+            Box::pin(decode_worker::run(config, store.clone(), shutdown.clone(), tx)),
+            rx,
+        ));
     }
     for i in 0..args.prefill_workers {
         let (tx, prefill_ready) = oneshot::channel::<prefill_worker::Ready>();

@@ -47,7 +47,18 @@ fn json_output_matches_transformers_on_a_fixture() {
     let n = case.greedy.len().to_string();
     let dir_s = dir.to_str().expect("utf-8 path");
     let j = ok_json(expertmesh(
-        &["generate", "--model", dir_s, "--prompt-ids", &ids.join(","), "--max-new-tokens", &n, "--json", "--dtype", "f32"],
+        &[
+            "generate",
+            "--model",
+            dir_s,
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            &n,
+            "--json",
+            "--dtype",
+            "f32",
+        ],
         tmp.path(),
     ));
     assert_eq!(j.prompt_ids, case.prompt_ids, "prompt ids are used exactly as given");
@@ -66,7 +77,9 @@ fn json_output_matches_transformers_on_a_fixture() {
 #[test]
 fn default_model_generates_text_and_is_deterministic() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let run = || ok_json(expertmesh(&["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json"], tmp.path()));
+    let run = || {
+        ok_json(expertmesh(&["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json"], tmp.path()))
+    };
     let a = run();
     assert_eq!(a.prompt_ids[0], 256, "BOS prepended to a text prompt");
     assert_eq!(a.prompt_ids.len(), 1 + "Hello, world".len(), "byte-level tokens");
@@ -74,15 +87,44 @@ fn default_model_generates_text_and_is_deterministic() {
     assert_eq!(a.generated_ids, run().generated_ids, "greedy is deterministic");
     let _ = a.text;
     let s = ok_json(expertmesh(
-        &["generate", "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.8", "--seed", "7", "--json"],
+        &[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.8",
+            "--seed",
+            "7",
+            "--json",
+        ],
         tmp.path(),
     ));
     let t = ok_json(expertmesh(
-        &["generate", "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.8", "--seed", "7", "--json"],
+        &[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.8",
+            "--seed",
+            "7",
+            "--json",
+        ],
         tmp.path(),
     ));
     assert_eq!(s.generated_ids, t.generated_ids, "same seed, same tokens");
-    let b = ok_json(expertmesh(&["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json", "--precision", "bf16"], tmp.path()));
+    let b = ok_json(expertmesh(
+        &["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json", "--precision", "bf16"],
+        tmp.path(),
+    ));
     assert_eq!(b.prompt_ids, a.prompt_ids);
     assert!(!b.generated_ids.is_empty() && b.generated_ids.len() <= 6);
 }
@@ -92,10 +134,19 @@ fn bad_input_is_a_precise_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = fixture("v3_f32");
     let d = dir.to_str().expect("utf-8 path");
-    fails_with(expertmesh(&["generate", "--model", "/nonexistent/model", "--prompt-ids", "0"], tmp.path()), "/nonexistent/model");
+    fails_with(
+        expertmesh(&["generate", "--model", "/nonexistent/model", "--prompt-ids", "0"], tmp.path()),
+        "/nonexistent/model",
+    );
     fails_with(expertmesh(&["generate", "--model", d, "--prompt-ids", "0,99999"], tmp.path()), "99999");
-    fails_with(expertmesh(&["generate", "--model", d, "--prompt-ids", "0", "--max-new-tokens", "0"], tmp.path()), "max_new_tokens");
-    fails_with(expertmesh(&["generate", "--model", d, "--prompt-ids", "0", "--temperature=-1"], tmp.path()), "temperature");
+    fails_with(
+        expertmesh(&["generate", "--model", d, "--prompt-ids", "0", "--max-new-tokens", "0"], tmp.path()),
+        "max_new_tokens",
+    );
+    fails_with(
+        expertmesh(&["generate", "--model", d, "--prompt-ids", "0", "--temperature=-1"], tmp.path()),
+        "temperature",
+    );
     fails_with(expertmesh(&["generate", "--model", d, "--prompt-ids", "0", "--top-p", "1.5"], tmp.path()), "top_p");
     let long: Vec<String> = (0..300).map(|i| (i % 128).to_string()).collect();
     fails_with(expertmesh(&["generate", "--model", d, "--prompt-ids", &long.join(",")], tmp.path()), "context");

@@ -113,7 +113,13 @@ pub async fn campaign(
 }
 
 /// One attempt: keeps (or grants) a standby lease and tries to create the key with it.
-async fn try_once(store: &dyn Store, key: &str, value: &[u8], ttl: Duration, lease: &mut Option<LeaseId>) -> Result<bool, StoreError> {
+async fn try_once(
+    store: &dyn Store,
+    key: &str,
+    value: &[u8],
+    ttl: Duration,
+    lease: &mut Option<LeaseId>,
+) -> Result<bool, StoreError> {
     let current = match *lease {
         Some(l) => match store.keep_alive(l).await {
             Ok(_) => l,
@@ -136,7 +142,14 @@ async fn try_once(store: &dyn Store, key: &str, value: &[u8], ttl: Duration, lea
 /// expired: the send time of the last refresh the store answered (`refreshed`), plus the
 /// TTL, less a margin. `lost` fires then, whether or not a refresh is still in flight, so a
 /// standby that takes over after expiry never overlaps with this leader.
-async fn renew(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, period: Duration, refreshed: Instant, lost: CancellationToken) {
+async fn renew(
+    store: Arc<dyn Store>,
+    lease: LeaseId,
+    ttl: Duration,
+    period: Duration,
+    refreshed: Instant,
+    lost: CancellationToken,
+) {
     let margin = ttl / 5;
     let mut valid_until = refreshed + ttl - margin;
     let expire = |why: &'static str| {

@@ -5,15 +5,15 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
 
-use crate::store::{
-    BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, ttl_secs,
-};
+use crate::store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, ttl_secs};
 use crate::sync::Delivered;
 
 /// Upper bound on one unary call (connect included); an unreachable server gives
@@ -185,7 +185,9 @@ async fn watch_session(
         };
         let response = match message {
             Ok(Some(response)) => response,
-            Ok(None) => return SessionEnd::Lost(StoreError::Unavailable { op: "watch", reason: "stream ended".into() }),
+            Ok(None) => {
+                return SessionEnd::Lost(StoreError::Unavailable { op: "watch", reason: "stream ended".into() });
+            }
             Err(e) => return SessionEnd::Lost(map_err("watch", e)),
         };
         if response.canceled() || response.compact_revision() > 0 {
@@ -298,7 +300,8 @@ impl Store for EtcdStore {
                 .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0)))])
                 .or_else([TxnOp::get(key, None)]);
             let call = client.txn(txn);
-            let resp = with_timeout_map("create_with_lease", call, |e| map_lease_err("create_with_lease", lease, e)).await?;
+            let resp =
+                with_timeout_map("create_with_lease", call, |e| map_lease_err("create_with_lease", lease, e)).await?;
             if resp.succeeded() {
                 return Ok(true);
             }
@@ -362,10 +365,7 @@ impl Store for EtcdStore {
         })
     }
 
-    fn watch_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>> {
+    fn watch_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>> {
         Box::pin(async move {
             if self.cancel.is_cancelled() {
                 return Err(StoreError::Closed);

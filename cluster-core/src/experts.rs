@@ -72,7 +72,12 @@ impl PlacementSpec {
         }
         for (row, layer) in self.phy2log.iter().zip(&self.layers) {
             if row.len() < self.num_experts || !row.len().is_multiple_of(self.workers.len()) {
-                return bad(format!("layer {layer}: {} slots for {} experts on {} workers", row.len(), self.num_experts, self.workers.len()));
+                return bad(format!(
+                    "layer {layer}: {} slots for {} experts on {} workers",
+                    row.len(),
+                    self.num_experts,
+                    self.workers.len()
+                ));
             }
             let present: BTreeSet<u32> = row.iter().copied().collect();
             if present.len() != self.num_experts || row.iter().any(|&e| e as usize >= self.num_experts) {
@@ -94,7 +99,9 @@ impl PlacementSpec {
         self.layers
             .iter()
             .zip(&self.phy2log)
-            .flat_map(|(&layer, row)| row[index * per..(index + 1) * per].iter().map(move |&expert| SlotKey { layer, expert }))
+            .flat_map(|(&layer, row)| {
+                row[index * per..(index + 1) * per].iter().map(move |&expert| SlotKey { layer, expert })
+            })
             .collect()
     }
 

@@ -115,10 +115,7 @@ impl Role {
 impl FromStr for Role {
     type Err = IdError;
     fn from_str(value: &str) -> Result<Self, IdError> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str() == value)
-            .ok_or_else(|| IdError::UnknownRole(value.to_owned()))
+        Role::ALL.into_iter().find(|role| role.as_str() == value).ok_or_else(|| IdError::UnknownRole(value.to_owned()))
     }
 }
 

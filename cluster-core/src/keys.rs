@@ -177,7 +177,9 @@ mod tests {
         assert_eq!(parse_placement_key(&c, &placement_current_key(&c)), Some(PlacementKey::Current));
         assert_eq!(parse_placement_key(&c, &placement_spec_key(&c, v)), Some(PlacementKey::Spec(v)));
         assert_eq!(parse_placement_key(&c, &placement_ready_key(&c, v, &w)), Some(PlacementKey::Ready(v, w)));
-        for bad in ["/expertmesh/prod/placement/x/spec", "/expertmesh/prod/placement/3/other", "/expertmesh/prod/load/a"] {
+        for bad in
+            ["/expertmesh/prod/placement/x/spec", "/expertmesh/prod/placement/3/other", "/expertmesh/prod/load/a"]
+        {
             assert_eq!(parse_placement_key(&c, bad), None, "{bad}");
         }
     }

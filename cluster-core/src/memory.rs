@@ -11,9 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{
-    BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, ttl_secs,
-};
+use crate::store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, ttl_secs};
 use crate::sync::Delivered;
 
 /// How often the reaper looks for expired leases; bounds how late a lease can expire.
@@ -160,8 +158,7 @@ async fn reap_leases(inner: Weak<Inner>, cancel: CancellationToken) {
         let Some(inner) = inner.upgrade() else { return };
         let mut state = inner.lock();
         let now = Instant::now();
-        let expired: Vec<LeaseId> =
-            state.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<LeaseId> = state.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             inner.end_lease_locked(&mut state, id);
         }
@@ -315,10 +312,7 @@ impl Store for MemoryStore {
         })
     }
 
-    fn watch_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>> {
+    fn watch_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>> {
         Box::pin(async move {
             if self.inner.cancel.is_cancelled() {
                 return Err(StoreError::Closed);

@@ -49,7 +49,8 @@ pub fn worker_id_or_default(given: Option<&str>, role: Role, port: u16) -> Resul
                 .ok()
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "local".into());
-            let host: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+            let host: String =
+                host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
             WorkerId::new(format!("{}-{host}-{port}", role.as_str()))
         }
     }
@@ -119,8 +120,8 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::E
 
 /// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
 pub fn init_logging_default(default: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -141,7 +142,11 @@ impl ProcessArgs {
     /// With `--check-config`, prints `config` (the whole parsed command line) and asks the
     /// caller to exit with success; otherwise installs logging, trace export and metrics
     /// (inside the runtime). `Err` is the exit code to return.
-    pub fn start(&self, role: &str, config: &dyn std::fmt::Debug) -> Result<crate::trace::TracingGuard, std::process::ExitCode> {
+    pub fn start(
+        &self,
+        role: &str,
+        config: &dyn std::fmt::Debug,
+    ) -> Result<crate::trace::TracingGuard, std::process::ExitCode> {
         if self.check_config {
             println!("{config:#?}");
             return Err(std::process::ExitCode::SUCCESS);

@@ -142,8 +142,10 @@ impl Membership {
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
         let mut initial = WorkerMap::new();
-        let events =
-            crate::store::watch_synced(store, &keys::workers_prefix(cluster), |e| apply_event(cluster, &mut initial, e)).await?;
+        let events = crate::store::watch_synced(store, &keys::workers_prefix(cluster), |e| {
+            apply_event(cluster, &mut initial, e)
+        })
+        .await?;
         let (view_tx, view) = watch::channel(initial);
         tracker.spawn(follow(cluster.clone(), events, view_tx, shutdown.clone()));
         Ok(Self { view })
@@ -258,7 +260,10 @@ mod tests {
 
         // Value whose id disagrees with its key.
         let b = info("b", Role::Expert);
-        let mismatched = WatchEvent::Put { key: keys::worker_key(&c, Role::Expert, &a.id), value: serde_json::to_vec(&b).expect("serializes") };
+        let mismatched = WatchEvent::Put {
+            key: keys::worker_key(&c, Role::Expert, &a.id),
+            value: serde_json::to_vec(&b).expect("serializes"),
+        };
         apply_event(&c, &mut map, mismatched);
         assert!(map.is_empty());
 

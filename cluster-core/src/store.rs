@@ -44,8 +44,13 @@ pub struct KeyValue {
 /// unchanged value again, and intermediate states lost while disconnected are skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
     /// The consumer's view now equals the store's contents at some recent revision.
     Synced,
 }
@@ -123,10 +128,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// runs on a task tracked by the store and ends when the receiver is dropped or the store
     /// shuts down (the channel then closes). It survives the server restarting: it retries
     /// with back-off and resyncs.
-    fn watch_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>>;
+    fn watch_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>>;
 }
 
 /// Starts a watch on `prefix` and hands every event up to the first `Synced` to `apply`, so

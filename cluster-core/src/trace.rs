@@ -82,14 +82,14 @@ impl TracingArgs {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         // Only our spans: the exporter's own gRPC calls (h2, tonic, tower, hyper) would
         // otherwise be traced and exported, forever.
-        let spans = tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("expertmesh"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+        let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("expertmesh")).with_filter(
+            tracing_subscriber::filter::filter_fn(|meta| {
                 let target = meta.target();
                 meta.is_span()
                     && *meta.level() <= tracing::Level::INFO
                     && !["h2", "tonic", "tower", "hyper", "opentelemetry"].iter().any(|t| target.starts_with(t))
-            }));
+            }),
+        );
         let _ = tracing_subscriber::registry().with(logs).with(spans).try_init();
         tracing::info!(%endpoint, "trace_export_enabled");
         Ok(TracingGuard { provider: Some(provider) })

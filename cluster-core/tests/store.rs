@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_core::{
-    Capacity, ClusterName, MemoryStore, Membership, Role, Store, StoreError, WatchEvent, WorkerId, WorkerInfo,
-    keys, register,
+    Capacity, ClusterName, Membership, MemoryStore, Role, Store, StoreError, WatchEvent, WorkerId, WorkerInfo, keys,
+    register,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -124,7 +124,9 @@ async fn contract_create_with_lease(store: Arc<dyn Store>) {
     let b = store.grant_lease(TTL).await.expect("grant");
     assert!(store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("create"));
     assert!(!store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("second create is refused"));
-    assert!(store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("a retry by the holder is not refused"));
+    assert!(
+        store.create_with_lease("/c/leader", b"a".to_vec(), a).await.expect("a retry by the holder is not refused")
+    );
     assert_eq!(store.get("/c/leader").await.expect("get"), Some(b"a".to_vec()));
     store.revoke(a).await.expect("revoke");
     assert!(store.create_with_lease("/c/leader", b"b".to_vec(), b).await.expect("create after the holder left"));

@@ -172,7 +172,12 @@ pub struct Rebalance {
 }
 
 /// Decides whether to place experts anew. `next` is the version a new placement gets.
-pub fn decide(shape: &ModelShape, policy: &Policy, seen: &Observed<'_>, next: PlacementVersion) -> Result<Option<Rebalance>, PlanError> {
+pub fn decide(
+    shape: &ModelShape,
+    policy: &Policy,
+    seen: &Observed<'_>,
+    next: PlacementVersion,
+) -> Result<Option<Rebalance>, PlanError> {
     let workers: Vec<WorkerId> = seen.live.iter().cloned().collect();
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);

@@ -44,10 +44,8 @@ pub struct PlacementView {
 
 /// Reads everything the view needs from the store.
 pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<PlacementView, StoreError> {
-    let leader = store
-        .get(&keys::controller_leader_key(cluster))
-        .await?
-        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let leader =
+        store.get(&keys::controller_leader_key(cluster)).await?.map(|v| String::from_utf8_lossy(&v).into_owned());
     let live: Vec<WorkerId> = store
         .get_prefix(&keys::role_prefix(cluster, Role::Expert))
         .await?
@@ -59,7 +57,9 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
     let mut ready: BTreeMap<u64, Vec<WorkerId>> = BTreeMap::new();
     for kv in store.get_prefix(&keys::placement_prefix(cluster)).await? {
         match keys::parse_placement_key(cluster, &kv.key) {
-            Some(PlacementKey::Current) => current = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version.0),
+            Some(PlacementKey::Current) => {
+                current = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version.0)
+            }
             Some(PlacementKey::Spec(v)) => {
                 let spec = decode_json::<PlacementSpec>(&kv.key, &kv.value)?;
                 spec.validate().map_err(|e| StoreError::Corrupt { key: kv.key.clone(), reason: e.to_string() })?;

@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster_core::election::Leadership;
 use cluster_core::experts::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementSpec, unix_ms};
 use cluster_core::keys::{self, PlacementKey, PlacementVersion};
 use cluster_core::store::decode_json;
-use cluster_core::election::Leadership;
 use cluster_core::{ClusterName, LeaseId, Membership, Role, Store, StoreError, WorkerId};
 use tokio_util::sync::CancellationToken;
 
@@ -121,7 +121,9 @@ impl Leader {
                 current: current.as_ref(),
                 load: &load,
                 // From the store, not this process: a newly elected leader keeps the schedule.
-                since_last: current.as_ref().map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
+                since_last: current
+                    .as_ref()
+                    .map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
             };
             decide::decide(&shape, &policy, &seen, next)
         })
@@ -214,7 +216,12 @@ impl Leader {
     async fn publish_desired(&mut self, tokens_per_s: f64, live: usize) {
         let desired = decide::desired_workers(&self.policy, tokens_per_s);
         telemetry::set_desired(desired);
-        let doc = DesiredWorkers { desired, live: u32::try_from(live).unwrap_or(u32::MAX), tokens_per_s, updated_unix_ms: unix_ms() };
+        let doc = DesiredWorkers {
+            desired,
+            live: u32::try_from(live).unwrap_or(u32::MAX),
+            tokens_per_s,
+            updated_unix_ms: unix_ms(),
+        };
         let unchanged = self
             .last_desired
             .as_ref()
@@ -238,7 +245,13 @@ impl Leader {
     }
 
     /// The two-phase switch to `rebalance.spec`; logs the outcome either way.
-    async fn switch(&mut self, rebalance: Rebalance, placement: &PlacementState, measured_before: f64, lost: &CancellationToken) {
+    async fn switch(
+        &mut self,
+        rebalance: Rebalance,
+        placement: &PlacementState,
+        measured_before: f64,
+        lost: &CancellationToken,
+    ) {
         let started = Instant::now();
         let spec = rebalance.spec;
         let version = spec.version;
@@ -252,8 +265,15 @@ impl Leader {
             Ok(()) => {
                 let took = started.elapsed();
                 telemetry::rebalanced(reason, took);
-                tracing::info!(version = version.0, reason, ratio_before = spec.ratio_before, ratio_after = spec.ratio_after,
-                    measured_ratio_before = measured_before, duration_ms = took.as_millis() as u64, "rebalance_done");
+                tracing::info!(
+                    version = version.0,
+                    reason,
+                    ratio_before = spec.ratio_before,
+                    ratio_after = spec.ratio_after,
+                    measured_ratio_before = measured_before,
+                    duration_ms = took.as_millis() as u64,
+                    "rebalance_done"
+                );
                 self.collect_garbage(placement, version).await;
             }
             // The spec stays (so its version is never reused for other contents); the next
@@ -264,7 +284,8 @@ impl Leader {
 
     async fn two_phase(&self, spec: &PlacementSpec, lost: &CancellationToken) -> Result<(), SwitchError> {
         let key = keys::placement_spec_key(&self.cluster, spec.version);
-        let value = serde_json::to_vec(spec).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        let value =
+            serde_json::to_vec(spec).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
         self.put_as_leader(&key, value).await?;
         let ready_prefix = keys::placement_ready_prefix(&self.cluster, spec.version);
         let deadline = Instant::now() + self.timing.ready_timeout;

@@ -147,12 +147,20 @@ pub async fn run(config: ControllerConfig, store: StoreConfig, shutdown: Cancell
     );
     while !shutdown.is_cancelled() {
         telemetry::set_leader(false);
-        let leadership =
-            match cluster_core::election::campaign(store.clone(), &key, id.clone().into_bytes(), ttl, &tracker, &shutdown).await {
-                Ok(l) => l,
-                Err(cluster_core::StoreError::Closed) => break,
-                Err(e) => return Err(e).context("campaigning for leadership"),
-            };
+        let leadership = match cluster_core::election::campaign(
+            store.clone(),
+            &key,
+            id.clone().into_bytes(),
+            ttl,
+            &tracker,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(l) => l,
+            Err(cluster_core::StoreError::Closed) => break,
+            Err(e) => return Err(e).context("campaigning for leadership"),
+        };
         tracing::info!(%id, "controller_elected");
         telemetry::set_leader(true);
         leader.lead(&leadership).await;

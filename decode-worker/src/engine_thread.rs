@@ -17,7 +17,10 @@ pub const MAILBOX_CAPACITY: usize = 1024;
 /// What a sequence's consumer receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    Token { id: u32, prompt_logits_top: Vec<(u32, f32)> },
+    Token {
+        id: u32,
+        prompt_logits_top: Vec<(u32, f32)>,
+    },
     Finished(FinishReason),
     /// The engine failed this sequence; it has been released.
     Failed(String),
@@ -42,7 +45,13 @@ pub enum Command {
         trace: String,
         reply: oneshot::Sender<Result<usize, EngineError>>,
     },
-    ImportLayer { id: SeqId, layer: usize, num_tokens: usize, rows: Vec<u8>, reply: oneshot::Sender<Result<(), EngineError>> },
+    ImportLayer {
+        id: SeqId,
+        layer: usize,
+        num_tokens: usize,
+        rows: Vec<u8>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     Commit {
         id: SeqId,
         tokens: Vec<u32>,
@@ -50,8 +59,13 @@ pub enum Command {
         prompt_logits_top: Vec<(u32, f32)>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
-    Release { id: SeqId, reply: Option<oneshot::Sender<bool>> },
-    Load { reply: oneshot::Sender<Load> },
+    Release {
+        id: SeqId,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    Load {
+        reply: oneshot::Sender<Load>,
+    },
 }
 
 /// The worker's load as reported to the router.
@@ -192,7 +206,13 @@ impl Actor {
         }
     }
 
-    fn commit(&mut self, id: SeqId, tokens: Vec<u32>, prompt_len: usize, top: Vec<(u32, f32)>) -> Result<(), EngineError> {
+    fn commit(
+        &mut self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        top: Vec<(u32, f32)>,
+    ) -> Result<(), EngineError> {
         let slot = self.slots.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         if slot.state != SlotState::Importing {
             return Err(EngineError::WrongState(id.0, "importing"));

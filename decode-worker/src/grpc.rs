@@ -155,14 +155,24 @@ impl Decode for DecodeService {
         let prompt_tokens = r.prompt_tokens as usize;
         let admission = tracing::info_span!(parent: &span, "admission", prompt_tokens);
         let free = tracing::Instrument::instrument(
-            self.engine.call(|reply| Command::Reserve { id, prompt_tokens, params, local_prefill, events, trace, reply }),
+            self.engine.call(|reply| Command::Reserve {
+                id,
+                prompt_tokens,
+                params,
+                local_prefill,
+                events,
+                trace,
+                reply,
+            }),
             admission,
         )
         .await
         .map_err(stopped)?
         .map_err(status_of)?;
-        let first = pb::DecodeEvent { event: Some(decode_event::Event::Admitted(pb::Admitted { free_blocks: free as u32 })) };
-        let stream = AdmitStream { first: Some(first), events: rx, id, engine: self.engine.clone(), done: false, _span: span };
+        let first =
+            pb::DecodeEvent { event: Some(decode_event::Event::Admitted(pb::Admitted { free_blocks: free as u32 })) };
+        let stream =
+            AdmitStream { first: Some(first), events: rx, id, engine: self.engine.clone(), done: false, _span: span };
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -230,7 +240,11 @@ impl Incoming {
             return bad(format!("layer {layer}: chunk starts at token {}, expected {have}", l.first_token));
         }
         if !l.data.len().is_multiple_of(self.row_bytes) {
-            return bad(format!("layer {layer}: {} bytes is not a whole number of {}-byte rows", l.data.len(), self.row_bytes));
+            return bad(format!(
+                "layer {layer}: {} bytes is not a whole number of {}-byte rows",
+                l.data.len(),
+                self.row_bytes
+            ));
         }
         if have + l.data.len() / self.row_bytes > self.num_tokens {
             return bad(format!("layer {layer}: more than the {} announced tokens", self.num_tokens));
@@ -250,7 +264,11 @@ impl Incoming {
 
 impl DecodeService {
     /// One `PushKv` stream: header, layers, commit. `span` gets the request id and bytes.
-    async fn import(&self, mut chunks: Streaming<pb::KvChunk>, span: tracing::Span) -> Result<Response<pb::PushKvReply>, Status> {
+    async fn import(
+        &self,
+        mut chunks: Streaming<pb::KvChunk>,
+        span: tracing::Span,
+    ) -> Result<Response<pb::PushKvReply>, Status> {
         let mut incoming: Option<Incoming> = None;
         let mut received = 0u64;
         while let Some(chunk) = chunks.message().await? {
@@ -259,7 +277,9 @@ impl DecodeService {
                     span.record("request_id", h.request_id);
                     incoming = Some(self.header(h)?);
                 }
-                (Some(kv_chunk::Part::Header(_)), Some(_)) => return Err(Status::invalid_argument("second KvHeader in one stream")),
+                (Some(kv_chunk::Part::Header(_)), Some(_)) => {
+                    return Err(Status::invalid_argument("second KvHeader in one stream"));
+                }
                 (Some(kv_chunk::Part::Layer(l)), Some(inc)) => {
                     received += l.data.len() as u64;
                     if let Some((layer, rows)) = inc.add(l)? {

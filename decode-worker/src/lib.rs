@@ -96,7 +96,12 @@ impl DecodeConfig {
 
 /// Runs the decode worker until `shutdown`, then drains. `ready` fires once it serves and is
 /// registered.
-pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: CancellationToken, ready: oneshot::Sender<Ready>) -> anyhow::Result<()> {
+pub async fn run(
+    config: DecodeConfig,
+    store: StoreConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<Ready>,
+) -> anyhow::Result<()> {
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
     let setup = config.setup();
     let dir = config.model.clone();
@@ -104,9 +109,10 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     // One store connection for the expert membership watch and the registration.
     let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
     let placement = if config.remote_experts {
-        let remote = expert_client::RemoteExperts::from_store(store.as_ref(), &cluster, &tracker, &shutdown, Default::default())
-            .await
-            .context("cannot follow the expert workers")?;
+        let remote =
+            expert_client::RemoteExperts::from_store(store.as_ref(), &cluster, &tracker, &shutdown, Default::default())
+                .await
+                .context("cannot follow the expert workers")?;
         ExpertPlacement::Remote(Arc::new(remote))
     } else {
         ExpertPlacement::Local
@@ -124,7 +130,8 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     let layout = serving.engine.cache_layout();
     let model_name = model::serving::model_name(&serving.dir);
     let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id = cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Decode, bound.port())?;
+    let worker_id =
+        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Decode, bound.port())?;
     let (engine, engine_thread) = engine_thread::spawn_engine(serving.engine, config.max_batch);
     let draining = Arc::new(AtomicBool::new(false));
     let service = grpc::DecodeService {
@@ -144,7 +151,10 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
     let server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.internal.v1.Decode"] },
+        cluster_core::serve::Described {
+            descriptor_set: proto::FILE_DESCRIPTOR_SET,
+            services: &["expertmesh.internal.v1.Decode"],
+        },
         |r| {
             let _ = reporter_tx.send(r);
         },
@@ -157,11 +167,16 @@ pub async fn run(config: DecodeConfig, store: StoreConfig, shutdown: Cancellatio
         id: worker_id.clone(),
         role: Role::Decode,
         address: config.node.advertised(bound),
-        capacity: Capacity { max_sequences: config.max_batch as u32, max_batch_tokens: config.max_batch as u32, expert_slots: 0 },
+        capacity: Capacity {
+            max_sequences: config.max_batch as u32,
+            max_batch_tokens: config.max_batch as u32,
+            expert_slots: 0,
+        },
         model: model_name,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let registration = cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
+    let registration =
+        cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
     tracing::info!(worker_id = %worker_id, addr = %bound, "decode_worker_ready");
     let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
 

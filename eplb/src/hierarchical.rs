@@ -30,12 +30,7 @@ pub(crate) struct Shape {
 /// Physical slots come out node-major: node `n` owns slots `[n * R/N, (n + 1) * R/N)` and,
 /// inside it, worker `k` of the node owns the `R/W` slots starting at `k * R/W`.
 pub(crate) fn rebalance_layer(weight: &[f32], shape: Shape) -> LayerPlacement {
-    let Shape {
-        num_replicas,
-        num_groups,
-        num_nodes,
-        num_workers,
-    } = shape;
+    let Shape { num_replicas, num_groups, num_nodes, num_workers } = shape;
     let num_experts = weight.len();
     let group_size = num_experts / num_groups;
     let groups_per_node = num_groups / num_nodes;
@@ -48,28 +43,20 @@ pub(crate) fn rebalance_layer(weight: &[f32], shape: Shape) -> LayerPlacement {
     // torch's SIMD reduction; summing in f64 and rounding once gives the same f32 whenever the
     // exact total is representable (integer token counts below 2^24) and otherwise may differ
     // in the last bits, which matters only to two group totals that close (see the crate docs).
-    let group_load: Vec<f32> = weight
-        .chunks_exact(group_size)
-        .map(|group| group.iter().map(|&w| f64::from(w)).sum::<f64>() as f32)
-        .collect();
+    let group_load: Vec<f32> =
+        weight.chunks_exact(group_size).map(|group| group.iter().map(|&w| f64::from(w)).sum::<f64>() as f32).collect();
     // mlog ("node-major logical" index): node n's experts are mlog [n * E/N, (n + 1) * E/N),
     // its groups in the order they were packed, each group's experts in their own order.
     let mut mlog2log = vec![0usize; num_experts];
-    for (group, slot) in balanced_packing(&group_load, num_nodes)
-        .into_iter()
-        .enumerate()
-    {
+    for (group, slot) in balanced_packing(&group_load, num_nodes).into_iter().enumerate() {
         let base = (slot.pack * groups_per_node + slot.rank) * group_size;
         for offset in 0..group_size {
             mlog2log[base + offset] = group * group_size + offset;
         }
     }
 
-    let mut placement = LayerPlacement {
-        phy2log: vec![0; num_replicas],
-        phyrank: vec![0; num_replicas],
-        logcnt: vec![0; num_experts],
-    };
+    let mut placement =
+        LayerPlacement { phy2log: vec![0; num_replicas], phyrank: vec![0; num_replicas], logcnt: vec![0; num_experts] };
     for (node, node_experts) in mlog2log.chunks_exact(experts_per_node).enumerate() {
         // Step 2: replicate this node's experts into its slots.
         let node_weight: Vec<f32> = node_experts.iter().map(|&expert| weight[expert]).collect();
@@ -79,16 +66,10 @@ pub(crate) fn rebalance_layer(weight: &[f32], shape: Shape) -> LayerPlacement {
         }
 
         // Step 3: pack the node's replicas (each carrying load / replica count) onto its workers.
-        let replica_load: Vec<f32> = replicas
-            .phy2log
-            .iter()
-            .map(|&local| node_weight[local] / replicas.logcnt[local] as f32)
-            .collect();
+        let replica_load: Vec<f32> =
+            replicas.phy2log.iter().map(|&local| node_weight[local] / replicas.logcnt[local] as f32).collect();
         let node_base = node * slots_per_node;
-        for (phy, slot) in balanced_packing(&replica_load, workers_per_node)
-            .into_iter()
-            .enumerate()
-        {
+        for (phy, slot) in balanced_packing(&replica_load, workers_per_node).into_iter().enumerate() {
             let dst = node_base + slot.pack * slots_per_worker + slot.rank;
             placement.phy2log[dst] = node_experts[replicas.phy2log[phy]];
             placement.phyrank[dst] = replicas.rank[phy];
@@ -105,12 +86,7 @@ mod tests {
     fn hierarchical_worked_example() {
         // 8 experts in 4 groups of 2, 2 nodes of 2 workers, 12 slots (3 per worker).
         let weight = [90.0, 10.0, 20.0, 20.0, 5.0, 5.0, 30.0, 60.0];
-        let shape = Shape {
-            num_replicas: 12,
-            num_groups: 4,
-            num_nodes: 2,
-            num_workers: 4,
-        };
+        let shape = Shape { num_replicas: 12, num_groups: 4, num_nodes: 2, num_workers: 4 };
         let p = rebalance_layer(&weight, shape);
         // Group loads 100, 40, 10, 90 -> packing (2 per node): g0->n0, g3->n1, g1->n1, g2->n0.
         // Node 0 holds experts [0, 1, 4, 5] (loads 90 10 5 5), node 1 [6, 7, 2, 3]

@@ -197,9 +197,7 @@ mod tests {
 
     fn is_permutation(order: &[usize]) -> bool {
         let mut seen = vec![false; order.len()];
-        order
-            .iter()
-            .all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true))
+        order.iter().all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true))
     }
 
     #[test]
@@ -216,10 +214,7 @@ mod tests {
         // Partitioning swaps equal keys: this is torch's order for 17 zeros
         // (`torch.zeros(17).sort(descending=True).indices`), not 0..17.
         let order = argsort_desc(&[0.0; 17]);
-        assert_eq!(
-            order,
-            vec![8, 16, 15, 14, 13, 12, 11, 10, 9, 0, 7, 6, 5, 4, 3, 2, 1]
-        );
+        assert_eq!(order, vec![8, 16, 15, 14, 13, 12, 11, 10, 9, 0, 7, 6, 5, 4, 3, 2, 1]);
     }
 
     #[test]
@@ -236,10 +231,7 @@ mod tests {
     /// `tests/reference/gen_reference.py`; some reach the heapsort fallback.
     #[test]
     fn matches_torch_sort_fixture() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/reference/eplb_reference.json"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/eplb_reference.json");
         let text = std::fs::read_to_string(path).expect("fixture is committed");
         let fixture: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
         let sorts = fixture["sorts"].as_array().expect("fixture has sorts");
@@ -247,15 +239,11 @@ mod tests {
         let mut fallbacks = 0;
         for case in sorts {
             let values: Vec<f32> = serde_json::from_value(case["values"].clone()).expect("values");
-            let want: Vec<usize> =
-                serde_json::from_value(case["indices"].clone()).expect("indices");
+            let want: Vec<usize> = serde_json::from_value(case["indices"].clone()).expect("indices");
             assert_eq!(argsort_desc(&values), want, "{}", case["name"]);
             fallbacks += case["heapsort_fallbacks"].as_u64().unwrap_or(0);
         }
-        assert!(
-            fallbacks > 0,
-            "no fixture case reaches the heapsort fallback"
-        );
+        assert!(fallbacks > 0, "no fixture case reaches the heapsort fallback");
     }
 
     #[test]

@@ -85,11 +85,7 @@ pub enum Policy {
 impl Policy {
     /// The policy the reference picks: hierarchical iff the groups split evenly over nodes.
     pub fn for_topology(num_groups: usize, num_nodes: usize) -> Self {
-        if num_nodes != 0 && num_groups.is_multiple_of(num_nodes) {
-            Policy::Hierarchical
-        } else {
-            Policy::Global
-        }
+        if num_nodes != 0 && num_groups.is_multiple_of(num_nodes) { Policy::Hierarchical } else { Policy::Global }
     }
 }
 
@@ -101,49 +97,21 @@ pub enum EplbError {
     #[error("load has no experts (layer 0 is empty)")]
     NoExperts,
     #[error("ragged load: layer {layer} has {len} experts but layer 0 has {expected}")]
-    RaggedLayers {
-        layer: usize,
-        len: usize,
-        expected: usize,
-    },
+    RaggedLayers { layer: usize, len: usize, expected: usize },
     #[error("{name} must be >= 1, got 0")]
     ZeroCount { name: &'static str },
     #[error("num_experts {num_experts} is not divisible by num_groups {num_groups}")]
-    ExpertsNotDivisibleByGroups {
-        num_experts: usize,
-        num_groups: usize,
-    },
+    ExpertsNotDivisibleByGroups { num_experts: usize, num_groups: usize },
     #[error("num_workers {num_workers} is not divisible by num_nodes {num_nodes}")]
-    WorkersNotDivisibleByNodes {
-        num_workers: usize,
-        num_nodes: usize,
-    },
+    WorkersNotDivisibleByNodes { num_workers: usize, num_nodes: usize },
     #[error("num_replicas {num_replicas} is not divisible by num_workers {num_workers}")]
-    ReplicasNotDivisibleByWorkers {
-        num_replicas: usize,
-        num_workers: usize,
-    },
-    #[error(
-        "num_replicas {num_replicas} must be >= num_experts {num_experts} (every expert needs a slot)"
-    )]
-    TooFewReplicas {
-        num_replicas: usize,
-        num_experts: usize,
-    },
+    ReplicasNotDivisibleByWorkers { num_replicas: usize, num_workers: usize },
+    #[error("num_replicas {num_replicas} must be >= num_experts {num_experts} (every expert needs a slot)")]
+    TooFewReplicas { num_replicas: usize, num_experts: usize },
     #[error("load[{layer}][{expert}] = {value} is negative")]
-    NegativeLoad {
-        layer: usize,
-        expert: usize,
-        value: f64,
-    },
-    #[error(
-        "load[{layer}][{expert}] = {value} is not a finite f32 (NaN, infinite or out of range)"
-    )]
-    NonFiniteLoad {
-        layer: usize,
-        expert: usize,
-        value: f64,
-    },
+    NegativeLoad { layer: usize, expert: usize, value: f64 },
+    #[error("load[{layer}][{expert}] = {value} is not a finite f32 (NaN, infinite or out of range)")]
+    NonFiniteLoad { layer: usize, expert: usize, value: f64 },
 }
 
 /// Rebalance every layer: `load[layer][expert]` (for example a moving average of routed
@@ -165,18 +133,8 @@ pub fn rebalance(
     let weight = validate(load, num_replicas, num_groups, num_nodes, num_workers)?;
     let num_experts = load[0].len();
     let shape = match Policy::for_topology(num_groups, num_nodes) {
-        Policy::Hierarchical => Shape {
-            num_replicas,
-            num_groups,
-            num_nodes,
-            num_workers,
-        },
-        Policy::Global => Shape {
-            num_replicas,
-            num_groups: 1,
-            num_nodes: 1,
-            num_workers,
-        },
+        Policy::Hierarchical => Shape { num_replicas, num_groups, num_nodes, num_workers },
+        Policy::Global => Shape { num_replicas, num_groups: 1, num_nodes: 1, num_workers },
     };
     let width = num_replicas - num_experts + 1;
 
@@ -210,16 +168,8 @@ fn validate(
     if num_experts == 0 {
         return Err(EplbError::NoExperts);
     }
-    if let Some((layer, row)) = load
-        .iter()
-        .enumerate()
-        .find(|(_, row)| row.len() != num_experts)
-    {
-        return Err(EplbError::RaggedLayers {
-            layer,
-            len: row.len(),
-            expected: num_experts,
-        });
+    if let Some((layer, row)) = load.iter().enumerate().find(|(_, row)| row.len() != num_experts) {
+        return Err(EplbError::RaggedLayers { layer, len: row.len(), expected: num_experts });
     }
     for (name, value) in [
         ("num_replicas", num_replicas),
@@ -232,28 +182,16 @@ fn validate(
         }
     }
     if !num_experts.is_multiple_of(num_groups) {
-        return Err(EplbError::ExpertsNotDivisibleByGroups {
-            num_experts,
-            num_groups,
-        });
+        return Err(EplbError::ExpertsNotDivisibleByGroups { num_experts, num_groups });
     }
     if !num_workers.is_multiple_of(num_nodes) {
-        return Err(EplbError::WorkersNotDivisibleByNodes {
-            num_workers,
-            num_nodes,
-        });
+        return Err(EplbError::WorkersNotDivisibleByNodes { num_workers, num_nodes });
     }
     if !num_replicas.is_multiple_of(num_workers) {
-        return Err(EplbError::ReplicasNotDivisibleByWorkers {
-            num_replicas,
-            num_workers,
-        });
+        return Err(EplbError::ReplicasNotDivisibleByWorkers { num_replicas, num_workers });
     }
     if num_replicas < num_experts {
-        return Err(EplbError::TooFewReplicas {
-            num_replicas,
-            num_experts,
-        });
+        return Err(EplbError::TooFewReplicas { num_replicas, num_experts });
     }
 
     let mut weight = Vec::with_capacity(load.len());
@@ -262,18 +200,10 @@ fn validate(
         for (expert, &value) in row.iter().enumerate() {
             let w = value as f32;
             if !w.is_finite() {
-                return Err(EplbError::NonFiniteLoad {
-                    layer,
-                    expert,
-                    value,
-                });
+                return Err(EplbError::NonFiniteLoad { layer, expert, value });
             }
             if w < 0.0 {
-                return Err(EplbError::NegativeLoad {
-                    layer,
-                    expert,
-                    value,
-                });
+                return Err(EplbError::NegativeLoad { layer, expert, value });
             }
             converted.push(w);
         }
@@ -298,15 +228,7 @@ mod tests {
         // p3->w0 (6), p0->w1 (4), p4->w2 (4), p5->w1 (8), p2->w2 (6), p1->w0 (7).
         // Worker 1 got replica ranks 0 and 2 of e0 (slots 2, 3), worker 2 rank 1 (slot 4).
         assert_eq!(p.phy2log, vec![vec![3, 1, 0, 0, 0, 2]]);
-        assert_eq!(
-            p.log2phy,
-            vec![vec![
-                vec![2, 4, 3],
-                vec![1, -1, -1],
-                vec![5, -1, -1],
-                vec![0, -1, -1]
-            ]]
-        );
+        assert_eq!(p.log2phy, vec![vec![vec![2, 4, 3], vec![1, -1, -1], vec![5, -1, -1], vec![0, -1, -1]]]);
     }
 
     #[test]
@@ -332,86 +254,26 @@ mod tests {
         assert_eq!(err(&[vec![]], 8, 1, 1, 1), EplbError::NoExperts);
         assert_eq!(
             err(&[vec![1.0; 8], vec![1.0; 7]], 8, 1, 1, 1),
-            EplbError::RaggedLayers {
-                layer: 1,
-                len: 7,
-                expected: 8
-            }
+            EplbError::RaggedLayers { layer: 1, len: 7, expected: 8 }
         );
-        assert_eq!(
-            err(&ok, 8, 1, 1, 0),
-            EplbError::ZeroCount {
-                name: "num_workers"
-            }
-        );
-        assert_eq!(
-            err(&ok, 0, 1, 1, 1),
-            EplbError::ZeroCount {
-                name: "num_replicas"
-            }
-        );
-        assert_eq!(
-            err(&ok, 8, 3, 1, 1),
-            EplbError::ExpertsNotDivisibleByGroups {
-                num_experts: 8,
-                num_groups: 3
-            }
-        );
-        assert_eq!(
-            err(&ok, 12, 4, 3, 4),
-            EplbError::WorkersNotDivisibleByNodes {
-                num_workers: 4,
-                num_nodes: 3
-            }
-        );
+        assert_eq!(err(&ok, 8, 1, 1, 0), EplbError::ZeroCount { name: "num_workers" });
+        assert_eq!(err(&ok, 0, 1, 1, 1), EplbError::ZeroCount { name: "num_replicas" });
+        assert_eq!(err(&ok, 8, 3, 1, 1), EplbError::ExpertsNotDivisibleByGroups { num_experts: 8, num_groups: 3 });
+        assert_eq!(err(&ok, 12, 4, 3, 4), EplbError::WorkersNotDivisibleByNodes { num_workers: 4, num_nodes: 3 });
         assert_eq!(
             err(&ok, 10, 4, 2, 4),
-            EplbError::ReplicasNotDivisibleByWorkers {
-                num_replicas: 10,
-                num_workers: 4
-            }
+            EplbError::ReplicasNotDivisibleByWorkers { num_replicas: 10, num_workers: 4 }
         );
-        assert_eq!(
-            err(&ok, 4, 4, 2, 4),
-            EplbError::TooFewReplicas {
-                num_replicas: 4,
-                num_experts: 8
-            }
-        );
+        assert_eq!(err(&ok, 4, 4, 2, 4), EplbError::TooFewReplicas { num_replicas: 4, num_experts: 8 });
         let mut bad = ok.clone();
         bad[1][5] = -1.0;
-        assert_eq!(
-            err(&bad, 8, 1, 1, 1),
-            EplbError::NegativeLoad {
-                layer: 1,
-                expert: 5,
-                value: -1.0
-            }
-        );
+        assert_eq!(err(&bad, 8, 1, 1, 1), EplbError::NegativeLoad { layer: 1, expert: 5, value: -1.0 });
         bad[1][5] = 1e39; // beyond f32::MAX
-        assert_eq!(
-            err(&bad, 8, 1, 1, 1),
-            EplbError::NonFiniteLoad {
-                layer: 1,
-                expert: 5,
-                value: 1e39
-            }
-        );
+        assert_eq!(err(&bad, 8, 1, 1, 1), EplbError::NonFiniteLoad { layer: 1, expert: 5, value: 1e39 });
         bad[1][5] = f64::NAN;
-        assert!(matches!(
-            err(&bad, 8, 1, 1, 1),
-            EplbError::NonFiniteLoad {
-                layer: 1,
-                expert: 5,
-                ..
-            }
-        ));
+        assert!(matches!(err(&bad, 8, 1, 1, 1), EplbError::NonFiniteLoad { layer: 1, expert: 5, .. }));
         assert_eq!(
-            EplbError::TooFewReplicas {
-                num_replicas: 4,
-                num_experts: 8
-            }
-            .to_string(),
+            EplbError::TooFewReplicas { num_replicas: 4, num_experts: 8 }.to_string(),
             "num_replicas 4 must be >= num_experts 8 (every expert needs a slot)"
         );
     }

@@ -13,21 +13,13 @@ use crate::Placement;
 /// If `placement` does not describe `load` (layer or expert counts differ, an expert index is
 /// out of range) or `num_workers` does not divide the slots: the caller mixed up inputs.
 pub fn worker_loads(load: &[Vec<f64>], placement: &Placement, num_workers: usize) -> Vec<Vec<f64>> {
-    assert_eq!(
-        load.len(),
-        placement.num_layers(),
-        "load and placement differ in layer count"
-    );
+    assert_eq!(load.len(), placement.num_layers(), "load and placement differ in layer count");
     assert!(num_workers > 0, "num_workers must be >= 1");
     load.iter()
         .zip(&placement.phy2log)
         .zip(&placement.logcnt)
         .map(|((layer_load, phy2log), logcnt)| {
-            assert_eq!(
-                layer_load.len(),
-                logcnt.len(),
-                "load and placement differ in expert count"
-            );
+            assert_eq!(layer_load.len(), logcnt.len(), "load and placement differ in expert count");
             assert!(
                 phy2log.len().is_multiple_of(num_workers),
                 "{} slots do not split over {num_workers} workers",
@@ -36,12 +28,7 @@ pub fn worker_loads(load: &[Vec<f64>], placement: &Placement, num_workers: usize
             let slots_per_worker = phy2log.len() / num_workers;
             phy2log
                 .chunks_exact(slots_per_worker)
-                .map(|slots| {
-                    slots
-                        .iter()
-                        .map(|&e| layer_load[e] / logcnt[e] as f64)
-                        .sum()
-                })
+                .map(|slots| slots.iter().map(|&e| layer_load[e] / logcnt[e] as f64).sum())
                 .collect()
         })
         .collect()
@@ -65,15 +52,9 @@ pub fn max_mean_ratio(worker_loads: &[f64]) -> f64 {
 /// over layers of max worker load. Layers run one after another and each waits for its
 /// slowest worker, so this is ideal time over actual time. 1.0 if every layer is idle.
 pub fn model_balancedness(worker_loads: &[Vec<f64>]) -> f64 {
-    let (sum_mean, sum_max) = worker_loads
-        .iter()
-        .map(|layer| mean_max(layer))
-        .fold((0.0, 0.0), |(a, b), (mean, max)| (a + mean, b + max));
-    if sum_max > 0.0 {
-        sum_mean / sum_max
-    } else {
-        1.0
-    }
+    let (sum_mean, sum_max) =
+        worker_loads.iter().map(|layer| mean_max(layer)).fold((0.0, 0.0), |(a, b), (mean, max)| (a + mean, b + max));
+    if sum_max > 0.0 { sum_mean / sum_max } else { 1.0 }
 }
 
 fn mean_max(values: &[f64]) -> (f64, f64) {
@@ -94,18 +75,10 @@ mod tests {
         let load = vec![vec![12.0, 1.0, 2.0, 6.0]];
         let placement = Placement {
             phy2log: vec![vec![3, 1, 0, 0, 0, 2]],
-            log2phy: vec![vec![
-                vec![2, 4, 3],
-                vec![1, -1, -1],
-                vec![5, -1, -1],
-                vec![0, -1, -1],
-            ]],
+            log2phy: vec![vec![vec![2, 4, 3], vec![1, -1, -1], vec![5, -1, -1], vec![0, -1, -1]]],
             logcnt: vec![vec![3, 1, 1, 1]],
         };
-        assert_eq!(
-            worker_loads(&load, &placement, 3),
-            vec![vec![7.0, 8.0, 6.0]]
-        );
+        assert_eq!(worker_loads(&load, &placement, 3), vec![vec![7.0, 8.0, 6.0]]);
         assert_eq!(worker_loads(&load, &placement, 1), vec![vec![21.0]]);
     }
 

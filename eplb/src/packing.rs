@@ -36,20 +36,14 @@ pub(crate) fn balanced_packing(weight: &[f32], num_packs: usize) -> Vec<Slot> {
     // Packs with room, lightest first and the lowest index among equal weights: exactly the
     // pack Python's min() picks. Keys are f32 bit patterns, which order like the values since
     // pack weights are sums of non-negative, non-NaN loads (never -0.0: they start at +0.0).
-    let mut open: BinaryHeap<Reverse<(u32, usize)>> = (0..num_packs)
-        .map(|pack| Reverse((0.0f32.to_bits(), pack)))
-        .collect();
+    let mut open: BinaryHeap<Reverse<(u32, usize)>> =
+        (0..num_packs).map(|pack| Reverse((0.0f32.to_bits(), pack))).collect();
     let mut slots = vec![Slot { pack: 0, rank: 0 }; num_items];
     let mut pack_weight = vec![0.0f32; num_packs];
     let mut pack_items = vec![0usize; num_packs];
     for item in argsort_desc(weight) {
-        let Reverse((_, pack)) = open
-            .pop()
-            .expect("packs hold exactly num_items slots, so one has room");
-        slots[item] = Slot {
-            pack,
-            rank: pack_items[pack],
-        };
+        let Reverse((_, pack)) = open.pop().expect("packs hold exactly num_items slots, so one has room");
+        slots[item] = Slot { pack, rank: pack_items[pack] };
         pack_weight[pack] += weight[item];
         pack_items[pack] += 1;
         if pack_items[pack] < per_pack {
@@ -72,10 +66,7 @@ mod tests {
         // Descending: 8(i0) 7(i1) 6(i3) 5(i2) 4(i4) 0(i5).
         // 8->p0 (8), 7->p1 (7), 6->p1 (13), 5->p0 (13), tie 13/13 -> p0 (17), 0->p1 (13).
         let slots = balanced_packing(&[8.0, 7.0, 5.0, 6.0, 4.0, 0.0], 2);
-        assert_eq!(
-            packs(&slots),
-            vec![(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
-        );
+        assert_eq!(packs(&slots), vec![(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]);
     }
 
     #[test]
@@ -88,10 +79,7 @@ mod tests {
     #[test]
     fn equal_weights_fill_packs_round_robin() {
         let slots = balanced_packing(&[3.0; 6], 3);
-        assert_eq!(
-            packs(&slots),
-            vec![(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-        );
+        assert_eq!(packs(&slots), vec![(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]);
     }
 
     /// The reference's loop as written: scan the packs with room for the first minimum.
@@ -102,18 +90,9 @@ mod tests {
         for item in argsort_desc(weight) {
             let pack = (0..num_packs)
                 .filter(|&p| pack_items[p] < per_pack)
-                .reduce(|best, p| {
-                    if pack_weight[p] < pack_weight[best] {
-                        p
-                    } else {
-                        best
-                    }
-                })
+                .reduce(|best, p| if pack_weight[p] < pack_weight[best] { p } else { best })
                 .expect("room left");
-            slots[item] = Slot {
-                pack,
-                rank: pack_items[pack],
-            };
+            slots[item] = Slot { pack, rank: pack_items[pack] };
             pack_weight[pack] += weight[item];
             pack_items[pack] += 1;
         }
@@ -133,14 +112,9 @@ mod tests {
             let num_packs = 2 + next(20) as usize;
             let per_pack = 2 + next(6) as usize;
             let scale = [2, 5, 1000][next(3) as usize];
-            let weight: Vec<f32> = (0..num_packs * per_pack)
-                .map(|_| next(scale) as f32 / [1.0, 3.0][next(2) as usize])
-                .collect();
-            assert_eq!(
-                balanced_packing(&weight, num_packs),
-                linear_scan(&weight, num_packs),
-                "{weight:?}"
-            );
+            let weight: Vec<f32> =
+                (0..num_packs * per_pack).map(|_| next(scale) as f32 / [1.0, 3.0][next(2) as usize]).collect();
+            assert_eq!(balanced_packing(&weight, num_packs), linear_scan(&weight, num_packs), "{weight:?}");
         }
     }
 

@@ -42,11 +42,7 @@ pub(crate) fn replicate_experts(weight: &[f32], num_phy: usize) -> Replicas {
         rank.push(logcnt[hottest]);
         logcnt[hottest] += 1;
     }
-    Replicas {
-        phy2log,
-        rank,
-        logcnt,
-    }
+    Replicas { phy2log, rank, logcnt }
 }
 
 #[cfg(test)]

@@ -18,14 +18,8 @@ struct Request {
 
 impl Request {
     fn run(&self) -> Placement {
-        rebalance(
-            &self.load,
-            self.num_replicas,
-            self.num_groups,
-            self.num_nodes,
-            self.num_workers,
-        )
-        .unwrap_or_else(|e| panic!("valid request rejected: {e}: {self:?}"))
+        rebalance(&self.load, self.num_replicas, self.num_groups, self.num_nodes, self.num_workers)
+            .unwrap_or_else(|e| panic!("valid request rejected: {e}: {self:?}"))
     }
 
     fn num_experts(&self) -> usize {
@@ -80,9 +74,7 @@ impl Gen {
 
     fn loads(&mut self, layers: usize, experts: usize) -> Vec<Vec<f64>> {
         let dist = self.below(6);
-        (0..layers)
-            .map(|_| (0..experts).map(|_| self.load(dist)).collect())
-            .collect()
+        (0..layers).map(|_| (0..experts).map(|_| self.load(dist)).collect()).collect()
     }
 
     /// A small random request: 1-4 nodes of 1-4 workers, 1-8 groups of 1-6 experts, up to
@@ -118,15 +110,8 @@ fn check_structure(req: &Request, p: &Placement) {
         let (phy2log, log2phy, logcnt) = (&p.phy2log[layer], &p.log2phy[layer], &p.logcnt[layer]);
         assert_eq!(phy2log.len(), num_replicas, "{req:?}");
         assert_eq!(logcnt.len(), num_experts);
-        assert_eq!(
-            logcnt.iter().sum::<usize>(),
-            num_replicas,
-            "replica counts must sum to R"
-        );
-        assert!(
-            logcnt.iter().all(|&c| c >= 1),
-            "every expert needs a replica: {logcnt:?}"
-        );
+        assert_eq!(logcnt.iter().sum::<usize>(), num_replicas, "replica counts must sum to R");
+        assert!(logcnt.iter().all(|&c| c >= 1), "every expert needs a replica: {logcnt:?}");
         for (expert, &cnt) in logcnt.iter().enumerate() {
             assert_eq!(phy2log.iter().filter(|&&e| e == expert).count(), cnt);
         }
@@ -137,31 +122,16 @@ fn check_structure(req: &Request, p: &Placement) {
         for (expert, row) in log2phy.iter().enumerate() {
             assert_eq!(row.len(), num_replicas - num_experts + 1, "log2phy width");
             let (live, padding) = row.split_at(logcnt[expert]);
-            assert!(
-                padding.iter().all(|&s| s == -1),
-                "padding must be -1: {row:?}"
-            );
+            assert!(padding.iter().all(|&s| s == -1), "padding must be -1: {row:?}");
             for &slot in live {
                 let slot = usize::try_from(slot).expect("live entries are slot indices");
-                assert_eq!(
-                    phy2log[slot], expert,
-                    "log2phy points at a slot of another expert"
-                );
-                assert!(
-                    !std::mem::replace(&mut seen[slot], true),
-                    "slot {slot} listed twice"
-                );
+                assert_eq!(phy2log[slot], expert, "log2phy points at a slot of another expert");
+                assert!(!std::mem::replace(&mut seen[slot], true), "slot {slot} listed twice");
                 per_worker[slot / slots_per_worker] += 1;
             }
         }
-        assert!(
-            seen.iter().all(|&s| s),
-            "every physical slot appears in log2phy"
-        );
-        assert!(
-            per_worker.iter().all(|&n| n == slots_per_worker),
-            "{per_worker:?}"
-        );
+        assert!(seen.iter().all(|&s| s), "every physical slot appears in log2phy");
+        assert!(per_worker.iter().all(|&n| n == slots_per_worker), "{per_worker:?}");
     }
 }
 
@@ -174,12 +144,7 @@ fn check_locality(req: &Request, p: &Placement) {
         for (slot, &expert) in p.phy2log[layer].iter().enumerate() {
             let node = req.node_of_slot(slot);
             let first = *group_node[expert / group_size].get_or_insert(node);
-            assert_eq!(
-                first,
-                node,
-                "group {} spans nodes: {req:?}",
-                expert / group_size
-            );
+            assert_eq!(first, node, "group {} spans nodes: {req:?}", expert / group_size);
         }
         for node in 0..req.num_nodes {
             let groups = group_node.iter().filter(|&&n| n == Some(node)).count();
@@ -202,20 +167,13 @@ fn check_replication_optimal(req: &Request, p: &Placement) {
         let weight: Vec<f32> = req.load[layer].iter().map(|&w| w as f32).collect();
         let cnt = &p.logcnt[layer];
         for domain in 0..domains {
-            let mut experts: Vec<usize> = p.phy2log[layer]
-                [domain * slots_per_domain..(domain + 1) * slots_per_domain]
-                .to_vec();
+            let mut experts: Vec<usize> =
+                p.phy2log[layer][domain * slots_per_domain..(domain + 1) * slots_per_domain].to_vec();
             experts.sort_unstable();
             experts.dedup();
-            let hottest = experts
-                .iter()
-                .map(|&e| weight[e] / cnt[e] as f32)
-                .fold(0.0f32, f32::max);
+            let hottest = experts.iter().map(|&e| weight[e] / cnt[e] as f32).fold(0.0f32, f32::max);
             for &e in experts.iter().filter(|&&e| cnt[e] >= 2) {
-                assert!(
-                    weight[e] / (cnt[e] - 1) as f32 >= hottest,
-                    "expert {e} has a replica to spare: {req:?}"
-                );
+                assert!(weight[e] / (cnt[e] - 1) as f32 >= hottest, "expert {e} has a replica to spare: {req:?}");
             }
         }
     }
@@ -236,10 +194,7 @@ fn hierarchical_policy_keeps_groups_on_their_node() {
         check_locality(&req, &req.run());
         hierarchical += 1;
     }
-    assert!(
-        hierarchical > 1000,
-        "generator produced only {hierarchical} hierarchical requests"
-    );
+    assert!(hierarchical > 1000, "generator produced only {hierarchical} hierarchical requests");
 }
 
 #[test]
@@ -255,11 +210,7 @@ fn layers_are_independent_and_results_deterministic() {
         let all = req.run();
         assert_eq!(all, req.run());
         for (layer, load) in req.load.iter().enumerate() {
-            let one = Request {
-                load: vec![load.clone()],
-                ..req.clone()
-            }
-            .run();
+            let one = Request { load: vec![load.clone()], ..req.clone() }.run();
             assert_eq!(one.phy2log[0], all.phy2log[layer]);
             assert_eq!(one.log2phy[0], all.log2phy[layer]);
         }
@@ -274,11 +225,7 @@ fn static_worker_loads(load: &[Vec<f64>], num_workers: usize) -> Vec<Vec<f64>> {
             let mut per_worker = vec![0.0; num_workers];
             let contiguous = layer.len().is_multiple_of(num_workers);
             for (expert, &w) in layer.iter().enumerate() {
-                let worker = if contiguous {
-                    expert / (layer.len() / num_workers)
-                } else {
-                    expert % num_workers
-                };
+                let worker = if contiguous { expert / (layer.len() / num_workers) } else { expert % num_workers };
                 per_worker[worker] += w;
             }
             per_worker
@@ -297,24 +244,11 @@ fn max(values: &[f64]) -> f64 {
 fn never_worse_than_static_placement_at_v3_shape() {
     let mut generator = Gen::new(5);
     // (workers, nodes, slots): hierarchical 16/32/64 GPUs, global 144 and 1-node 8.
-    let clusters = [
-        (16, 2, 288),
-        (32, 4, 288),
-        (32, 4, 256),
-        (64, 8, 320),
-        (144, 18, 288),
-        (8, 1, 256),
-    ];
+    let clusters = [(16, 2, 288), (32, 4, 288), (32, 4, 256), (64, 8, 320), (144, 18, 288), (8, 1, 256)];
     let mut layers_checked = 0;
     for (num_workers, num_nodes, num_replicas) in clusters {
         for _ in 0..60 {
-            let req = Request {
-                load: generator.loads(4, 256),
-                num_replicas,
-                num_groups: 8,
-                num_nodes,
-                num_workers,
-            };
+            let req = Request { load: generator.loads(4, 256), num_replicas, num_groups: 8, num_nodes, num_workers };
             let after = worker_loads(&req.load, &req.run(), num_workers);
             let before = static_worker_loads(&req.load, num_workers);
             for (layer, (a, b)) in after.iter().zip(&before).enumerate() {

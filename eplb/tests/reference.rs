@@ -29,10 +29,7 @@ struct Case {
 }
 
 fn fixture() -> Fixture {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/reference/eplb_reference.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/eplb_reference.json");
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {path}: {e}"))
 }
@@ -53,11 +50,7 @@ fn expected(case: &Case) -> Placement {
                 .collect()
         })
         .collect();
-    Placement {
-        phy2log: case.phy2log.clone(),
-        log2phy,
-        logcnt: case.logcnt.clone(),
-    }
+    Placement { phy2log: case.phy2log.clone(), log2phy, logcnt: case.logcnt.clone() }
 }
 
 #[test]
@@ -72,14 +65,8 @@ fn matches_torch_reference() {
             "{}: policy choice",
             case.name
         );
-        let got = rebalance(
-            &case.weight,
-            case.num_replicas,
-            case.num_groups,
-            case.num_nodes,
-            case.num_gpus,
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let got = rebalance(&case.weight, case.num_replicas, case.num_groups, case.num_nodes, case.num_gpus)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let want = expected(case);
         let differing: Vec<&str> = [
             ("phy2log", got.phy2log == want.phy2log),

@@ -138,7 +138,8 @@ impl Workers {
         // Attempts run concurrently; only with no connection at all is there nothing better
         // to do than wait for them (each is bounded by the connect timeout).
         let wait = self.conns.is_empty();
-        let ids: Vec<WorkerId> = self.probes.iter().filter(|(_, p)| wait || p.task.is_finished()).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<WorkerId> =
+            self.probes.iter().filter(|(_, p)| wait || p.task.is_finished()).map(|(id, _)| id.clone()).collect();
         for id in ids {
             let Some(p) = self.probes.remove(&id) else { continue };
             match p.task.await.unwrap_or_else(|e| Err(CallError::Transport(format!("connect task: {e}")))) {
@@ -235,8 +236,7 @@ impl Workers {
 
 /// Opens a channel to `address` and asks its slots (which also proves it answers).
 async fn probe(address: String, timeout: Duration) -> Probed {
-    let channel =
-        cluster_core::serve::channel(&address, timeout).map_err(|e| CallError::Transport(e.to_string()))?;
+    let channel = cluster_core::serve::channel(&address, timeout).map_err(|e| CallError::Transport(e.to_string()))?;
     let slots = tokio::time::timeout(timeout, wire::get_slots(channel.clone()))
         .await
         .map_err(|_| CallError::Transport("GetSlots timed out".into()))??;

@@ -257,7 +257,14 @@ mod tests {
         let pieces = pieces(&batch, inputs.len()).expect("well formed");
         // Experts 0 and 2 on "a", 1 and 3 on "b".
         let (a, b) = (["a"], ["b"]);
-        let split = split(&pieces, &inputs, hidden, |e| if e.0 % 2 == 0 { &a[..] } else { &b[..] }, |_| true, &AtomicUsize::new(0));
+        let split = split(
+            &pieces,
+            &inputs,
+            hidden,
+            |e| if e.0 % 2 == 0 { &a[..] } else { &b[..] },
+            |_| true,
+            &AtomicUsize::new(0),
+        );
         assert!(split.unhosted.is_empty());
         assert_eq!(split.parts.len(), 2);
         assert_eq!(split.parts[0].worker, "a");
@@ -312,9 +319,8 @@ mod tests {
         let hosts = ["a", "b", "c"];
         let turn = AtomicUsize::new(0);
         let piece = [Piece { row: 0, group: groups[0] }];
-        let picks: Vec<_> = (0..4)
-            .map(|_| split(&piece, &inputs, 2, |_| &hosts[..], |_| true, &turn).parts[0].worker)
-            .collect();
+        let picks: Vec<_> =
+            (0..4).map(|_| split(&piece, &inputs, 2, |_| &hosts[..], |_| true, &turn).parts[0].worker).collect();
         assert_eq!(picks, vec!["a", "b", "c", "a"]);
     }
 

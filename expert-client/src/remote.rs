@@ -120,7 +120,14 @@ impl RemoteExperts {
 
     /// Sends every part (queued first, so the workers run concurrently) and collects the
     /// replies; a part without reply by `deadline` fails with `TimedOut`.
-    async fn send(&self, layer: usize, hidden: usize, parts: Vec<Planned>, deadline: Instant, traceparent: &str) -> Vec<Replied> {
+    async fn send(
+        &self,
+        layer: usize,
+        hidden: usize,
+        parts: Vec<Planned>,
+        deadline: Instant,
+        traceparent: &str,
+    ) -> Vec<Replied> {
         let deadline = tokio::time::Instant::from_std(deadline);
         let mut waiting = Vec::with_capacity(parts.len());
         for (mut part, conn) in parts {
@@ -231,7 +238,13 @@ impl ExpertBackend for RemoteExperts {
 
 impl RemoteExperts {
     /// The error of a call that ran out of time (or was stopped by shutdown).
-    fn give_up(&self, layer: usize, attempts: u32, groups: usize, mut failures: Vec<(Option<WorkerId>, String)>) -> ExpertError {
+    fn give_up(
+        &self,
+        layer: usize,
+        attempts: u32,
+        groups: usize,
+        mut failures: Vec<(Option<WorkerId>, String)>,
+    ) -> ExpertError {
         let (worker, error) = failures.pop().unwrap_or((None, "no attempt failed".into()));
         let worker = worker.map_or_else(|| "none".to_owned(), |w| w.to_string());
         let why = if self.shutdown.is_cancelled() { "shutting down" } else { "out of time" };

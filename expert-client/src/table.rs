@@ -179,7 +179,10 @@ mod tests {
 
     fn put_current(version: u64) -> WatchEvent {
         let current = CurrentPlacement { version: PlacementVersion(version) };
-        WatchEvent::Put { key: keys::placement_current_key(&cluster()), value: serde_json::to_vec(&current).expect("serializes") }
+        WatchEvent::Put {
+            key: keys::placement_current_key(&cluster()),
+            value: serde_json::to_vec(&current).expect("serializes"),
+        }
     }
 
     fn version(view: &PlacementView) -> Option<u64> {
@@ -232,7 +235,10 @@ mod tests {
         misfiled.version = PlacementVersion(1);
         let value = serde_json::to_vec(&misfiled).expect("serializes");
         view.apply(&c, WatchEvent::Put { key: keys::placement_spec_key(&c, PlacementVersion(4)), value });
-        view.apply(&c, WatchEvent::Put { key: keys::placement_spec_key(&c, PlacementVersion(5)), value: b"{".to_vec() });
+        view.apply(
+            &c,
+            WatchEvent::Put { key: keys::placement_spec_key(&c, PlacementVersion(5)), value: b"{".to_vec() },
+        );
         view.apply(&c, WatchEvent::Put { key: keys::placement_current_key(&c), value: b"7".to_vec() });
         assert!(!view.apply(&c, put_current(1)));
         assert!(view.specs.is_empty());

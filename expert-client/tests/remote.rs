@@ -45,7 +45,8 @@ impl Fake {
         if let Some(g) = req.groups.iter().find(|g| req.layer as usize != LAYER || !hosted.contains(&g.expert)) {
             return expert_reply::Result::Error(format!("layer {} expert {} is not hosted here", req.layer, g.expert));
         }
-        let inputs: Vec<f32> = req.inputs.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let inputs: Vec<f32> =
+            req.inputs.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let mut out = Vec::with_capacity(req.inputs.len());
         let mut at = 0;
         for g in &req.groups {
@@ -92,7 +93,9 @@ impl Expert for Fake {
 
     async fn get_slots(&self, _: Request<pb::SlotsRequest>) -> Result<Response<pb::Slots>, Status> {
         let hosted = self.hosted.lock().expect("not poisoned");
-        Ok(Response::new(pb::Slots { slots: hosted.iter().map(|&expert| pb::Slot { layer: LAYER as u32, expert }).collect() }))
+        Ok(Response::new(pb::Slots {
+            slots: hosted.iter().map(|&expert| pb::Slot { layer: LAYER as u32, expert }).collect(),
+        }))
     }
 
     async fn get_load(&self, _: Request<pb::ExpertLoadRequest>) -> Result<Response<pb::ExpertLoad>, Status> {
@@ -132,7 +135,14 @@ impl Harness {
             tracker.spawn(server);
             let id = worker(i);
             let (model, version) = ("m".into(), "v".into());
-            let info = WorkerInfo { id: id.clone(), role: Role::Expert, address, capacity: Capacity::default(), model, version };
+            let info = WorkerInfo {
+                id: id.clone(),
+                role: Role::Expert,
+                address,
+                capacity: Capacity::default(),
+                model,
+                version,
+            };
             let key = keys::worker_key(&cluster, Role::Expert, &id);
             store.put(&key, serde_json::to_vec(&info).expect("serializes")).await.expect("put");
             fakes.push(fake);
@@ -162,7 +172,12 @@ impl Harness {
     }
 
     async fn remote(&self, call_timeout: Duration) -> Arc<RemoteExperts> {
-        let options = RemoteOptions { connect_timeout: Duration::from_secs(2), call_timeout, attempt_timeout: call_timeout, retry_period: Duration::from_millis(200) };
+        let options = RemoteOptions {
+            connect_timeout: Duration::from_secs(2),
+            call_timeout,
+            attempt_timeout: call_timeout,
+            retry_period: Duration::from_millis(200),
+        };
         let remote = RemoteExperts::from_store(&self.store, &self.cluster, &self.tracker, &self.shutdown, options);
         Arc::new(remote.await.expect("follows the store"))
     }
@@ -187,7 +202,8 @@ fn worker(i: usize) -> WorkerId {
 /// Runs `groups` (`(expert, num_tokens)`) on a plain thread, as the engine's compute thread
 /// does; returns the outputs or the error, and checks outputs against the local reference.
 async fn call(remote: &Arc<RemoteExperts>, groups: &[(u32, usize)]) -> Result<(), ExpertError> {
-    let groups: Vec<ExpertGroup> = groups.iter().map(|&(e, n)| ExpertGroup { expert: ExpertId(e), num_tokens: n }).collect();
+    let groups: Vec<ExpertGroup> =
+        groups.iter().map(|&(e, n)| ExpertGroup { expert: ExpertId(e), num_tokens: n }).collect();
     let rows: usize = groups.iter().map(|g| g.num_tokens).sum();
     let inputs: Vec<f32> = (0..rows * HIDDEN).map(|v| v as f32 * 0.5).collect();
     let remote = Arc::clone(remote);
@@ -279,7 +295,10 @@ async fn without_placement_slots_come_from_get_slots_and_unhosted_experts_time_o
     let err = call(&remote, &[(0, 1), (5, 1)]).await.expect_err("expert 5 is hosted nowhere");
     assert!(started.elapsed() >= Duration::from_millis(400));
     let text = err.to_string();
-    assert!(matches!(err, ExpertError::Unavailable(_)) && text.contains("layer 3") && text.contains("expert 5"), "{text}");
+    assert!(
+        matches!(err, ExpertError::Unavailable(_)) && text.contains("layer 3") && text.contains("expert 5"),
+        "{text}"
+    );
     drop(remote);
     h.stop().await;
 }

@@ -41,9 +41,15 @@ pub struct Job {
 pub enum Command {
     Run(Job),
     /// Host these experts from now on; replies with the number of slots hosted afterwards.
-    Install { weights: Vec<ExpertWeights>, reply: oneshot::Sender<Result<usize, ExpertError>> },
+    Install {
+        weights: Vec<ExpertWeights>,
+        reply: oneshot::Sender<Result<usize, ExpertError>>,
+    },
     /// Stop hosting these slots (their weights are freed); replies with how many were hosted.
-    Release { slots: Vec<SlotKey>, reply: oneshot::Sender<usize> },
+    Release {
+        slots: Vec<SlotKey>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// Sends commands to the compute thread and sees what it hosts.
@@ -117,7 +123,8 @@ pub fn spawn_compute(
                     let _ = reply.send(result.map(|()| hosted_tx.borrow().len()));
                 }
                 Command::Release { slots, reply } => {
-                    let released = slots.iter().filter(|s| experts.remove(s.layer, ExpertId(s.expert)).is_some()).count();
+                    let released =
+                        slots.iter().filter(|s| experts.remove(s.layer, ExpertId(s.expert)).is_some()).count();
                     hosted_tx.send_replace(hosted_of(&experts));
                     let _ = reply.send(released);
                 }
@@ -165,7 +172,8 @@ mod tests {
         let h = config.hidden_size;
         let counters = Arc::new(LoadCounters::new(&config));
         let (compute, thread) =
-            spawn_compute(LocalExperts::empty(&config, kernels::cpu::Precision::Exact), counters.clone()).expect("spawn");
+            spawn_compute(LocalExperts::empty(&config, kernels::cpu::Precision::Exact), counters.clone())
+                .expect("spawn");
         let groups = vec![ExpertGroup { expert: ExpertId(1), num_tokens: 3 }];
         let run = || compute.run(layer, h, groups.clone(), vec![0.5; 3 * h]);
         assert!(matches!(run().await, Err(ComputeError::Expert(ExpertError::NotHosted { expert: 1, .. }))));

@@ -86,7 +86,8 @@ mod tests {
         let c = LoadCounters::new(&config);
         let (first, n) = (c.layers()[0], c.num_experts());
         assert_eq!(c.snapshot().len(), c.layers().len() * n);
-        let groups = [ExpertGroup { expert: ExpertId(2), num_tokens: 5 }, ExpertGroup { expert: ExpertId(0), num_tokens: 1 }];
+        let groups =
+            [ExpertGroup { expert: ExpertId(2), num_tokens: 5 }, ExpertGroup { expert: ExpertId(0), num_tokens: 1 }];
         c.record(first, &groups, true);
         c.record(first, &groups, false);
         c.record(0, &groups, true); // a dense layer: not counted

@@ -175,7 +175,9 @@ impl Follower {
         for (version, mark) in std::mem::take(&mut state.pending) {
             let key = keys::placement_ready_key(&self.cluster, version, &self.me);
             let put = match serde_json::to_vec(&mark) {
-                Ok(value) => self.store.put_with_lease(&key, value, self.registration.lease()).await.map_err(|e| e.to_string()),
+                Ok(value) => {
+                    self.store.put_with_lease(&key, value, self.registration.lease()).await.map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             match put {

@@ -47,7 +47,8 @@ async fn get<T: serde::de::DeserializeOwned>(store: &dyn Store, key: &str) -> Op
 async fn follows_a_two_phase_switch_and_publishes_load() {
     let dir = tempfile::tempdir().expect("tempdir");
     model::default_model::ensure(dir.path()).expect("generate");
-    let ckpt = Arc::new(ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open"));
+    let ckpt =
+        Arc::new(ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open"));
     let config = ckpt.config().clone();
     let layers = crate::slots::moe_layers(&config);
     let n = config.n_routed_experts as u32;
@@ -72,7 +73,9 @@ async fn follows_a_two_phase_switch_and_publishes_load() {
         version: "v".into(),
     };
     let registration = Arc::new(
-        cluster_core::register(store.clone(), &cluster, info, Duration::from_secs(1), &tracker, &stop).await.expect("register"),
+        cluster_core::register(store.clone(), &cluster, info, Duration::from_secs(1), &tracker, &stop)
+            .await
+            .expect("register"),
     );
     let events = store.watch_prefix(&keys::placement_prefix(&cluster)).await.expect("watch");
     let (version_tx, version_rx) = watch::channel(None);
@@ -146,7 +149,10 @@ async fn follows_a_two_phase_switch_and_publishes_load() {
     })
     .await;
     let report: LoadReport = get(store.as_ref(), &load_key).await.expect("report");
-    assert_eq!((report.worker.clone(), report.layers.clone(), report.num_experts), (me.clone(), layers.clone(), n as usize));
+    assert_eq!(
+        (report.worker.clone(), report.layers.clone(), report.num_experts),
+        (me.clone(), layers.clone(), n as usize)
+    );
     assert_eq!(report.placement_version, Some(s2.version));
     assert!(report.window_ms > 0 && report.tokens_per_s.len() == layers.len(), "{report:?}");
 

@@ -77,7 +77,8 @@ impl Expert for ExpertService {
     }
 
     async fn get_slots(&self, _: Request<pb::SlotsRequest>) -> Result<Response<pb::Slots>, Status> {
-        let slots = self.compute.hosted().into_iter().map(|s| pb::Slot { layer: s.layer as u32, expert: s.expert }).collect();
+        let slots =
+            self.compute.hosted().into_iter().map(|s| pb::Slot { layer: s.layer as u32, expert: s.expert }).collect();
         Ok(Response::new(pb::Slots { slots }))
     }
 
@@ -106,8 +107,11 @@ async fn answer(compute: &ComputeHandle, req: pb::ExpertRequest) -> pb::ExpertRe
 
 async fn run(compute: &ComputeHandle, req: pb::ExpertRequest) -> Result<Vec<f32>, RequestError> {
     let (layer, hidden) = (req.layer as usize, req.hidden as usize);
-    let groups: Vec<ExpertGroup> =
-        req.groups.iter().map(|g| ExpertGroup { expert: ExpertId(g.expert), num_tokens: g.num_tokens as usize }).collect();
+    let groups: Vec<ExpertGroup> = req
+        .groups
+        .iter()
+        .map(|g| ExpertGroup { expert: ExpertId(g.expert), num_tokens: g.num_tokens as usize })
+        .collect();
     let rows: usize = groups.iter().map(|g| g.num_tokens).sum();
     let want = rows * hidden * 4;
     if req.inputs.len() != want {

@@ -118,9 +118,15 @@ impl ExpertConfig {
 }
 
 /// Runs the expert worker until `shutdown`. `ready` fires once it serves and is registered.
-pub async fn run(config: ExpertConfig, store: StoreConfig, shutdown: CancellationToken, ready: oneshot::Sender<Ready>) -> anyhow::Result<()> {
+pub async fn run(
+    config: ExpertConfig,
+    store: StoreConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<Ready>,
+) -> anyhow::Result<()> {
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
-    let (dir, dtype, precision, shard) = (config.model.clone(), config.weight_dtype(), config.precision(), config.shard);
+    let (dir, dtype, precision, shard) =
+        (config.model.clone(), config.weight_dtype(), config.precision(), config.shard);
     tracing::info!(model = ?dir, shard = shard.map(|s| s.to_string()), "expert_loading");
     let checkpoint = tokio::task::spawn_blocking(move || ExpertCheckpoint::open(dir, dtype))
         .await
@@ -152,17 +158,25 @@ pub async fn run(config: ExpertConfig, store: StoreConfig, shutdown: Cancellatio
         compute::spawn_compute(experts, counters.clone()).context("cannot start the compute thread")?;
 
     let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id = cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Expert, bound.port())?;
+    let worker_id =
+        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Expert, bound.port())?;
     let tracker = TaskTracker::new();
     let streams_stop = CancellationToken::new();
-    let service =
-        grpc::ExpertService { compute: compute.clone(), counters: counters.clone(), tracker: tracker.clone(), shutdown: streams_stop.clone() };
+    let service = grpc::ExpertService {
+        compute: compute.clone(),
+        counters: counters.clone(),
+        tracker: tracker.clone(),
+        shutdown: streams_stop.clone(),
+    };
     let server_stop = CancellationToken::new();
     let (reporter_tx, reporter_rx) = oneshot::channel();
     let server = tracker.spawn(cluster_core::serve::serve(
         listener,
         tonic::service::Routes::new(grpc::server(service)),
-        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.expert.v1.Expert"] },
+        cluster_core::serve::Described {
+            descriptor_set: proto::FILE_DESCRIPTOR_SET,
+            services: &["expertmesh.expert.v1.Expert"],
+        },
         |r| {
             let _ = reporter_tx.send(r);
         },
@@ -175,20 +189,23 @@ pub async fn run(config: ExpertConfig, store: StoreConfig, shutdown: Cancellatio
         id: worker_id.clone(),
         role: Role::Expert,
         address: config.node.advertised(bound),
-        capacity: Capacity { max_sequences: 0, max_batch_tokens: 0, expert_slots: u32::try_from(hosted).context("slot count")? },
+        capacity: Capacity {
+            max_sequences: 0,
+            max_batch_tokens: 0,
+            expert_slots: u32::try_from(hosted).context("slot count")?,
+        },
         model: model_name,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let registration =
-        Arc::new(cluster_core::register(store.clone(), &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?);
+    let registration = Arc::new(
+        cluster_core::register(store.clone(), &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?,
+    );
 
     // The placement follower and the load publisher; stopped before deregistering.
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
-    let events = store
-        .watch_prefix(&cluster_core::keys::placement_prefix(&cluster))
-        .await
-        .context("watching the placement")?;
+    let events =
+        store.watch_prefix(&cluster_core::keys::placement_prefix(&cluster)).await.context("watching the placement")?;
     let (version_tx, version_rx) = watch::channel(None);
     let shape = placement::ModelShape {
         moe_layers: slots::moe_layers(checkpoint.config()).into_iter().collect(),

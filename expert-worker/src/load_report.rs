@@ -235,6 +235,9 @@ mod tests {
         assert!(r.tokens_per_s.iter().all(|row| row.len() == config.n_routed_experts));
         assert_eq!(r.tokens_per_s[0][3], 10.0);
         assert_eq!(r.total_rate(), 10.0);
-        assert_eq!((r.window_ms, r.total_tokens, r.placement_version, r.updated_unix_ms), (2000, 20, Some(PlacementVersion(4)), 7));
+        assert_eq!(
+            (r.window_ms, r.total_tokens, r.placement_version, r.updated_unix_ms),
+            (2000, 20, Some(PlacementVersion(4)), 7)
+        );
     }
 }

@@ -32,6 +32,7 @@ async fn main() -> std::process::ExitCode {
             cluster_core::serve::announce_ready(cluster_core::Role::Expert, &r.worker_id, r.addr);
         }
     };
-    let (result, ()) = tokio::join!(expert_worker::run(cli.config, cli.etcd.store_config(), shutdown, ready_tx), announce);
+    let (result, ()) =
+        tokio::join!(expert_worker::run(cli.config, cli.etcd.store_config(), shutdown, ready_tx), announce);
     cluster_core::node::exit_code(result)
 }

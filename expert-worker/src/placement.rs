@@ -96,7 +96,9 @@ impl PlacementView {
                     Err(reason) => tracing::warn!(%key, %reason, "placement_spec_invalid"),
                 }
             }
-            (Some(PlacementKey::Ready(version, worker)), None) if &worker == me => return Seen::OwnReadyDeleted(version),
+            (Some(PlacementKey::Ready(version, worker)), None) if &worker == me => {
+                return Seen::OwnReadyDeleted(version);
+            }
             (Some(PlacementKey::Ready(..)), _) => {}
         }
         Seen::Nothing

@@ -114,7 +114,10 @@ fn apply_refuses_invalid_specs_and_reports_own_ready_deletions() {
 
     let mine = keys::placement_ready_key(&c, PlacementVersion(6), &w("a"));
     let theirs = keys::placement_ready_key(&c, PlacementVersion(6), &w("b"));
-    assert_eq!(v.apply(&c, &w("a"), &shape(), WatchEvent::Delete { key: mine.clone() }), Seen::OwnReadyDeleted(PlacementVersion(6)));
+    assert_eq!(
+        v.apply(&c, &w("a"), &shape(), WatchEvent::Delete { key: mine.clone() }),
+        Seen::OwnReadyDeleted(PlacementVersion(6))
+    );
     assert_eq!(v.apply(&c, &w("a"), &shape(), WatchEvent::Delete { key: theirs }), Seen::Nothing);
     assert_eq!(v.apply(&c, &w("a"), &shape(), WatchEvent::Put { key: mine, value: b"{}".to_vec() }), Seen::Nothing);
     let foreign = WatchEvent::Put { key: "/expertmesh/c/placement/x".into(), value: vec![] };
@@ -180,7 +183,10 @@ fn static_slots_go_once_a_placement_names_the_worker_elsewhere() {
     let v = view(vec![put_spec(&s1), put_current(1), WatchEvent::Synced]);
     assert!(slots_to_load(&hosted, &v, &a).is_empty(), "the shard already holds a's slots");
     assert_eq!(marks_due(&hosted, &v, &a, &BTreeSet::new()), vec![(PlacementVersion(1), ReadyMark { slots: 4 })]);
-    assert_eq!(slots_to_release(&hosted, &v, PlacementVersion(1), &a, v.names(&a)), vec![k(1, 2), k(1, 3), k(2, 0), k(2, 1)]);
+    assert_eq!(
+        slots_to_release(&hosted, &v, PlacementVersion(1), &a, v.names(&a)),
+        vec![k(1, 2), k(1, 3), k(2, 0), k(2, 1)]
+    );
     // A worker left out of the placement releases everything once it has followed one.
     let dropped = view(vec![put_spec(&spec(2, ["b", "c"], [[0, 1, 2, 3], [3, 2, 1, 0]])), put_current(2)]);
     assert_eq!(slots_to_release(&hosted, &dropped, PlacementVersion(2), &a, true).len(), hosted.len());

@@ -49,7 +49,8 @@ pub fn load_slots(
         if cancel.is_cancelled() {
             return Err(LoadError::Cancelled);
         }
-        let weights = ckpt.load(layer, ExpertId(expert)).map_err(|source| LoadError::Model { layer, expert, source })?;
+        let weights =
+            ckpt.load(layer, ExpertId(expert)).map_err(|source| LoadError::Model { layer, expert, source })?;
         loaded.push(weights);
     }
     Ok(loaded)

@@ -15,7 +15,8 @@ pub fn publish(me: &WorkerId, counters: &LoadCounters, counts: &[u64], version: 
     for (i, &n) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
         let layer = counters.layers().get(i / experts).copied().unwrap_or_default();
         let (layer, expert) = (layer.to_string(), (i % experts).to_string());
-        counter!("expertmesh_expert_tokens_total", "worker" => worker.clone(), "layer" => layer, "expert" => expert).absolute(n);
+        counter!("expertmesh_expert_tokens_total", "worker" => worker.clone(), "layer" => layer, "expert" => expert)
+            .absolute(n);
     }
     counter!("expertmesh_expert_requests_total", "worker" => worker.clone()).absolute(counters.requests());
     if let Some(v) = version {

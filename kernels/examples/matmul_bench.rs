@@ -86,12 +86,10 @@ fn bench(quick: bool, only: &[String]) {
             } else {
                 (Vec::new(), (0..copies).map(|_| base.clone()).collect())
             };
-            let weights = |c: usize| {
-                match layout {
-                    0 => WeightRef::F32(&wf[c % copies]),
-                    1 => WeightRef::Bf16(&wb[c % copies]),
-                    _ => WeightRef::Packed(PackedRef::new(&wb[c % copies], n, k)),
-                }
+            let weights = |c: usize| match layout {
+                0 => WeightRef::F32(&wf[c % copies]),
+                1 => WeightRef::Bf16(&wb[c % copies]),
+                _ => WeightRef::Packed(PackedRef::new(&wb[c % copies], n, k)),
             };
             for m in MS {
                 let mut out = vec![0f32; m * n];

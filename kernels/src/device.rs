@@ -29,11 +29,7 @@ impl FromStr for Device {
             None => return Err(KernelError::UnknownDevice(s.to_owned())),
         };
         let device = Device::Cuda(ordinal);
-        if cfg!(feature = "cuda") {
-            Ok(device)
-        } else {
-            Err(KernelError::CudaNotBuilt(device.to_string()))
-        }
+        if cfg!(feature = "cuda") { Ok(device) } else { Err(KernelError::CudaNotBuilt(device.to_string())) }
     }
 }
 

@@ -24,6 +24,9 @@ pub enum KernelError {
 impl KernelError {
     /// True when the machine simply has no usable NVIDIA GPU (as opposed to a GPU that failed).
     pub fn is_no_gpu(&self) -> bool {
-        matches!(self, KernelError::CudaNotBuilt(_) | KernelError::CudaLibraryMissing { .. } | KernelError::NoSuchGpu { .. })
+        matches!(
+            self,
+            KernelError::CudaNotBuilt(_) | KernelError::CudaLibraryMissing { .. } | KernelError::NoSuchGpu { .. }
+        )
     }
 }

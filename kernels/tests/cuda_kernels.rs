@@ -3,8 +3,8 @@
 #![cfg(feature = "cuda")]
 
 use half::bf16;
-use kernels::cpu::router::{RouterConfig, RouterKind, route};
 use kernels::cpu::rope::{RopeTable, Yarn};
+use kernels::cpu::router::{RouterConfig, RouterKind, route};
 use kernels::cpu::{Precision, WeightRef, matmul};
 use kernels::cuda::{BatchedGemm, Gpu, MlaArgs, WeightLayout};
 use std::io::Write;
@@ -139,7 +139,8 @@ fn silu_gate_add_embed_gather_and_combine_match_the_cpu() {
     let ids = [3u32, 0, 9, 3];
     let (dt, di, de) = (g.upload(&table).unwrap(), g.upload(&ids).unwrap(), g.zeros::<f32>(4 * hidden).unwrap());
     g.embed(dt.dev(), di.dev(), de.dev(), hidden).unwrap();
-    let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * hidden..][..hidden].iter().map(|v| v.to_f32())).collect();
+    let want: Vec<f32> =
+        ids.iter().flat_map(|&i| table[i as usize * hidden..][..hidden].iter().map(|v| v.to_f32())).collect();
     assert_eq!(g.read(de.dev()).unwrap(), want, "embed");
 
     let x = r.vec(4 * hidden);
@@ -152,8 +153,12 @@ fn silu_gate_add_embed_gather_and_combine_match_the_cpu() {
     // Two tokens, k = 2, over three expert-output rows.
     let eo = r.vec(3 * hidden);
     let (rows_of, w) = ([0u32, 2, 1, 2], [0.25f32, 1.5, -0.5, 2.0]);
-    let (deo, dr, dw, dout) =
-        (g.upload(&eo).unwrap(), g.upload(&rows_of).unwrap(), g.upload(&w).unwrap(), g.zeros::<f32>(2 * hidden).unwrap());
+    let (deo, dr, dw, dout) = (
+        g.upload(&eo).unwrap(),
+        g.upload(&rows_of).unwrap(),
+        g.upload(&w).unwrap(),
+        g.zeros::<f32>(2 * hidden).unwrap(),
+    );
     g.moe_combine(deo.dev(), dr.dev(), dw.dev(), 2, dout.dev(), hidden).unwrap();
     let mut want = vec![0f32; 2 * hidden];
     for t in 0..2 {
@@ -349,9 +354,17 @@ fn attention_case(g: &Gpu, heads: usize, tables: Vec<u32>, queries: &[(u32, u32)
     }
     let offsets: Vec<u32> = queries.iter().map(|q| q.0).collect();
     let lens: Vec<u32> = queries.iter().map(|q| q.1).collect();
-    let (dc, dt, doff, dlen) =
-        (g.upload(&cache).expect("gpu call"), g.upload(&tables).expect("gpu call"), g.upload(&offsets).expect("gpu call"), g.upload(&lens).expect("gpu call"));
-    let (dq, dp, dout) = (g.upload(&q_lat).expect("gpu call"), g.upload(&q_pe).expect("gpu call"), g.zeros::<f32>(tokens * heads * rank).expect("gpu call"));
+    let (dc, dt, doff, dlen) = (
+        g.upload(&cache).expect("gpu call"),
+        g.upload(&tables).expect("gpu call"),
+        g.upload(&offsets).expect("gpu call"),
+        g.upload(&lens).expect("gpu call"),
+    );
+    let (dq, dp, dout) = (
+        g.upload(&q_lat).expect("gpu call"),
+        g.upload(&q_pe).expect("gpu call"),
+        g.zeros::<f32>(tokens * heads * rank).expect("gpu call"),
+    );
     g.mla_attend(&MlaArgs {
         cache: dc.dev(),
         block_size: bs,

@@ -124,10 +124,7 @@ impl Args {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let load = match (self.rate, self.concurrency) {
             (Some(rate), None) => {
-                ensure!(
-                    rate.is_finite() && rate > 0.0,
-                    "--rate {rate} must be a positive number of requests/s"
-                );
+                ensure!(rate.is_finite() && rate > 0.0, "--rate {rate} must be a positive number of requests/s");
                 Load::Rate(rate)
             }
             (None, Some(c)) => Load::Concurrency(c),
@@ -146,10 +143,7 @@ impl Args {
             self.temperature
         );
         let ms = |name: &str, v: f64| -> anyhow::Result<Duration> {
-            ensure!(
-                v.is_finite() && v > 0.0,
-                "--{name} {v} must be a positive number of milliseconds"
-            );
+            ensure!(v.is_finite() && v > 0.0, "--{name} {v} must be a positive number of milliseconds");
             Ok(Duration::from_secs_f64(v / 1e3))
         };
         let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
@@ -158,10 +152,7 @@ impl Args {
                 .filter(|d| !d.is_zero())
                 .with_context(|| format!("--{name} {v} must be a positive number of seconds"))
         };
-        let slo = Slo {
-            ttft: ms("ttft-slo-ms", self.ttft_slo_ms)?,
-            tpot: ms("tpot-slo-ms", self.tpot_slo_ms)?,
-        };
+        let slo = Slo { ttft: ms("ttft-slo-ms", self.ttft_slo_ms)?, tpot: ms("tpot-slo-ms", self.tpot_slo_ms)? };
         Ok(Config {
             addr: self.addr,
             requests: self.requests,
@@ -198,10 +189,7 @@ mod tests {
         assert!(parse(&["--rate", "2", "--concurrency", "4"]).is_err());
         let c = parse(&["--rate", "2.5"]).unwrap().into_config().unwrap();
         assert_eq!(c.load, Load::Rate(2.5));
-        let c = parse(&["--concurrency", "4", "--prompt-len", "uniform:8-16"])
-            .unwrap()
-            .into_config()
-            .unwrap();
+        let c = parse(&["--concurrency", "4", "--prompt-len", "uniform:8-16"]).unwrap().into_config().unwrap();
         assert_eq!(c.load, Load::Concurrency(4));
         assert_eq!(c.prompt_len, LenDist::Uniform { lo: 8, hi: 16 });
         assert_eq!(c.slo.ttft, Duration::from_secs(1));
@@ -213,18 +201,8 @@ mod tests {
         assert!(parse(&["--rate", "0"]).unwrap().into_config().is_err());
         assert!(parse(&["--rate", "nan"]).unwrap().into_config().is_err());
         assert!(parse(&["--concurrency", "0"]).is_err());
-        assert!(
-            parse(&["--concurrency", "1", "--requests", "5", "--warmup", "5"])
-                .unwrap()
-                .into_config()
-                .is_err()
-        );
-        assert!(
-            parse(&["--concurrency", "1", "--tpot-slo-ms=-1"])
-                .unwrap()
-                .into_config()
-                .is_err()
-        );
+        assert!(parse(&["--concurrency", "1", "--requests", "5", "--warmup", "5"]).unwrap().into_config().is_err());
+        assert!(parse(&["--concurrency", "1", "--tpot-slo-ms=-1"]).unwrap().into_config().is_err());
         assert!(parse(&["--concurrency", "1", "--output-len", "fixed:0"]).is_err());
     }
 }

@@ -88,12 +88,7 @@ fn to_ms(d: Duration) -> f64 {
 
 impl From<LatencySummary> for LatencyMs {
     fn from(s: LatencySummary) -> Self {
-        Self {
-            p50: to_ms(s.p50),
-            p90: to_ms(s.p90),
-            p99: to_ms(s.p99),
-            mean: to_ms(s.mean),
-        }
+        Self { p50: to_ms(s.p50), p90: to_ms(s.p90), p99: to_ms(s.p99), mean: to_ms(s.mean) }
     }
 }
 
@@ -150,8 +145,7 @@ impl Report {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self)
-            .expect("a struct of numbers, strings and string-keyed maps serializes")
+        serde_json::to_string(self).expect("a struct of numbers, strings and string-keyed maps serializes")
     }
 
     pub fn to_table(&self) -> String {
@@ -178,62 +172,26 @@ impl Report {
                 self.seed
             ),
         );
-        let mut sent = format!(
-            "{} sent of {}, {} warmup",
-            self.requests_sent, self.requests_total, self.requests_warmup
-        );
+        let mut sent =
+            format!("{} sent of {}, {} warmup", self.requests_sent, self.requests_total, self.requests_warmup);
         if self.interrupted {
             sent.push_str(", interrupted");
         }
         line("Requests", sent);
-        line(
-            "Measured ok / failed",
-            format!("{} / {}", self.requests_ok, self.requests_failed),
-        );
+        line("Measured ok / failed", format!("{} / {}", self.requests_ok, self.requests_failed));
         if !self.failed_by_code.is_empty() {
-            let codes: Vec<String> = self
-                .failed_by_code
-                .iter()
-                .map(|(c, n)| format!("{c} {n}"))
-                .collect();
+            let codes: Vec<String> = self.failed_by_code.iter().map(|(c, n)| format!("{c} {n}")).collect();
             line("Failed by code", codes.join(", "));
         }
         line("Duration", format!("{:.2} s", self.duration_s));
-        line(
-            "Request throughput",
-            format!("{:.2} req/s", self.request_throughput_rps),
-        );
-        line(
-            "Input tokens",
-            format!(
-                "{} ({:.1} tokens/s)",
-                self.input_tokens, self.input_tokens_per_s
-            ),
-        );
-        line(
-            "Output tokens",
-            format!(
-                "{} ({:.1} tokens/s)",
-                self.output_tokens, self.output_tokens_per_s
-            ),
-        );
-        let _ = writeln!(
-            t,
-            "{:<28}{:>10}{:>10}{:>10}{:>10}",
-            "Latency (ms)", "p50", "p90", "p99", "mean"
-        );
-        for (name, l) in [
-            ("  TTFT", self.ttft_ms),
-            ("  TPOT", self.tpot_ms),
-            ("  E2E", self.e2e_ms),
-        ] {
+        line("Request throughput", format!("{:.2} req/s", self.request_throughput_rps));
+        line("Input tokens", format!("{} ({:.1} tokens/s)", self.input_tokens, self.input_tokens_per_s));
+        line("Output tokens", format!("{} ({:.1} tokens/s)", self.output_tokens, self.output_tokens_per_s));
+        let _ = writeln!(t, "{:<28}{:>10}{:>10}{:>10}{:>10}", "Latency (ms)", "p50", "p90", "p99", "mean");
+        for (name, l) in [("  TTFT", self.ttft_ms), ("  TPOT", self.tpot_ms), ("  E2E", self.e2e_ms)] {
             match l {
                 Some(l) => {
-                    let _ = writeln!(
-                        t,
-                        "{name:<28}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
-                        l.p50, l.p90, l.p99, l.mean
-                    );
+                    let _ = writeln!(t, "{name:<28}{:>10.2}{:>10.2}{:>10.2}{:>10.2}", l.p50, l.p90, l.p99, l.mean);
                 }
                 None => {
                     let _ = writeln!(t, "{name:<28}{:>10}{:>10}{:>10}{:>10}", "-", "-", "-", "-");
@@ -264,9 +222,8 @@ mod tests {
 
     #[test]
     fn json_has_the_documented_fields() {
-        let config = Args::parse_from(["loadgen", "--addr", "h:1", "--rate", "2", "--warmup", "1"])
-            .into_config()
-            .unwrap();
+        let config =
+            Args::parse_from(["loadgen", "--addr", "h:1", "--rate", "2", "--warmup", "1"]).into_config().unwrap();
         let rec = Record {
             start: Duration::ZERO,
             end: Duration::from_secs(2),
@@ -279,12 +236,7 @@ mod tests {
             }),
         };
         let stats = Stats::from_records(&[rec], &config.slo);
-        let facts = RunFacts {
-            model_type: "deepseek_v3".into(),
-            vocab: 100,
-            requests_sent: 100,
-            interrupted: false,
-        };
+        let facts = RunFacts { model_type: "deepseek_v3".into(), vocab: 100, requests_sent: 100, interrupted: false };
         let report = Report::new(&config, facts, &stats);
         let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         assert_eq!(v["load"], "rate");

@@ -33,11 +33,7 @@ type Client = GenerationClient<Channel>;
 pub async fn main(args: Args) -> ExitCode {
     match run(args).await {
         Ok(Finished { report, json }) => {
-            let out = if json {
-                report.to_json()
-            } else {
-                report.to_table()
-            };
+            let out = if json { report.to_json() } else { report.to_table() };
             println!("{}", out.trim_end());
             if report.requests_ok == 0 {
                 eprintln!("loadgen: no measured request completed");
@@ -79,27 +75,13 @@ async fn run(args: Args) -> anyhow::Result<Finished> {
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(stop_on_ctrl_c(cancel.clone()));
     let driven = match config.load {
-        Load::Rate(rate) => {
-            open_loop(
-                &clients,
-                &shared,
-                config.requests,
-                config.seed,
-                rate,
-                &cancel,
-            )
-            .await
-        }
+        Load::Rate(rate) => open_loop(&clients, &shared, config.requests, config.seed, rate, &cancel).await,
         Load::Concurrency(c) => closed_loop(&clients, &shared, config.requests, c, &cancel).await,
     };
     signals.abort();
     let Driven { records, sent } = driven?;
 
-    let measured: Vec<&Record> = records
-        .iter()
-        .filter(|(i, _)| *i >= config.warmup)
-        .map(|(_, r)| r)
-        .collect();
+    let measured: Vec<&Record> = records.iter().filter(|(i, _)| *i >= config.warmup).map(|(_, r)| r).collect();
     let stats = Stats::from_records(measured, &config.slo);
     let facts = RunFacts {
         model_type: info.model_type,
@@ -107,19 +89,12 @@ async fn run(args: Args) -> anyhow::Result<Finished> {
         requests_sent: sent,
         interrupted: cancel.is_cancelled(),
     };
-    Ok(Finished {
-        report: Report::new(&config, facts, &stats),
-        json: config.json,
-    })
+    Ok(Finished { report: Report::new(&config, facts, &stats), json: config.json })
 }
 
 /// One connection per `n`, each established now so that a wrong or dead address fails here.
 async fn connect(addr: &str, n: u32, timeout: Duration) -> anyhow::Result<Vec<Client>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let endpoint = Endpoint::from_shared(url)
         .with_context(|| format!("--addr {addr:?} is not HOST:PORT or a URL"))?
         .connect_timeout(timeout)
@@ -137,23 +112,13 @@ async fn connect(addr: &str, n: u32, timeout: Duration) -> anyhow::Result<Vec<Cl
     Ok(clients)
 }
 
-async fn model_info(
-    mut client: Client,
-    addr: &str,
-    timeout: Duration,
-) -> anyhow::Result<ModelInfo> {
+async fn model_info(mut client: Client, addr: &str, timeout: Duration) -> anyhow::Result<ModelInfo> {
     let mut request = tonic::Request::new(ModelInfoRequest {});
     request.set_timeout(timeout);
     let reply = tokio::time::timeout(timeout, client.get_model_info(request))
         .await
         .map_err(|_| anyhow!("GetModelInfo on router at {addr} got no answer within {timeout:?}"))?
-        .map_err(|s| {
-            anyhow!(
-                "GetModelInfo on router at {addr} failed: {:?}: {}",
-                s.code(),
-                s.message()
-            )
-        })?;
+        .map_err(|s| anyhow!("GetModelInfo on router at {addr} failed: {:?}: {}", s.code(), s.message()))?;
     Ok(reply.into_inner())
 }
 
@@ -186,17 +151,10 @@ struct Shared {
 
 impl Shared {
     fn new(config: &Config, info: &ModelInfo) -> anyhow::Result<Self> {
-        ensure!(
-            info.vocab_size >= 2,
-            "the router reports vocab_size {}",
-            info.vocab_size
-        );
+        ensure!(info.vocab_size >= 2, "the router reports vocab_size {}", info.vocab_size);
         let vocab = match config.vocab {
             Some(v) if v > info.vocab_size => {
-                bail!(
-                    "--vocab {v} exceeds the model's vocab_size {}",
-                    info.vocab_size
-                )
+                bail!("--vocab {v} exceeds the model's vocab_size {}", info.vocab_size)
             }
             Some(v) => v,
             None => info.vocab_size,
@@ -327,12 +285,7 @@ async fn send_one(client: &mut Client, shared: &Shared, index: u64) -> Record {
         .await
         .unwrap_or(Err(Failure::Status(tonic::Code::DeadlineExceeded)));
     let end = Instant::now();
-    Record {
-        start: start - shared.t0,
-        end: end - shared.t0,
-        input_tokens,
-        outcome,
-    }
+    Record { start: start - shared.t0, end: end - shared.t0, input_tokens, outcome }
 }
 
 /// Reads the stream to its end: tokens, the Summary, then the trailers (status). Per token
@@ -362,12 +315,7 @@ async fn stream(
     }
     let summary_at = summary_at.ok_or(Failure::IncompleteStream)?;
     let first = first.ok_or(Failure::NoTokens)?;
-    Ok(Completion {
-        ttft: first - start,
-        e2e: summary_at - start,
-        output_tokens: tokens,
-        first_to_last: last - first,
-    })
+    Ok(Completion { ttft: first - start, e2e: summary_at - start, output_tokens: tokens, first_to_last: last - first })
 }
 
 #[cfg(test)]

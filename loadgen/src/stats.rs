@@ -122,15 +122,12 @@ struct LatencyHist {
 
 impl LatencyHist {
     fn new() -> Self {
-        let hist = Histogram::new_with_bounds(1, MAX_TRACKED_US, SIGFIGS)
-            .expect("constant bounds are valid");
+        let hist = Histogram::new_with_bounds(1, MAX_TRACKED_US, SIGFIGS).expect("constant bounds are valid");
         Self { hist, sum_us: 0 }
     }
 
     fn record(&mut self, d: Duration) {
-        let us = u64::try_from(d.as_micros())
-            .unwrap_or(u64::MAX)
-            .min(MAX_TRACKED_US);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).min(MAX_TRACKED_US);
         self.hist.saturating_record(us);
         self.sum_us += u128::from(us);
     }
@@ -143,14 +140,8 @@ impl LatencyHist {
             return None;
         }
         let q = |q: f64| Duration::from_micros(self.hist.value_at_quantile(q));
-        let mean_us =
-            u64::try_from(self.sum_us / u128::from(n)).expect("mean of u64 values fits u64");
-        Some(LatencySummary {
-            p50: q(0.50),
-            p90: q(0.90),
-            p99: q(0.99),
-            mean: Duration::from_micros(mean_us),
-        })
+        let mean_us = u64::try_from(self.sum_us / u128::from(n)).expect("mean of u64 values fits u64");
+        Some(LatencySummary { p50: q(0.50), p90: q(0.90), p99: q(0.99), mean: Duration::from_micros(mean_us) })
     }
 }
 
@@ -179,8 +170,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn from_records<'a>(records: impl IntoIterator<Item = &'a Record>, slo: &Slo) -> Self {
-        let (mut ttft, mut tpot, mut e2e) =
-            (LatencyHist::new(), LatencyHist::new(), LatencyHist::new());
+        let (mut ttft, mut tpot, mut e2e) = (LatencyHist::new(), LatencyHist::new(), LatencyHist::new());
         let mut s = Stats {
             measured: 0,
             ok: 0,
@@ -246,11 +236,7 @@ impl Stats {
 
     /// Fraction of measured requests (failures included) meeting both SLOs.
     pub fn slo_attainment(&self) -> f64 {
-        if self.measured == 0 {
-            0.0
-        } else {
-            self.slo_met as f64 / self.measured as f64
-        }
+        if self.measured == 0 { 0.0 } else { self.slo_met as f64 / self.measured as f64 }
     }
 
     /// Requests per second meeting both SLOs.
@@ -287,45 +273,21 @@ mod tests {
     }
 
     fn failed(start_ms: u64, end_ms: u64, f: Failure) -> Record {
-        Record {
-            start: ms(start_ms),
-            end: ms(end_ms),
-            input_tokens: 10,
-            outcome: Err(f),
-        }
+        Record { start: ms(start_ms), end: ms(end_ms), input_tokens: 10, outcome: Err(f) }
     }
 
-    const SLO: Slo = Slo {
-        ttft: Duration::from_millis(100),
-        tpot: Duration::from_millis(20),
-    };
+    const SLO: Slo = Slo { ttft: Duration::from_millis(100), tpot: Duration::from_millis(20) };
 
     #[test]
     fn tpot_and_slo_of_one_request() {
         // 11 tokens over 200 ms after the first: 20 ms each.
-        let c = Completion {
-            ttft: ms(100),
-            e2e: ms(300),
-            output_tokens: 11,
-            first_to_last: ms(200),
-        };
+        let c = Completion { ttft: ms(100), e2e: ms(300), output_tokens: 11, first_to_last: ms(200) };
         assert_eq!(c.tpot(), Some(ms(20)));
         assert!(c.meets(&SLO), "both SLOs met exactly at the limit");
         assert!(!Completion { ttft: ms(101), ..c }.meets(&SLO));
-        assert!(
-            !Completion {
-                first_to_last: ms(201),
-                ..c
-            }
-            .meets(&SLO)
-        );
+        assert!(!Completion { first_to_last: ms(201), ..c }.meets(&SLO));
         // One token: no TPOT, judged on TTFT only.
-        let one = Completion {
-            ttft: ms(50),
-            e2e: ms(50),
-            output_tokens: 1,
-            first_to_last: Duration::ZERO,
-        };
+        let one = Completion { ttft: ms(50), e2e: ms(50), output_tokens: 1, first_to_last: Duration::ZERO };
         assert_eq!(one.tpot(), None);
         assert!(one.meets(&SLO));
     }
@@ -355,8 +317,7 @@ mod tests {
             h.record(v);
         }
         let s = h.summary().unwrap();
-        let close =
-            |a: Duration, b: Duration| (a.as_secs_f64() / b.as_secs_f64() - 1.0).abs() < 1e-3;
+        let close = |a: Duration, b: Duration| (a.as_secs_f64() / b.as_secs_f64() - 1.0).abs() < 1e-3;
         assert!(close(s.p50, ms(250)), "{:?}", s.p50);
         assert!(close(s.p90, ms(4000)), "{:?}", s.p90);
         assert!(s.p50 >= ms(250), "percentiles round up within their bucket");
@@ -368,21 +329,18 @@ mod tests {
     fn stats_on_hand_made_records() {
         let records = vec![
             // start, ttft, tokens, first→last
-            ok(0, 50, 11, 100),    // tpot 10: good; ends at 150
-            ok(100, 80, 5, 80),    // tpot 20: good (at the limit); ends at 260
-            ok(200, 150, 11, 100), // ttft over: not good; ends at 450
-            ok(300, 60, 3, 100),   // tpot 50: not good; ends at 460
-            ok(400, 90, 1, 0),     // one token: good; ends at 490
+            ok(0, 50, 11, 100),                                           // tpot 10: good; ends at 150
+            ok(100, 80, 5, 80),                                           // tpot 20: good (at the limit); ends at 260
+            ok(200, 150, 11, 100),                                        // ttft over: not good; ends at 450
+            ok(300, 60, 3, 100),                                          // tpot 50: not good; ends at 460
+            ok(400, 90, 1, 0),                                            // one token: good; ends at 490
             failed(500, 1000, Failure::Status(tonic::Code::Unavailable)), // run ends at 1000
             failed(600, 700, Failure::Status(tonic::Code::Unavailable)),
             failed(700, 800, Failure::IncompleteStream),
         ];
         let s = Stats::from_records(&records, &SLO);
         assert_eq!((s.measured, s.ok, s.failed, s.slo_met), (8, 5, 3, 3));
-        assert_eq!(
-            s.failed_by_code,
-            BTreeMap::from([("INCOMPLETE_STREAM", 1), ("UNAVAILABLE", 2)])
-        );
+        assert_eq!(s.failed_by_code, BTreeMap::from([("INCOMPLETE_STREAM", 1), ("UNAVAILABLE", 2)]));
         assert_eq!(s.duration, ms(1000));
         assert_eq!(s.input_tokens, 50);
         assert_eq!(s.output_tokens, 31);
@@ -394,10 +352,7 @@ mod tests {
 
         // Percentiles above 2048 us are the top of their histogram bucket: within 0.1% above.
         let near = |got: Duration, want: Duration| {
-            assert!(
-                got >= want && got.as_secs_f64() <= want.as_secs_f64() * 1.001,
-                "{got:?} is not {want:?}"
-            );
+            assert!(got >= want && got.as_secs_f64() <= want.as_secs_f64() * 1.001, "{got:?} is not {want:?}");
         };
         // TTFTs 50, 60, 80, 90, 150 ms: p50 = 3rd, p90 = p99 = 5th; mean 86 ms.
         let ttft = s.ttft.unwrap();
@@ -421,10 +376,7 @@ mod tests {
     #[test]
     fn empty_and_all_failed_runs_give_zeros() {
         let s = Stats::from_records(&[], &SLO);
-        assert_eq!(
-            (s.measured, s.duration, s.goodput(), s.slo_attainment()),
-            (0, Duration::ZERO, 0.0, 0.0)
-        );
+        assert_eq!((s.measured, s.duration, s.goodput(), s.slo_attainment()), (0, Duration::ZERO, 0.0, 0.0));
         let s = Stats::from_records(&[failed(0, 10, Failure::NoTokens)], &SLO);
         assert_eq!((s.ok, s.failed, s.slo_met), (0, 1, 0));
         assert_eq!((s.ttft, s.tpot, s.e2e), (None, None, None));

@@ -29,24 +29,18 @@ impl FromStr for LenDist {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s.split_once(':').ok_or_else(|| {
-            format!("length distribution {s:?} must be fixed:N, uniform:A-B or normal:MEAN,STD")
-        })?;
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("length distribution {s:?} must be fixed:N, uniform:A-B or normal:MEAN,STD"))?;
         let count = |v: &str| -> Result<u32, String> {
-            let n: u32 = v
-                .trim()
-                .parse()
-                .map_err(|e| format!("{v:?} in {s:?} is not a token count: {e}"))?;
+            let n: u32 = v.trim().parse().map_err(|e| format!("{v:?} in {s:?} is not a token count: {e}"))?;
             if n == 0 {
                 return Err(format!("{s:?}: lengths must be >= 1"));
             }
             Ok(n)
         };
         let real = |v: &str| -> Result<f64, String> {
-            let x: f64 = v
-                .trim()
-                .parse()
-                .map_err(|e| format!("{v:?} in {s:?} is not a number: {e}"))?;
+            let x: f64 = v.trim().parse().map_err(|e| format!("{v:?} in {s:?} is not a number: {e}"))?;
             if !x.is_finite() {
                 return Err(format!("{s:?}: {v} is not finite"));
             }
@@ -55,9 +49,7 @@ impl FromStr for LenDist {
         match kind {
             "fixed" => Ok(Self::Fixed(count(rest)?)),
             "uniform" => {
-                let (a, b) = rest
-                    .split_once('-')
-                    .ok_or_else(|| format!("{s:?} must be uniform:A-B"))?;
+                let (a, b) = rest.split_once('-').ok_or_else(|| format!("{s:?} must be uniform:A-B"))?;
                 let (lo, hi) = (count(a)?, count(b)?);
                 if lo > hi {
                     return Err(format!("{s:?}: A must be <= B"));
@@ -65,18 +57,14 @@ impl FromStr for LenDist {
                 Ok(Self::Uniform { lo, hi })
             }
             "normal" => {
-                let (m, d) = rest
-                    .split_once(',')
-                    .ok_or_else(|| format!("{s:?} must be normal:MEAN,STD"))?;
+                let (m, d) = rest.split_once(',').ok_or_else(|| format!("{s:?} must be normal:MEAN,STD"))?;
                 let (mean, std) = (real(m)?, real(d)?);
                 if std < 0.0 {
                     return Err(format!("{s:?}: STD must be >= 0"));
                 }
                 Ok(Self::Normal { mean, std })
             }
-            other => Err(format!(
-                "unknown length distribution {other:?} in {s:?} (fixed, uniform or normal)"
-            )),
+            other => Err(format!("unknown length distribution {other:?} in {s:?} (fixed, uniform or normal)")),
         }
     }
 }
@@ -158,17 +146,11 @@ impl Workload {
         excluded.dedup();
         let num_allowed = p.vocab - excluded.len() as u32;
         if num_allowed == 0 {
-            return Err(format!(
-                "vocab {} has no id left for prompts once EOS ids are excluded",
-                p.vocab
-            ));
+            return Err(format!("vocab {} has no id left for prompts once EOS ids are excluded", p.vocab));
         }
         if p.context_length > 0 {
             if p.context_length < 2 {
-                return Err(format!(
-                    "context_length {} leaves no room for a prompt and a token",
-                    p.context_length
-                ));
+                return Err(format!("context_length {} leaves no room for a prompt and a token", p.context_length));
             }
             if let (Some(a), Some(b)) = (p.prompt_len.max(), p.output_len.max())
                 && u64::from(a) + u64::from(b) > u64::from(p.context_length)
@@ -205,11 +187,7 @@ impl Workload {
         }
         let sampler_seed = rng.next_u64();
         let prompt = (0..prompt_len).map(|_| self.prompt_id(&mut rng)).collect();
-        RequestSpec {
-            prompt,
-            max_new_tokens,
-            sampler_seed,
-        }
+        RequestSpec { prompt, max_new_tokens, sampler_seed }
     }
 
     /// Uniform over the allowed ids: draw a rank among them, then step over each excluded
@@ -246,11 +224,7 @@ impl Arrivals {
     pub fn new(seed: u64, rate: f64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(ARRIVAL_STREAM);
-        Self {
-            rng,
-            rate,
-            next_s: 0.0,
-        }
+        Self { rng, rate, next_s: 0.0 }
     }
 }
 
@@ -321,13 +295,7 @@ mod tests {
         assert_eq!("fixed:12".parse(), Ok(LenDist::Fixed(12)));
         assert_eq!("uniform:3-9".parse(), Ok(LenDist::Uniform { lo: 3, hi: 9 }));
         assert_eq!("uniform:5-5".parse(), Ok(LenDist::Uniform { lo: 5, hi: 5 }));
-        assert_eq!(
-            "normal:100,20.5".parse(),
-            Ok(LenDist::Normal {
-                mean: 100.0,
-                std: 20.5
-            })
-        );
+        assert_eq!("normal:100,20.5".parse(), Ok(LenDist::Normal { mean: 100.0, std: 20.5 }));
         for bad in [
             "",
             "12",
@@ -373,30 +341,21 @@ mod tests {
 
     #[test]
     fn normal_has_its_mean_and_std_and_is_clamped() {
-        let d = LenDist::Normal {
-            mean: 200.0,
-            std: 30.0,
-        };
+        let d = LenDist::Normal { mean: 200.0, std: 30.0 };
         let mut r = rng();
         let xs: Vec<f64> = (0..N).map(|_| f64::from(d.sample(&mut r))).collect();
         let (m, s) = mean_std(&xs);
         assert!((m - 200.0).abs() < 1.0, "mean {m}");
         assert!((s - 30.0).abs() < 1.0, "std {s}");
 
-        let d = LenDist::Normal {
-            mean: 2.0,
-            std: 50.0,
-        };
+        let d = LenDist::Normal { mean: 2.0, std: 50.0 };
         let xs: Vec<u32> = (0..N).map(|_| d.sample(&mut r)).collect();
         assert!(xs.iter().all(|&x| x >= 1));
         // About half of the mass is below 1 and lands on 1.
         let ones = xs.iter().filter(|&&x| x == 1).count();
         assert!((9000..11000).contains(&ones), "{ones} clamped to 1");
 
-        let d = LenDist::Normal {
-            mean: 64.0,
-            std: 0.0,
-        };
+        let d = LenDist::Normal { mean: 64.0, std: 0.0 };
         assert!((0..100).all(|_| d.sample(&mut r) == 64));
     }
 
@@ -407,10 +366,7 @@ mod tests {
         for _ in 0..70_000 {
             counts[below(&mut r, 7) as usize] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (9500..10500).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (9500..10500).contains(&c)), "{counts:?}");
         assert!((0..100).all(|_| below(&mut r, 1) == 0));
     }
 
@@ -423,11 +379,7 @@ mod tests {
         let later = w.request(9);
         assert_eq!(w.request(9), later);
         assert_ne!(w.request(3), w.request(4));
-        let other_seed = Workload::new(WorkloadParams {
-            seed: 8,
-            ..params("uniform:5-50", "normal:30,10")
-        })
-        .unwrap();
+        let other_seed = Workload::new(WorkloadParams { seed: 8, ..params("uniform:5-50", "normal:30,10") }).unwrap();
         assert_ne!(w.request(3), other_seed.request(3));
         for i in 0..500 {
             let r = w.request(i);
@@ -467,27 +419,17 @@ mod tests {
 
     #[test]
     fn lengths_fit_the_context() {
-        let err = Workload::new(WorkloadParams {
-            context_length: 100,
-            ..params("fixed:90", "uniform:1-20")
-        });
+        let err = Workload::new(WorkloadParams { context_length: 100, ..params("fixed:90", "uniform:1-20") });
         assert!(err.unwrap_err().contains("context_length 100"));
-        let w = Workload::new(WorkloadParams {
-            context_length: 100,
-            ..params("normal:90,40", "normal:50,40")
-        })
-        .unwrap();
+        let w =
+            Workload::new(WorkloadParams { context_length: 100, ..params("normal:90,40", "normal:50,40") }).unwrap();
         for i in 0..500 {
             let r = w.request(i);
             assert!(!r.prompt.is_empty() && r.max_new_tokens >= 1);
             assert!(r.prompt.len() + r.max_new_tokens as usize <= 100);
         }
         assert!(
-            Workload::new(WorkloadParams {
-                excluded: (0..1000).collect(),
-                ..params("fixed:1", "fixed:1")
-            })
-            .is_err()
+            Workload::new(WorkloadParams { excluded: (0..1000).collect(), ..params("fixed:1", "fixed:1") }).is_err()
         );
     }
 
@@ -501,10 +443,7 @@ mod tests {
     #[test]
     fn arrivals_are_poisson() {
         let rate = 4.0;
-        let times: Vec<f64> = Arrivals::new(3, rate)
-            .take(N + 1)
-            .map(|d| d.as_secs_f64())
-            .collect();
+        let times: Vec<f64> = Arrivals::new(3, rate).take(N + 1).map(|d| d.as_secs_f64()).collect();
         assert_eq!(times[0], 0.0);
         assert!(times.windows(2).all(|w| w[1] >= w[0]));
         let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
@@ -512,10 +451,7 @@ mod tests {
         // Exponential: mean = std = 1/rate.
         assert!((m - 0.25).abs() < 0.01, "mean gap {m}");
         assert!((s - 0.25).abs() < 0.01, "gap std {s}");
-        let again: Vec<f64> = Arrivals::new(3, rate)
-            .take(10)
-            .map(|d| d.as_secs_f64())
-            .collect();
+        let again: Vec<f64> = Arrivals::new(3, rate).take(10).map(|d| d.as_secs_f64()).collect();
         assert_eq!(again, times[..10]);
     }
 }

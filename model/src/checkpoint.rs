@@ -66,10 +66,12 @@ impl Checkpoint {
         let mut files: Vec<MappedFile> = Vec::with_capacity(names.len());
         let mut tensors = HashMap::new();
         for path in names {
-            let file = std::fs::File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
+            let file =
+                std::fs::File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
             // SAFETY: the mapping is read-only and checkpoint files are not modified while an
             // engine runs from them (documented operator contract, as for every mmap loader).
-            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
+            let map =
+                unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
             let (header_len, meta) = SafeTensors::read_metadata(&map[..])
                 .map_err(|e| ModelError::Safetensors { path: path.clone(), reason: e.to_string() })?;
             let data_start = 8 + header_len;
@@ -109,13 +111,7 @@ impl Checkpoint {
             .get_key_value(name)
             .ok_or_else(|| ModelError::MissingTensor { dir: self.dir.clone(), tensor: name.to_owned() })?;
         let f = &self.files[e.file];
-        Ok(TensorView {
-            name: key,
-            path: &f.path,
-            dtype: e.dtype,
-            shape: &e.shape,
-            bytes: &f.map[e.start..e.end],
-        })
+        Ok(TensorView { name: key, path: &f.path, dtype: e.dtype, shape: &e.shape, bytes: &f.map[e.start..e.end] })
     }
 
     /// Total bytes of all tensors (for progress reporting).
@@ -135,14 +131,13 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>, ModelError> {
     })?;
     map.values()
         .map(|f| {
-            f.as_str()
-                .filter(|s| !s.contains('/') && !s.contains(".."))
-                .map(str::to_owned)
-                .ok_or_else(|| ModelError::Config {
+            f.as_str().filter(|s| !s.contains('/') && !s.contains("..")).map(str::to_owned).ok_or_else(|| {
+                ModelError::Config {
                     path: index.into(),
                     field: "weight_map".into(),
                     reason: format!("entry {f} is not a plain file name"),
-                })
+                }
+            })
         })
         .collect()
 }

@@ -94,7 +94,8 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), err: source })?;
         Self::from_json(&text, &path)
     }
 
@@ -294,7 +295,9 @@ impl Parser {
                     }),
                 ))
             }
-            other => Err(self.err(&format!("{field}.rope_type"), format!("{other:?} is not supported (default, yarn)"))),
+            other => {
+                Err(self.err(&format!("{field}.rope_type"), format!("{other:?} is not supported (default, yarn)")))
+            }
         }
     }
 
@@ -302,7 +305,9 @@ impl Parser {
         let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
         match v {
             None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(a)) => a.iter().map(|x| as_id(x).ok_or_else(|| self.err(field, "must hold token ids"))).collect(),
+            Some(Value::Array(a)) => {
+                a.iter().map(|x| as_id(x).ok_or_else(|| self.err(field, "must hold token ids"))).collect()
+            }
             Some(x) => as_id(x).map(|id| vec![id]).ok_or_else(|| self.err(field, "must be a token id")),
         }
     }

@@ -122,8 +122,10 @@ fn tokenizer_json() -> serde_json::Value {
     let added: Vec<_> = SPECIALS
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false,
-                             "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, s)| {
+            json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false,
+                             "rstrip": false, "normalized": false, "special": true})
+        })
         .collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -182,7 +184,10 @@ fn weights() -> Vec<u8> {
         norms.push((format!("{p}.self_attn.kv_a_layernorm.weight"), vec![KV_LORA], norm(&mut rng, KV_LORA)));
         norms.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], norm(&mut rng, HIDDEN)));
         norms.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], norm(&mut rng, HIDDEN)));
-        let mlp = |prefix: String, inter: usize, rng: &mut Normal, linear: &mut dyn FnMut(String, usize, usize, &mut Normal)| {
+        let mlp = |prefix: String,
+                   inter: usize,
+                   rng: &mut Normal,
+                   linear: &mut dyn FnMut(String, usize, usize, &mut Normal)| {
             linear(format!("{prefix}.gate_proj.weight"), inter, HIDDEN, rng);
             linear(format!("{prefix}.up_proj.weight"), inter, HIDDEN, rng);
             linear(format!("{prefix}.down_proj.weight"), HIDDEN, inter, rng);
@@ -226,8 +231,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         ensure(dir.path()).expect("generate");
         ensure(dir.path()).expect("second call reuses the files");
-        let loaded = crate::load_model(dir.path(), crate::LoadOptions { local_experts: true, ..Default::default() }, &|_| {})
-            .expect("load");
+        let loaded =
+            crate::load_model(dir.path(), crate::LoadOptions { local_experts: true, ..Default::default() }, &|_| {})
+                .expect("load");
         let tok = loaded.tokenizer.expect("tokenizer");
         let ids = tok.encode("héllo 世界").expect("encode");
         assert_eq!(ids[0], BOS);

@@ -5,12 +5,12 @@
 //! reserved when it is added, so a running sequence never fails for lack of cache; blocks
 //! return to the pool exactly once, on release.
 
+use crate::EngineError;
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
-use crate::sampling::Sampler;
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
+use crate::sampling::Sampler;
 use crate::sampling::{SamplingParams, top_logits};
-use crate::EngineError;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -116,7 +116,11 @@ impl Engine {
     /// the model's weights (and its routed experts, when they are local) are copied to GPU
     /// `n` and the latent cache is allocated there. Fails with [`EngineError::Device`] when
     /// the GPU cannot be used (no driver, no such device, a build without CUDA).
-    pub fn on_device(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Result<Self, EngineError> {
+    pub fn on_device(
+        model: Arc<Model>,
+        experts: Arc<dyn ExpertBackend>,
+        opts: EngineOptions,
+    ) -> Result<Self, EngineError> {
         match opts.device {
             kernels::Device::Cpu => Ok(Self::new(model, experts, opts)),
             #[cfg(feature = "cuda")]
@@ -124,7 +128,13 @@ impl Engine {
                 let layout = Self::layout_for(&model.config, opts);
                 let gpu = crate::cuda::GpuModel::new(ordinal, &model, experts.as_ref(), layout)
                     .map_err(|e| EngineError::Device(e.to_string()))?;
-                Ok(Engine { cache: LatentCache::allocator_only(layout), model, experts, seqs: HashMap::new(), gpu: Some(gpu) })
+                Ok(Engine {
+                    cache: LatentCache::allocator_only(layout),
+                    model,
+                    experts,
+                    seqs: HashMap::new(),
+                    gpu: Some(gpu),
+                })
             }
             #[cfg(not(feature = "cuda"))]
             device @ kernels::Device::Cuda(_) => {
@@ -201,10 +211,8 @@ impl Engine {
         }
         self.validate(&prompt, &params)?;
         let needed = self.cache.layout().blocks_for(prompt.len() + params.max_new_tokens);
-        let blocks = self
-            .cache
-            .allocate(needed)
-            .ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
+        let blocks =
+            self.cache.allocate(needed).ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
         let seq = Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
@@ -398,10 +406,8 @@ impl Engine {
             )));
         }
         let needed = self.cache.layout().blocks_for(total_tokens);
-        let blocks = self
-            .cache
-            .allocate(needed)
-            .ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
+        let blocks =
+            self.cache.allocate(needed).ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
         let seq = Sequence {
             tokens: Vec::new(),
             prompt_len: 0,
@@ -417,7 +423,13 @@ impl Engine {
     }
 
     /// Writes one layer of an importing sequence: `bytes` holds `num_tokens` rows.
-    pub fn import_layer(&mut self, id: SeqId, layer: usize, num_tokens: usize, bytes: &[u8]) -> Result<(), EngineError> {
+    pub fn import_layer(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        num_tokens: usize,
+        bytes: &[u8],
+    ) -> Result<(), EngineError> {
         let layout = self.cache.layout();
         let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         let bad = |m: String| Err(EngineError::BadCacheImport(m));
@@ -428,7 +440,10 @@ impl Engine {
             return bad(format!("layer {layer} does not exist (the model has {})", layout.num_layers));
         }
         if num_tokens > s.blocks.len() * layout.block_size {
-            return bad(format!("{num_tokens} tokens exceed the reservation of {}", s.blocks.len() * layout.block_size));
+            return bad(format!(
+                "{num_tokens} tokens exceed the reservation of {}",
+                s.blocks.len() * layout.block_size
+            ));
         }
         let row_bytes = layout.latent_dim * 4 * num_tokens;
         if bytes.len() != row_bytes {
@@ -485,7 +500,8 @@ impl Engine {
         // already finished.
         let last = *s.tokens.last().expect("checked: at least one generated token");
         let p = s.sampler.params();
-        let done = is_stop(&self.model.config.eos_token_ids, p, last) || s.tokens.len() - s.prompt_len >= p.max_new_tokens;
+        let done =
+            is_stop(&self.model.config.eos_token_ids, p, last) || s.tokens.len() - s.prompt_len >= p.max_new_tokens;
         s.phase = if done { Phase::Finished } else { Phase::Running };
         Ok(())
     }
@@ -499,7 +515,13 @@ impl Engine {
         Ok(self.cache.export_layer(layer, blocks, num_tokens))
     }
 
-    fn check_import(&self, tokens: &[u32], prompt_len: usize, params: &SamplingParams, cached: usize) -> Result<(), EngineError> {
+    fn check_import(
+        &self,
+        tokens: &[u32],
+        prompt_len: usize,
+        params: &SamplingParams,
+        cached: usize,
+    ) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::BadCacheImport(m));
         if cached + 1 != tokens.len() || prompt_len == 0 || prompt_len > cached {
             return bad(format!("{cached} cached tokens do not fit {} tokens (prompt {prompt_len})", tokens.len()));

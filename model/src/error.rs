@@ -19,7 +19,9 @@ pub enum ModelError {
     MissingTensor { dir: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
     Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
-    #[error("{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)")]
+    #[error(
+        "{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)"
+    )]
     Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },

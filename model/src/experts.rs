@@ -1,11 +1,11 @@
 //! Routed experts behind a trait, so the forward pass can run them in this process or send
 //! them to expert workers. A call carries one MoE layer's tokens grouped by expert.
 
+use crate::ModelError;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::forward::Mlp;
 use crate::weights::{WeightDtype, WeightReader};
-use crate::ModelError;
 use kernels::cpu::Precision;
 use rayon::prelude::*;
 use std::fmt;
@@ -92,9 +92,16 @@ pub struct LocalExperts {
 impl LocalExperts {
     /// Hosts nothing yet; experts arrive through [`LocalExperts::insert`].
     pub fn empty(config: &ModelConfig, precision: Precision) -> Self {
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| if config.is_moe_layer(l) { (0..config.n_routed_experts).map(|_| None).collect() } else { Vec::new() })
-            .collect();
+        let layers =
+            (0..config.num_hidden_layers)
+                .map(|l| {
+                    if config.is_moe_layer(l) {
+                        (0..config.n_routed_experts).map(|_| None).collect()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect();
         LocalExperts { layers, hidden: config.hidden_size, precision }
     }
 
@@ -186,7 +193,10 @@ impl ExpertBackend for LocalExperts {
     fn run(&self, batch: &ExpertBatch<'_>, outputs: &mut [f32]) -> Result<(), ExpertError> {
         let h = batch.hidden;
         if h != self.hidden {
-            return Err(ExpertError::Malformed(format!("rows of width {h}, but the model's hidden size is {}", self.hidden)));
+            return Err(ExpertError::Malformed(format!(
+                "rows of width {h}, but the model's hidden size is {}",
+                self.hidden
+            )));
         }
         let rows = batch.num_rows();
         if batch.inputs.len() != rows * h || outputs.len() != rows * h {
@@ -270,7 +280,10 @@ mod tests {
         let mut experts = LocalExperts::empty(&c, Precision::Exact);
         let w = ckpt.load(moe, ExpertId(0)).expect("load");
         let other = ModelConfig { n_routed_experts: 0, ..c };
-        assert!(matches!(LocalExperts::empty(&other, Precision::Exact).insert(w), Err(ExpertError::NoSuchExpert { .. })));
+        assert!(matches!(
+            LocalExperts::empty(&other, Precision::Exact).insert(w),
+            Err(ExpertError::NoSuchExpert { .. })
+        ));
         assert!(experts.remove(dense, ExpertId(0)).is_none());
     }
 }

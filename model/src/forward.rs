@@ -5,11 +5,11 @@
 //! All tokens of a layer are written to the cache before any of them attends, so causal
 //! attention inside a prompt is just "attend to positions <= mine".
 
+use crate::ModelError;
 use crate::cache::LatentCache;
 use crate::config::ModelConfig;
 use crate::experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
 use crate::weights::{Matrix, WeightReader};
-use crate::ModelError;
 use kernels::cpu::activation::silu_mul;
 use kernels::cpu::mla::attend;
 use kernels::cpu::norm::rms_norm;
@@ -180,7 +180,12 @@ impl Model {
                         crate::ModelType::DeepseekV2 => None,
                     },
                     shared: if c.n_shared_experts > 0 {
-                        Some(Mlp::load(r, &format!("{p}.mlp.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)?)
+                        Some(Mlp::load(
+                            r,
+                            &format!("{p}.mlp.shared_experts"),
+                            h,
+                            c.moe_intermediate_size * c.n_shared_experts,
+                        )?)
                     } else {
                         None
                     },

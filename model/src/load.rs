@@ -1,12 +1,12 @@
 //! Loading a checkpoint directory: config, non-expert weights, local experts, tokenizer.
 
+use crate::ModelError;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::experts::{ExpertId, LocalExperts};
 use crate::forward::Model;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{WeightDtype, WeightReader};
-use crate::ModelError;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -22,7 +22,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None, max_new_tokens: 16, stop_token_ids: Vec::new() }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            max_new_tokens: 16,
+            stop_token_ids: Vec::new(),
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::{
-    Engine, EngineOptions, ExpertBackend, ExpertId, ExpertWeights, LoadOptions, LoadProgress, LocalExperts, ModelConfig,
-    ModelError, Tokenizer, WeightDtype, load_model,
+    Engine, EngineOptions, ExpertBackend, ExpertId, ExpertWeights, LoadOptions, LoadProgress, LocalExperts,
+    ModelConfig, ModelError, Tokenizer, WeightDtype, load_model,
 };
 use kernels::cpu::Precision;
 use std::path::{Path, PathBuf};
@@ -66,8 +66,8 @@ pub fn open_engine_with(
     };
     let mut model = loaded.model;
     model.set_precision(setup.precision);
-    let engine = Engine::on_device(Arc::new(model), experts, setup.options)
-        .map_err(|e| ModelError::Device(e.to_string()))?;
+    let engine =
+        Engine::on_device(Arc::new(model), experts, setup.options).map_err(|e| ModelError::Device(e.to_string()))?;
     Ok(ServingModel { engine, tokenizer: loaded.tokenizer, dir })
 }
 
@@ -101,8 +101,8 @@ pub fn open_experts(
         let d = done.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k;
         on_progress(LoadProgress { done: d, total });
     };
-    let experts = LocalExperts::load(&ckpt, &config, weight_dtype, &|l, e| want(&config, l, e), &step)?
-        .with_precision(precision);
+    let experts =
+        LocalExperts::load(&ckpt, &config, weight_dtype, &|l, e| want(&config, l, e), &step)?.with_precision(precision);
     Ok(HostedExperts { experts, config, dir })
 }
 

@@ -41,10 +41,10 @@ impl Tokenizer {
         let mut t = Self::from_file(&path, config.bos_token_id)?;
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
-            let text =
-                std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), err: source })?;
-            let v: Value =
-                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), err: source })?;
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|source| ModelError::Io { path: cfg_path.clone(), err: source })?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|source| ModelError::Json { path: cfg_path.clone(), err: source })?;
             t = t.with_tokenizer_config(&v);
         }
         Ok(Some(t))

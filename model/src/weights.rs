@@ -115,7 +115,9 @@ impl Matrix {
     fn derive(&self, rows: usize, cols: usize, at: impl Fn(usize, usize) -> usize) -> Matrix {
         let data = match self.weight() {
             WeightRef::F32(w) => MatData::F32(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
-            WeightRef::Bf16(w) => MatData::Bf16(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect())),
+            WeightRef::Bf16(w) => {
+                MatData::Bf16(Buf::new((0..rows * cols).map(|x| w[at(x / cols, x % cols)]).collect()))
+            }
             // Unpacked: a derived matrix is packed by its user if wanted.
             WeightRef::Packed(w) => {
                 let c = self.cols;
@@ -213,9 +215,7 @@ impl WeightReader<'_> {
         };
         let data = match (v.dtype, want) {
             (Dtype::F32, WeightDtype::F32) => MatData::F32(Buf::from_le_bytes(v.bytes)),
-            (Dtype::BF16, WeightDtype::Bf16) => {
-                MatData::Bf16(Buf::from_le_bytes(v.bytes))
-            }
+            (Dtype::BF16, WeightDtype::Bf16) => MatData::Bf16(Buf::from_le_bytes(v.bytes)),
             (Dtype::BF16 | Dtype::F16, WeightDtype::F32) => MatData::F32(Buf::new(to_f32(&v))),
             (Dtype::F32 | Dtype::BF16 | Dtype::F16, _) => {
                 MatData::Bf16(Buf::new(to_f32(&v).into_iter().map(bf16::from_f32).collect()))

@@ -197,7 +197,8 @@ fn garbage_header_is_refused_naming_the_file() {
 
 #[test]
 fn missing_tensor_is_named() {
-    for name in ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.7.up_proj.weight", "model.norm.weight"]
+    for name in
+        ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.7.up_proj.weight", "model.norm.weight"]
     {
         let tmp = copy_fixture("v3_f32");
         rewrite(&tmp.path().join("model.safetensors"), |t| t.retain(|t| t.name != name));
@@ -217,8 +218,11 @@ fn wrong_shape_is_named() {
         w.shape = vec![48, 96];
     });
     let e = load_err(tmp.path());
-    assert!(matches!(&e, ModelError::Shape { tensor, got, expected, .. }
-        if tensor == name && got == &[48, 96] && expected == &[96, 48]), "{e:?}");
+    assert!(
+        matches!(&e, ModelError::Shape { tensor, got, expected, .. }
+        if tensor == name && got == &[48, 96] && expected == &[96, 48]),
+        "{e:?}"
+    );
     assert_names(&e.to_string(), &["model.safetensors", name, "[48, 96]", "[96, 48]"]);
 
     // A vector one element short, and a config whose vocab disagrees with the embedding.
@@ -492,7 +496,11 @@ fn bad_cache_imports_are_refused() {
 
     let mut b = engine(256);
     let initial = b.free_blocks();
-    let mut refuse = |what: &str, tokens: Vec<u32>, prompt_len: usize, params: SamplingParams, x: &SequenceCacheExport| {
+    let mut refuse = |what: &str,
+                      tokens: Vec<u32>,
+                      prompt_len: usize,
+                      params: SamplingParams,
+                      x: &SequenceCacheExport| {
         let r = catch_unwind(AssertUnwindSafe(|| b.import_sequence(SeqId(2), tokens, prompt_len, params, x)))
             .unwrap_or_else(|_| panic!("{what}: import_sequence panicked"));
         let err = r.expect_err(what);
@@ -540,10 +548,16 @@ fn bad_cache_imports_are_refused() {
 
     // The good import still works after all that, and finishes with the reference tokens.
     b.import_sequence(SeqId(2), tokens, n, params, &export).expect("good import");
-    let err = b.import_sequence(SeqId(2), vec![0, 1], 1, greedy(2), &wrong(&|x| {
-        x.num_tokens = 1;
-        x.layers.iter_mut().for_each(|l| l.truncate(40 * 4));
-    }));
+    let err = b.import_sequence(
+        SeqId(2),
+        vec![0, 1],
+        1,
+        greedy(2),
+        &wrong(&|x| {
+            x.num_tokens = 1;
+            x.layers.iter_mut().for_each(|l| l.truncate(40 * 4));
+        }),
+    );
     assert!(matches!(err, Err(EngineError::DuplicateSequence(2))), "{err:?}");
     let mut out = b.decode_step(&[SeqId(2)]).expect("decode");
     while out[0].finish.is_none() {

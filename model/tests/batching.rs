@@ -298,7 +298,8 @@ fn seeded_sampling_is_reproducible_and_batch_invariant() {
 fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() {
     for name in FIXTURES {
         let f = Fixture::load(name);
-        let params = SamplingParams { temperature: 0.9, top_k: 20, seed: Some(5), max_new_tokens: 12, ..Default::default() };
+        let params =
+            SamplingParams { temperature: 0.9, top_k: 20, seed: Some(5), max_new_tokens: 12, ..Default::default() };
         let prompts = f.prompts(3, 5);
         let mut a = f.engine();
         let mut b = f.engine();

@@ -8,7 +8,10 @@ mod common;
 
 use common::{expected, fixture};
 use kernels::cpu::Precision;
-use model::{Device, Engine, EngineError, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype, load_model};
+use model::{
+    Device, Engine, EngineError, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype,
+    load_model,
+};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -16,8 +19,9 @@ const OPTS: EngineOptions = EngineOptions { cache_tokens: 512, block_size: 4, de
 const GPU: EngineOptions = EngineOptions { device: Device::Cuda(0), ..OPTS };
 
 fn load(name: &str) -> (Arc<Model>, Arc<dyn ExpertBackend>) {
-    let loaded = load_model(&fixture(name), LoadOptions { weight_dtype: WeightDtype::Bf16, local_experts: true }, &|_| {})
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let loaded =
+        load_model(&fixture(name), LoadOptions { weight_dtype: WeightDtype::Bf16, local_experts: true }, &|_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut model = loaded.model;
     model.set_precision(Precision::Bf16Activations);
     let experts = loaded.experts.expect("local experts").with_precision(Precision::Bf16Activations);
@@ -28,7 +32,9 @@ fn load(name: &str) -> (Arc<Model>, Arc<dyn ExpertBackend>) {
 fn gpu_engine(model: &Arc<Model>, experts: &Arc<dyn ExpertBackend>) -> Option<Engine> {
     match Engine::on_device(model.clone(), experts.clone(), GPU) {
         Ok(e) => Some(e),
-        Err(EngineError::Device(reason)) if reason.contains("could not be loaded") || reason.contains("CUDA device(s)") => {
+        Err(EngineError::Device(reason))
+            if reason.contains("could not be loaded") || reason.contains("CUDA device(s)") =>
+        {
             // Straight to stderr: the test harness captures `println!`/`eprintln!`.
             let _ = writeln!(std::io::stderr(), "skipped: no usable NVIDIA GPU here ({reason})");
             None

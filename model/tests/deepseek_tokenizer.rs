@@ -219,8 +219,9 @@ fn deepseek_chat_template_renders_like_transformers() {
     for messages in &conversations {
         let ours = tok.render_chat(messages).expect("render");
         let input = serde_json::to_string(messages).expect("json");
-        let theirs: String = serde_json::from_str(&python(&["--render-chat", config_path.to_str().expect("UTF-8")], &input))
-            .expect("python prints a JSON string");
+        let theirs: String =
+            serde_json::from_str(&python(&["--render-chat", config_path.to_str().expect("UTF-8")], &input))
+                .expect("python prints a JSON string");
         assert_eq!(ours, theirs, "rendered chat differs for {messages:?}");
         let ids = tok.encode_raw(&ours).expect("encode");
         assert_eq!(ids[0], 0, "the template starts with BOS");

@@ -5,7 +5,10 @@
 mod common;
 
 use common::{Expected, expected, load};
-use model::{CacheLayout, Engine, EngineOptions, LatentCache, LogitsWanted, RouterTrace, SamplingParams, SeqId, Segment, WeightDtype};
+use model::{
+    CacheLayout, Engine, EngineOptions, LatentCache, LogitsWanted, RouterTrace, SamplingParams, Segment, SeqId,
+    WeightDtype,
+};
 
 fn argmax(v: &[f32]) -> u32 {
     model::sampling::argmax(v)
@@ -18,7 +21,8 @@ fn check(name: &str, dtype: WeightDtype) {
     for (ci, case) in expected.cases.iter().enumerate() {
         let what = format!("{name} ({dtype:?}) case {ci}");
         // All-position logits and router choices from one prefill.
-        let layout = CacheLayout { num_layers: c.num_hidden_layers, latent_dim: c.latent_dim(), block_size: 4, num_blocks: 64 };
+        let layout =
+            CacheLayout { num_layers: c.num_hidden_layers, latent_dim: c.latent_dim(), block_size: 4, num_blocks: 64 };
         let mut cache = LatentCache::new(layout);
         let mut table = cache.allocate(layout.blocks_for(case.prompt_ids.len())).expect("blocks");
         table.reverse(); // out-of-order blocks exercise the paging
@@ -34,12 +38,17 @@ fn check(name: &str, dtype: WeightDtype) {
         let am: Vec<u32> = (0..n).map(|i| argmax(&logits[i * vocab..(i + 1) * vocab])).collect();
         assert_eq!(am, case.argmax, "{what}: per-position argmax");
         for r in &case.router {
-            let (_, ids) = trace.layers.iter().find(|(l, _)| *l == r.layer).unwrap_or_else(|| panic!("{what}: layer {}", r.layer));
+            let (_, ids) =
+                trace.layers.iter().find(|(l, _)| *l == r.layer).unwrap_or_else(|| panic!("{what}: layer {}", r.layer));
             let got: Vec<Vec<u32>> = ids.chunks(c.router.top_k).map(|x| x.to_vec()).collect();
             assert_eq!(got, r.experts, "{what}: router choices of layer {}", r.layer);
         }
         // Greedy continuation through the engine (prefill, then decode steps on the cache).
-        let mut engine = Engine::new(model.clone(), experts.clone(), EngineOptions { cache_tokens: 512, block_size: 4, ..Default::default() });
+        let mut engine = Engine::new(
+            model.clone(),
+            experts.clone(),
+            EngineOptions { cache_tokens: 512, block_size: 4, ..Default::default() },
+        );
         let params = SamplingParams {
             max_new_tokens: case.greedy.len(),
             stop_token_ids: vec![vocab as u32], // never sampled: run the full length

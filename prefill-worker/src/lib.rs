@@ -123,7 +123,10 @@ pub async fn run(
     let mut server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.internal.v1.Prefill"] },
+        cluster_core::serve::Described {
+            descriptor_set: proto::FILE_DESCRIPTOR_SET,
+            services: &["expertmesh.internal.v1.Prefill"],
+        },
         move |reporter| {
             let _ = health_tx.send(reporter);
         },
@@ -226,9 +229,10 @@ async fn load_engine(
 ) -> anyhow::Result<model::serving::ServingModel> {
     let placement = if config.remote_experts {
         let store = store.open(STORE_PATIENCE).await.context("cannot open the cluster store")?;
-        let remote = expert_client::RemoteExperts::from_store(store.as_ref(), cluster, tracker, shutdown, Default::default())
-            .await
-            .context("cannot follow the expert workers")?;
+        let remote =
+            expert_client::RemoteExperts::from_store(store.as_ref(), cluster, tracker, shutdown, Default::default())
+                .await
+                .context("cannot follow the expert workers")?;
         model::serving::ExpertPlacement::Remote(Arc::new(remote))
     } else {
         model::serving::ExpertPlacement::Local
@@ -237,7 +241,11 @@ async fn load_engine(
     let setup = model::serving::EngineSetup {
         weight_dtype: config.dtype.into(),
         precision: config.precision.into(),
-        options: EngineOptions { cache_tokens: config.cache_tokens, block_size: config.block_size, device: config.device },
+        options: EngineOptions {
+            cache_tokens: config.cache_tokens,
+            block_size: config.block_size,
+            device: config.device,
+        },
     };
     tracing::info!(model = ?dir.as_deref().map_or("default".into(), |d| d.display().to_string()), "model_loading");
     let started = std::time::Instant::now();

@@ -19,12 +19,12 @@ pub mod expertmesh {
     }
 }
 
-/// Public API (`expertmesh.v1`).
-pub use expertmesh::v1;
-/// Router-to-worker and worker-to-worker services (`expertmesh.internal.v1`).
-pub use expertmesh::internal::v1 as internal;
 /// Attention-worker-to-expert-worker service (`expertmesh.expert.v1`).
 pub use expertmesh::expert::v1 as expert;
+/// Router-to-worker and worker-to-worker services (`expertmesh.internal.v1`).
+pub use expertmesh::internal::v1 as internal;
+/// Public API (`expertmesh.v1`).
+pub use expertmesh::v1;
 
 /// Encoded `FileDescriptorSet` of every service here, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("expertmesh_descriptor");

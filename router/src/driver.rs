@@ -3,11 +3,11 @@
 //! runs again on another pair and the tokens the client already has are skipped: sampling
 //! is seeded per request and per token, so the second run draws the same tokens.
 
-use crate::telemetry::RequestOutcome;
 use crate::grpc::internal::{self, CallError, DecodeEvent, DecodeEvents};
 use crate::pool::{Picked, Pool};
 use crate::request::Job;
 use crate::schedule;
+use crate::telemetry::RequestOutcome;
 use cluster_core::Role;
 use model::{FinishReason, StreamDecoder, Tokenizer};
 use std::sync::Arc;
@@ -134,7 +134,8 @@ impl Driver {
         let has_prefill = self.pool.has_role(Role::Prefill);
         let local = job.prompt.len() <= self.config.local_prefill_max_tokens || !has_prefill;
         let admission = tracing::info_span!("admission", attempt = attempt_id, local_prefill = local);
-        let (decode, mut events) = tracing::Instrument::instrument(self.reserve(job, attempt_id, local, out), admission).await?;
+        let (decode, mut events) =
+            tracing::Instrument::instrument(self.reserve(job, attempt_id, local, out), admission).await?;
         let _decode_guard = self.pool.begin(&decode.id);
         let prefill = if local {
             None
@@ -147,9 +148,12 @@ impl Driver {
             match &prefill {
                 Some(p) => {
                     let span = tracing::info_span!("prefill_call", prefill_worker = %p.id, decode_worker = %decode.id);
-                    tracing::Instrument::instrument(internal::prefill(p.channel.clone(), attempt_id, job, &decode.address), span)
-                        .await
-                        .map(Some)
+                    tracing::Instrument::instrument(
+                        internal::prefill(p.channel.clone(), attempt_id, job, &decode.address),
+                        span,
+                    )
+                    .await
+                    .map(Some)
                 }
                 None => std::future::pending().await,
             }
@@ -220,14 +224,22 @@ impl Driver {
 
     /// Reserves the sequence on the best decode worker with room, waiting up to
     /// `queue_wait` for one.
-    async fn reserve(&self, job: &Job, attempt_id: u64, local: bool, out: &Out) -> Result<(Picked, DecodeEvents), AttemptError> {
+    async fn reserve(
+        &self,
+        job: &Job,
+        attempt_id: u64,
+        local: bool,
+        out: &Out,
+    ) -> Result<(Picked, DecodeEvents), AttemptError> {
         let tokens = job.prompt.len() + job.params.max_new_tokens;
         let waited_from = Instant::now();
         loop {
             let (cands, picks) = self.pool.candidates(Role::Decode);
             for i in schedule::decode_order(&cands, tokens) {
                 let d = &picks[i];
-                match tokio::time::timeout(ADMIT_TIMEOUT, internal::admit(d.channel.clone(), attempt_id, job, local)).await {
+                match tokio::time::timeout(ADMIT_TIMEOUT, internal::admit(d.channel.clone(), attempt_id, job, local))
+                    .await
+                {
                     Ok(Ok((free, events))) => {
                         self.pool.record_free_blocks(&d.id, free);
                         return Ok((d.clone(), events));

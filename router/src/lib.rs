@@ -58,16 +58,22 @@ pub struct RouterConfig {
 }
 
 /// Runs the router until `shutdown`, then drains. `ready` fires once it serves.
-pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: CancellationToken, ready: oneshot::Sender<Ready>) -> anyhow::Result<()> {
+pub async fn run(
+    config: RouterConfig,
+    store: StoreConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<Ready>,
+) -> anyhow::Result<()> {
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
     let dir = model::default_model::resolve_dir(config.model.clone())?;
     let model_config = ModelConfig::from_dir(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir, &model_config)?.map(Arc::new);
     let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
     let tracker = TaskTracker::new();
-    let membership = tokio::time::timeout(Duration::from_secs(30), Membership::start(store.as_ref(), &cluster, &tracker, &shutdown))
-        .await
-        .context("timed out loading cluster membership")??;
+    let membership =
+        tokio::time::timeout(Duration::from_secs(30), Membership::start(store.as_ref(), &cluster, &tracker, &shutdown))
+            .await
+            .context("timed out loading cluster membership")??;
     let pool = Arc::new(pool::Pool::new(membership));
     tracker.spawn(pool.clone().poll_loads(Duration::from_millis(config.load_poll_ms), shutdown.clone()));
     let driver = Arc::new(Driver {
@@ -99,13 +105,17 @@ pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: Cancellatio
             .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
     );
     let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id = cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Router, bound.port())?;
+    let worker_id =
+        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Router, bound.port())?;
     let server_stop = CancellationToken::new();
     let (reporter_tx, reporter_rx) = oneshot::channel();
     let server = tracker.spawn(cluster_core::serve::serve(
         listener,
         routes,
-        cluster_core::serve::Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.v1.Generation"] },
+        cluster_core::serve::Described {
+            descriptor_set: proto::FILE_DESCRIPTOR_SET,
+            services: &["expertmesh.v1.Generation"],
+        },
         |r| {
             let _ = reporter_tx.send(r);
         },
@@ -121,7 +131,8 @@ pub async fn run(config: RouterConfig, store: StoreConfig, shutdown: Cancellatio
         model: model::serving::model_name(&dir),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let registration = cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
+    let registration =
+        cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
     tracing::info!(addr = %bound, "router_ready");
     let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
 

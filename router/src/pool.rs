@@ -65,7 +65,14 @@ impl Pool {
                 Ok(channel) => {
                     w.insert(
                         info.id.as_str().to_string(),
-                        WorkerState { role: info.role, address: info.address.clone(), channel, load: None, outstanding: 0, suspect_until: None },
+                        WorkerState {
+                            role: info.role,
+                            address: info.address.clone(),
+                            channel,
+                            load: None,
+                            outstanding: 0,
+                            suspect_until: None,
+                        },
                     );
                 }
                 Err(e) => tracing::warn!(worker = %info.id, address = %info.address, error = %e, "bad_worker_address"),

@@ -30,13 +30,9 @@ pub fn decode_order(cands: &[Candidate], tokens: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..cands.len()).collect();
     idx.sort_by(|&a, &b| {
         let (x, y) = (&cands[a], &cands[b]);
-        (x.suspect, !x.fits(tokens), std::cmp::Reverse(x.free_blocks.unwrap_or(usize::MAX)), x.outstanding, &x.id).cmp(&(
-            y.suspect,
-            !y.fits(tokens),
-            std::cmp::Reverse(y.free_blocks.unwrap_or(usize::MAX)),
-            y.outstanding,
-            &y.id,
-        ))
+        (x.suspect, !x.fits(tokens), std::cmp::Reverse(x.free_blocks.unwrap_or(usize::MAX)), x.outstanding, &x.id).cmp(
+            &(y.suspect, !y.fits(tokens), std::cmp::Reverse(y.free_blocks.unwrap_or(usize::MAX)), y.outstanding, &y.id),
+        )
     });
     idx
 }

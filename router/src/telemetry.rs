@@ -55,7 +55,8 @@ pub fn request_completed(o: &Outcome) {
     histogram!("expertmesh_time_to_first_token_seconds").record(o.time_to_first_token.as_secs_f64());
     if o.completion_tokens > 1 {
         let decode = o.total.saturating_sub(o.time_to_first_token);
-        histogram!("expertmesh_time_per_output_token_seconds").record(decode.as_secs_f64() / (o.completion_tokens - 1) as f64);
+        histogram!("expertmesh_time_per_output_token_seconds")
+            .record(decode.as_secs_f64() / (o.completion_tokens - 1) as f64);
     }
     counter!("expertmesh_generated_tokens_total").increment(o.completion_tokens as u64);
 }
@@ -64,4 +65,3 @@ pub fn request_completed(o: &Outcome) {
 pub fn inflight(delta: f64) {
     gauge!("expertmesh_router_inflight_requests").increment(delta);
 }
-

@@ -22,9 +22,7 @@ const REFERENCE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `target/<profile>`: the test executable is `target/<profile>/deps/<test>-<hash>`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    let deps = exe
-        .parent()
-        .expect("the test executable lies in a directory");
+    let deps = exe.parent().expect("the test executable lies in a directory");
     if deps.file_name().is_some_and(|n| n == "deps") {
         deps.parent().expect("deps/ has a parent").to_path_buf()
     } else {
@@ -82,17 +80,11 @@ pub async fn ensure_model() {
 pub async fn run_cli(args: &[&str]) -> std::process::Output {
     let cli = binary(CLI);
     let mut cmd = tokio::process::Command::new(&cli);
-    cmd.args(args)
-        .envs(base_env())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args).envs(base_env()).stdin(std::process::Stdio::null()).kill_on_drop(true);
     match tokio::time::timeout(REFERENCE_TIMEOUT, cmd.output()).await {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => panic!("cannot run {} {args:?}: {e}", cli.display()),
-        Err(_) => panic!(
-            "{} {args:?} did not finish within {REFERENCE_TIMEOUT:?}",
-            cli.display()
-        ),
+        Err(_) => panic!("{} {args:?} did not finish within {REFERENCE_TIMEOUT:?}", cli.display()),
     }
 }
 
@@ -108,9 +100,7 @@ pub struct Reference {
 
 /// Greedy continuation of `prompt_ids` by the in-process engine (see [`reference_full`]).
 pub async fn reference(prompt_ids: &[u32], max_new_tokens: u32) -> Vec<u32> {
-    reference_full(prompt_ids, max_new_tokens)
-        .await
-        .generated_ids
+    reference_full(prompt_ids, max_new_tokens).await.generated_ids
 }
 
 /// Runs `expertmesh generate --json --prompt-ids .. --max-new-tokens ..` (memoized per test
@@ -124,21 +114,9 @@ pub async fn reference_full(prompt_ids: &[u32], max_new_tokens: u32) -> Referenc
         return hit.clone();
     }
     ensure_model().await;
-    let ids = prompt_ids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let ids = prompt_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let max_new = max_new_tokens.to_string();
-    let out = run_cli(&[
-        "generate",
-        "--json",
-        "--prompt-ids",
-        &ids,
-        "--max-new-tokens",
-        &max_new,
-    ])
-    .await;
+    let out = run_cli(&["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -146,16 +124,10 @@ pub async fn reference_full(prompt_ids: &[u32], max_new_tokens: u32) -> Referenc
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let reference = parse_reference(&stdout).unwrap_or_else(|e| {
-        panic!("cannot parse `expertmesh generate --json` output ({e}): {stdout}")
-    });
-    assert_eq!(
-        reference.prompt_ids, prompt_ids,
-        "generate ran other prompt ids than asked"
-    );
-    memo.lock()
-        .expect("memo lock")
-        .insert(key, reference.clone());
+    let reference = parse_reference(&stdout)
+        .unwrap_or_else(|e| panic!("cannot parse `expertmesh generate --json` output ({e}): {stdout}"));
+    assert_eq!(reference.prompt_ids, prompt_ids, "generate ran other prompt ids than asked");
+    memo.lock().expect("memo lock").insert(key, reference.clone());
     reference
 }
 
@@ -166,10 +138,7 @@ pub async fn references(prompts: &[Vec<u32>], max_new_tokens: u32) -> Vec<Refere
     for pair in prompts.chunks(2) {
         match pair {
             [a, b] => {
-                let (ra, rb) = tokio::join!(
-                    reference_full(a, max_new_tokens),
-                    reference_full(b, max_new_tokens)
-                );
+                let (ra, rb) = tokio::join!(reference_full(a, max_new_tokens), reference_full(b, max_new_tokens));
                 out.push(ra);
                 out.push(rb);
             }
@@ -182,22 +151,14 @@ pub async fn references(prompts: &[Vec<u32>], max_new_tokens: u32) -> Vec<Refere
 
 /// Parses the one JSON line `expertmesh generate --json` prints.
 pub fn parse_reference(stdout: &str) -> Result<Reference, String> {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or("no JSON line")?;
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or("no JSON line")?;
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
     let ids = |field: &str| -> Result<Vec<u32>, String> {
         v[field]
             .as_array()
             .ok_or(format!("{field} is not an array"))?
             .iter()
-            .map(|x| {
-                x.as_u64()
-                    .and_then(|x| u32::try_from(x).ok())
-                    .ok_or(format!("{field}: {x} is not a u32"))
-            })
+            .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or(format!("{field}: {x} is not a u32")))
             .collect()
     };
     let top = v["last_prompt_logits_top"]
@@ -210,19 +171,14 @@ pub fn parse_reference(stdout: &str) -> Result<Reference, String> {
             match (id, logit) {
                 #[allow(clippy::cast_possible_truncation)]
                 (Some(id), Some(logit)) => Ok((id, logit as f32)),
-                _ => Err(format!(
-                    "last_prompt_logits_top entry {pair} is not [id, logit]"
-                )),
+                _ => Err(format!("last_prompt_logits_top entry {pair} is not [id, logit]")),
             }
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Reference {
         prompt_ids: ids("prompt_ids")?,
         generated_ids: ids("generated_ids")?,
-        text: v["text"]
-            .as_str()
-            .ok_or("text is not a string")?
-            .to_string(),
+        text: v["text"].as_str().ok_or("text is not a string")?.to_string(),
         last_prompt_logits_top: top,
     })
 }
@@ -233,7 +189,8 @@ pub async fn reference_on(prompt_ids: &[u32], max_new_tokens: u32, device: &str)
     ensure_model().await;
     let ids = prompt_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let max_new = max_new_tokens.to_string();
-    let out = run_cli(&["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new, "--device", device]).await;
+    let out =
+        run_cli(&["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new, "--device", device]).await;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use cluster_core::experts::{CurrentPlacement, LoadReport, PlacementSpec};
 use proto::expert::expert_client::ExpertClient;
 use proto::expert::{ExpertLoad, ExpertLoadRequest, SlotsRequest};
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::prefill_client::PrefillClient;
 use proto::internal::{LoadRequest, WorkerLoad};
 use proto::v1::generation_client::GenerationClient;
-use cluster_core::experts::{CurrentPlacement, LoadReport, PlacementSpec};
 use tempfile::TempDir;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tonic::transport::Channel;
@@ -173,36 +173,23 @@ impl Cluster {
     /// `test` names the cluster (made unique).
     pub async fn start(test: &str, spec: ClusterSpec) -> Cluster {
         static SERIAL: AtomicU32 = AtomicU32::new(0);
-        let slot = CLUSTER_SLOT
-            .acquire()
-            .await
-            .expect("the cluster semaphore is never closed");
+        let slot = CLUSTER_SLOT.acquire().await.expect("the cluster semaphore is never closed");
         binaries::ensure_model().await;
-        let name = format!(
-            "{test}-{}-{}",
-            std::process::id(),
-            SERIAL.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("cluster-tests-{test}-"))
-            .tempdir()
-            .expect("cluster temp dir");
+        let name = format!("{test}-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::SeqCst));
+        let dir =
+            tempfile::Builder::new().prefix(&format!("cluster-tests-{test}-")).tempdir().expect("cluster temp dir");
         let etcd = Etcd::start().await;
         let env = env(&spec);
         let endpoint = etcd.endpoint();
-        let spawn = |role: Role, index: usize| {
-            spawn_worker(&name, &endpoint, &spec, &env, dir.path(), role, index)
-        };
+        let spawn = |role: Role, index: usize| spawn_worker(&name, &endpoint, &spec, &env, dir.path(), role, index);
         // Expert workers first: attention workers look them up on their first batch.
         let mut expert: Vec<Process> = (0..spec.expert).map(|i| spawn(Role::Expert, i)).collect();
         for p in expert.iter_mut() {
             p.wait_ready(READY_TIMEOUT).await;
         }
-        let controllers: Vec<Process> = (0..spec.controllers)
-            .map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i))
-            .collect();
-        let mut prefill: Vec<Process> =
-            (0..spec.prefill).map(|i| spawn(Role::Prefill, i)).collect();
+        let controllers: Vec<Process> =
+            (0..spec.controllers).map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i)).collect();
+        let mut prefill: Vec<Process> = (0..spec.prefill).map(|i| spawn(Role::Prefill, i)).collect();
         let mut decode: Vec<Process> = (0..spec.decode).map(|i| spawn(Role::Decode, i)).collect();
         for p in prefill.iter_mut().chain(decode.iter_mut()) {
             p.wait_ready(READY_TIMEOUT).await;
@@ -213,39 +200,11 @@ impl Cluster {
         let mut router =
             Process::spawn("router", &binaries::binary(ROUTER), &args, &env, dir.path()).with_metrics(metrics);
         router.wait_ready(READY_TIMEOUT).await;
-        let cluster = Cluster {
-            router,
-            prefill,
-            decode,
-            expert,
-            controllers,
-            etcd,
-            name,
-            spec,
-            dir: Some(dir),
-            _slot: slot,
-        };
-        cluster
-            .wait_registered(
-                Role::Prefill,
-                cluster.worker_ids(Role::Prefill),
-                READY_TIMEOUT,
-            )
-            .await;
-        cluster
-            .wait_registered(
-                Role::Decode,
-                cluster.worker_ids(Role::Decode),
-                READY_TIMEOUT,
-            )
-            .await;
-        cluster
-            .wait_registered(
-                Role::Expert,
-                cluster.worker_ids(Role::Expert),
-                READY_TIMEOUT,
-            )
-            .await;
+        let cluster =
+            Cluster { router, prefill, decode, expert, controllers, etcd, name, spec, dir: Some(dir), _slot: slot };
+        cluster.wait_registered(Role::Prefill, cluster.worker_ids(Role::Prefill), READY_TIMEOUT).await;
+        cluster.wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), READY_TIMEOUT).await;
+        cluster.wait_registered(Role::Expert, cluster.worker_ids(Role::Expert), READY_TIMEOUT).await;
         if cluster.spec.controllers > 0 {
             cluster.wait_leader(READY_TIMEOUT).await;
         }
@@ -256,25 +215,14 @@ impl Cluster {
     }
 
     fn log_dir(&self) -> &Path {
-        self.dir
-            .as_ref()
-            .expect("the directory is kept until drop")
-            .path()
+        self.dir.as_ref().expect("the directory is kept until drop").path()
     }
 
     /// Starts one more worker of `role` and waits for its ready line; returns its index.
     pub async fn add_worker(&mut self, role: Role) -> usize {
         let index = self.workers(role).len();
         let endpoint = self.etcd.endpoint();
-        let mut p = spawn_worker(
-            &self.name,
-            &endpoint,
-            &self.spec,
-            &env(&self.spec),
-            self.log_dir(),
-            role,
-            index,
-        );
+        let mut p = spawn_worker(&self.name, &endpoint, &self.spec, &env(&self.spec), self.log_dir(), role, index);
         p.wait_ready(READY_TIMEOUT).await;
         let list = match role {
             Role::Prefill => &mut self.prefill,
@@ -315,22 +263,14 @@ impl Cluster {
 
     /// A client of expert worker `i`'s Expert service.
     pub async fn expert_client(&self, i: usize) -> Result<ExpertClient<Channel>, String> {
-        Ok(ExpertClient::new(
-            connect(&self.expert[i].url())
-                .await
-                .map_err(|e| e.to_string())?,
-        ))
+        Ok(ExpertClient::new(connect(&self.expert[i].url()).await.map_err(|e| e.to_string())?))
     }
 
     /// `GetLoad` of expert worker `i` (bounded by [`LOAD_TIMEOUT`]).
     pub async fn expert_load(&self, i: usize) -> Result<ExpertLoad, String> {
         let call = async {
             let mut client = self.expert_client(i).await?;
-            client
-                .get_load(ExpertLoadRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|e| e.to_string())
+            client.get_load(ExpertLoadRequest {}).await.map(tonic::Response::into_inner).map_err(|e| e.to_string())
         };
         match tokio::time::timeout(LOAD_TIMEOUT, call).await {
             Ok(r) => r,
@@ -341,11 +281,7 @@ impl Cluster {
     /// `GetSlots` of expert worker `i`: its hosted (layer, expert) pairs.
     pub async fn expert_slots(&self, i: usize) -> Result<Vec<(u32, u32)>, String> {
         let mut client = self.expert_client(i).await?;
-        let slots = client
-            .get_slots(SlotsRequest {})
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let slots = client.get_slots(SlotsRequest {}).await.map_err(|e| e.to_string())?.into_inner();
         Ok(slots.slots.into_iter().map(|s| (s.layer, s.expert)).collect())
     }
 
@@ -358,18 +294,12 @@ impl Cluster {
     pub async fn registered(&self, role: Role) -> Result<BTreeSet<String>, String> {
         let prefix = self.role_prefix(role);
         let kvs = self.etcd.get_prefix(&prefix).await?;
-        Ok(kvs
-            .into_iter()
-            .map(|(k, _)| k[prefix.len()..].to_string())
-            .collect())
+        Ok(kvs.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
     }
 
     /// Waits until exactly `ids` are registered under `role`.
     pub async fn wait_registered(&self, role: Role, ids: BTreeSet<String>, timeout: Duration) {
-        let what = format!(
-            "etcd to list exactly {ids:?} under {}",
-            self.role_prefix(role)
-        );
+        let what = format!("etcd to list exactly {ids:?} under {}", self.role_prefix(role));
         wait_for(&what, timeout, async || match self.registered(role).await {
             Ok(now) if now == ids => Ok(()),
             Ok(now) => Err(format!("registered: {now:?}")),
@@ -382,53 +312,33 @@ impl Cluster {
     /// prefill and a decode worker).
     pub async fn wait_serving(&self, timeout: Duration) {
         let url = self.router_url();
-        wait_for(
-            "the router to serve a two-token request",
-            timeout,
-            async || {
-                let channel = connect(&url).await.map_err(|e| e.to_string())?;
-                let mut client = GenerationClient::new(channel);
-                // Two tokens: the smallest request that does not depend on max_new_tokens 1
-                // (an edge case tested on its own).
-                let mut request = tonic::Request::new(ids_request(&[256, 72, 105], 2));
-                request.set_timeout(Duration::from_secs(10));
-                client
-                    .generate_unary(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
-            },
-        )
+        wait_for("the router to serve a two-token request", timeout, async || {
+            let channel = connect(&url).await.map_err(|e| e.to_string())?;
+            let mut client = GenerationClient::new(channel);
+            // Two tokens: the smallest request that does not depend on max_new_tokens 1
+            // (an edge case tested on its own).
+            let mut request = tonic::Request::new(ids_request(&[256, 72, 105], 2));
+            request.set_timeout(Duration::from_secs(10));
+            client.generate_unary(request).await.map(|_| ()).map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+        })
         .await;
     }
 
     /// A client of prefill worker `i`'s internal service.
     pub async fn prefill_client(&self, i: usize) -> Result<PrefillClient<Channel>, String> {
-        Ok(PrefillClient::new(
-            connect(&self.prefill[i].url())
-                .await
-                .map_err(|e| e.to_string())?,
-        ))
+        Ok(PrefillClient::new(connect(&self.prefill[i].url()).await.map_err(|e| e.to_string())?))
     }
 
     /// A client of decode worker `i`'s internal service.
     pub async fn decode_client(&self, i: usize) -> Result<DecodeClient<Channel>, String> {
-        Ok(DecodeClient::new(
-            connect(&self.decode[i].url())
-                .await
-                .map_err(|e| e.to_string())?,
-        ))
+        Ok(DecodeClient::new(connect(&self.decode[i].url()).await.map_err(|e| e.to_string())?))
     }
 
     /// `GetLoad` of prefill worker `i` (bounded by [`LOAD_TIMEOUT`]).
     pub async fn prefill_load(&self, i: usize) -> Result<WorkerLoad, String> {
         bounded_load(async {
             let mut client = self.prefill_client(i).await?;
-            client
-                .get_load(LoadRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|e| e.to_string())
+            client.get_load(LoadRequest {}).await.map(tonic::Response::into_inner).map_err(|e| e.to_string())
         })
         .await
     }
@@ -437,11 +347,7 @@ impl Cluster {
     pub async fn decode_load(&self, i: usize) -> Result<WorkerLoad, String> {
         bounded_load(async {
             let mut client = self.decode_client(i).await?;
-            client
-                .get_load(LoadRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|e| e.to_string())
+            client.get_load(LoadRequest {}).await.map(tonic::Response::into_inner).map_err(|e| e.to_string())
         })
         .await
     }
@@ -450,19 +356,12 @@ impl Cluster {
     pub async fn describe_loads(&mut self) -> String {
         let mut out = Vec::new();
         for i in 0..self.prefill.len() {
-            let load = if self.prefill[i].is_serving() {
-                self.prefill_load(i).await
-            } else {
-                Err("not serving".into())
-            };
+            let load =
+                if self.prefill[i].is_serving() { self.prefill_load(i).await } else { Err("not serving".into()) };
             out.push(format!("prefill-{i}: {}", fmt_load(&load)));
         }
         for i in 0..self.decode.len() {
-            let load = if self.decode[i].is_serving() {
-                self.decode_load(i).await
-            } else {
-                Err("not serving".into())
-            };
+            let load = if self.decode[i].is_serving() { self.decode_load(i).await } else { Err("not serving".into()) };
             out.push(format!("decode-{i}: {}", fmt_load(&load)));
         }
         out.join("\n")
@@ -472,59 +371,40 @@ impl Cluster {
     /// (running 0, waiting 0, every block free), prefill workers have nothing queued or
     /// running and every block free.
     pub async fn wait_idle(&mut self, timeout: Duration) {
-        let prefill: Vec<usize> = (0..self.prefill.len())
-            .filter(|&i| self.prefill[i].is_serving())
-            .collect();
-        let decode: Vec<usize> = (0..self.decode.len())
-            .filter(|&i| self.decode[i].is_serving())
-            .collect();
+        let prefill: Vec<usize> = (0..self.prefill.len()).filter(|&i| self.prefill[i].is_serving()).collect();
+        let decode: Vec<usize> = (0..self.decode.len()).filter(|&i| self.decode[i].is_serving()).collect();
         let this = &*self;
-        wait_for(
-            "every worker to be idle (nothing running or waiting, every block free)",
-            timeout,
-            async || {
-                let mut busy = Vec::new();
-                for &i in &prefill {
-                    match this.prefill_load(i).await {
-                        Ok(l) if is_idle(&l) => {}
-                        other => busy.push(format!("prefill-{i}: {}", fmt_load(&other))),
-                    }
+        wait_for("every worker to be idle (nothing running or waiting, every block free)", timeout, async || {
+            let mut busy = Vec::new();
+            for &i in &prefill {
+                match this.prefill_load(i).await {
+                    Ok(l) if is_idle(&l) => {}
+                    other => busy.push(format!("prefill-{i}: {}", fmt_load(&other))),
                 }
-                for &i in &decode {
-                    match this.decode_load(i).await {
-                        Ok(l) if is_idle(&l) => {}
-                        other => busy.push(format!("decode-{i}: {}", fmt_load(&other))),
-                    }
+            }
+            for &i in &decode {
+                match this.decode_load(i).await {
+                    Ok(l) if is_idle(&l) => {}
+                    other => busy.push(format!("decode-{i}: {}", fmt_load(&other))),
                 }
-                if busy.is_empty() {
-                    Ok(())
-                } else {
-                    Err(busy.join("; "))
-                }
-            },
-        )
+            }
+            if busy.is_empty() { Ok(()) } else { Err(busy.join("; ")) }
+        })
         .await;
     }
 
     /// Waits until worker `worker_id` of `role` is no longer registered in etcd.
     pub async fn wait_deregistered(&self, role: Role, worker_id: &str, timeout: Duration) {
         let what = format!("{worker_id}'s key to leave {}", self.role_prefix(role));
-        wait_until(&what, timeout, async || {
-            self.registered(role)
-                .await
-                .is_ok_and(|ids| !ids.contains(worker_id))
-        })
-        .await;
+        wait_until(&what, timeout, async || self.registered(role).await.is_ok_and(|ids| !ids.contains(worker_id)))
+            .await;
     }
 
     /// The controller holding leadership (the election key's value).
     pub async fn leader(&self) -> Result<Option<String>, String> {
         let key = format!("/expertmesh/{}/controller/leader", self.name);
         let kvs = self.etcd.get_prefix(&key).await?;
-        Ok(kvs
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+        Ok(kvs.into_iter().find(|(k, _)| *k == key).map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Waits until some controller leads; returns its id.
@@ -570,9 +450,7 @@ impl Cluster {
     /// Every expert worker's load report in etcd.
     pub async fn load_reports(&self) -> Result<Vec<LoadReport>, String> {
         let kvs = self.etcd.get_prefix(&format!("/expertmesh/{}/load/", self.name)).await?;
-        kvs.iter()
-            .map(|(k, v)| serde_json::from_slice(v).map_err(|e| format!("{k}: {e}")))
-            .collect()
+        kvs.iter().map(|(k, v)| serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))).collect()
     }
 
     /// Log tails of every process and of etcd.
@@ -584,17 +462,9 @@ impl Cluster {
             .chain(&self.expert)
             .chain(&self.controllers)
         {
-            out.push_str(&format!(
-                "===== {} (pid {}) =====\n{}",
-                p.name(),
-                p.pid(),
-                p.log_tail(lines)
-            ));
+            out.push_str(&format!("===== {} (pid {}) =====\n{}", p.name(), p.pid(), p.log_tail(lines)));
         }
-        out.push_str(&format!(
-            "===== etcd =====\n{}",
-            self.etcd.log_tail(lines / 2)
-        ));
+        out.push_str(&format!("===== etcd =====\n{}", self.etcd.log_tail(lines / 2)));
         out
     }
 }
@@ -602,11 +472,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "---- cluster {} failed; log tails ----\n{}",
-                self.name,
-                self.log_tails(30)
-            );
+            eprintln!("---- cluster {} failed; log tails ----\n{}", self.name, self.log_tails(30));
             if let Some(dir) = self.dir.take() {
                 eprintln!("---- full logs kept in {} ----", dir.keep().display());
             }
@@ -621,16 +487,7 @@ fn env(spec: &ClusterSpec) -> Vec<(String, String)> {
 }
 
 fn common_args(cluster: &str, etcd: &str) -> Vec<String> {
-    [
-        "--etcd",
-        etcd,
-        "--cluster",
-        cluster,
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["--etcd", etcd, "--cluster", cluster, "--listen", "127.0.0.1:0"].map(String::from).to_vec()
 }
 
 /// Spawns worker `<role>-<index>` (not waited for).
@@ -645,12 +502,7 @@ fn spawn_worker(
 ) -> Process {
     let id = format!("{}-{index}", role.as_str());
     let mut args = common_args(cluster, etcd);
-    args.extend([
-        "--worker-id".into(),
-        id.clone(),
-        "--lease-ttl-ms".into(),
-        spec.lease_ttl.as_millis().to_string(),
-    ]);
+    args.extend(["--worker-id".into(), id.clone(), "--lease-ttl-ms".into(), spec.lease_ttl.as_millis().to_string()]);
     let (binary, extra) = match role {
         Role::Prefill => (PREFILL_WORKER, &spec.prefill_args),
         Role::Decode => (DECODE_WORKER, &spec.decode_args),
@@ -681,9 +533,8 @@ fn spawn_controller(
     index: usize,
 ) -> Process {
     let id = format!("controller-{index}");
-    let mut args: Vec<String> = ["--etcd", etcd, "--cluster", cluster, "--controller-id", &id]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> =
+        ["--etcd", etcd, "--cluster", cluster, "--controller-id", &id].map(String::from).to_vec();
     args.extend(spec.controller_args.iter().cloned());
     let metrics = metrics_args(spec, &mut args);
     Process::spawn(&id, &binaries::binary(CONTROLLER), &args, env, log_dir).with_metrics(metrics)
@@ -694,9 +545,7 @@ fn metrics_args(spec: &ClusterSpec, args: &mut Vec<String>) -> Option<SocketAddr
     if !spec.metrics {
         return None;
     }
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port");
     args.extend(["--metrics-listen".into(), addr.to_string()]);
     Some(addr)
 }
@@ -718,9 +567,7 @@ pub async fn scrape(addr: SocketAddr) -> Result<String, String> {
     tokio::time::timeout(LOAD_TIMEOUT, call).await.unwrap_or_else(|_| Err(format!("{addr} did not answer")))
 }
 
-async fn bounded_load(
-    call: impl Future<Output = Result<WorkerLoad, String>>,
-) -> Result<WorkerLoad, String> {
+async fn bounded_load(call: impl Future<Output = Result<WorkerLoad, String>>) -> Result<WorkerLoad, String> {
     match tokio::time::timeout(LOAD_TIMEOUT, call).await {
         Ok(r) => r,
         Err(_) => Err(format!("GetLoad did not answer within {LOAD_TIMEOUT:?}")),
@@ -736,11 +583,7 @@ fn fmt_load(load: &Result<WorkerLoad, String>) -> String {
     match load {
         Ok(l) => format!(
             "running {} waiting {} queued_tokens {} free {}/{} blocks",
-            l.running_sequences,
-            l.waiting_sequences,
-            l.queued_tokens,
-            l.free_blocks,
-            l.total_blocks
+            l.running_sequences, l.waiting_sequences, l.queued_tokens, l.free_blocks, l.total_blocks
         ),
         Err(e) => format!("error: {e}"),
     }

@@ -18,10 +18,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A free loopback port (bound and released: the usual small race is accepted).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
 }
 
 /// One single-member etcd cluster.
@@ -43,10 +40,7 @@ impl Etcd {
     pub async fn start() -> Etcd {
         let mut etcd = Etcd {
             child: None,
-            dir: tempfile::Builder::new()
-                .prefix("cluster-tests-etcd-")
-                .tempdir()
-                .expect("temp dir for etcd"),
+            dir: tempfile::Builder::new().prefix("cluster-tests-etcd-").tempdir().expect("temp dir for etcd"),
             client_port: free_port(),
             peer_port: free_port(),
             starts: 0,
@@ -63,9 +57,7 @@ impl Etcd {
 
     /// A fresh client (each call its own connection).
     pub async fn store(&self) -> Result<EtcdStore, String> {
-        EtcdStore::connect(&[self.endpoint()])
-            .await
-            .map_err(|e| e.to_string())
+        EtcdStore::connect(&[self.endpoint()]).await.map_err(|e| e.to_string())
     }
 
     /// Every key under `prefix` with its value, read through a fresh connection.
@@ -168,13 +160,8 @@ impl Etcd {
             {
                 return Ok(Some(status));
             }
-            let store = EtcdStore::connect(std::slice::from_ref(&endpoint))
-                .await
-                .map_err(|e| e.to_string())?;
-            store
-                .get("/expertmesh-harness-probe")
-                .await
-                .map_err(|e| e.to_string())?;
+            let store = EtcdStore::connect(std::slice::from_ref(&endpoint)).await.map_err(|e| e.to_string())?;
+            store.get("/expertmesh-harness-probe").await.map_err(|e| e.to_string())?;
             Ok(None)
         })
         .await;

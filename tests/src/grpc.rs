@@ -11,8 +11,7 @@ use proto::v1::generate_request::Prompt;
 use proto::v1::generate_response::Event;
 use proto::v1::generation_client::GenerationClient;
 use proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, Logit, SamplingParams, Summary, TokenChunk,
-    TokenIds,
+    FinishReason, GenerateRequest, GenerateResponse, Logit, SamplingParams, Summary, TokenChunk, TokenIds,
 };
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
@@ -39,9 +38,7 @@ pub async fn connect(url: &str) -> Result<Channel, Status> {
 
 /// A `Generation` client on `url`.
 pub async fn generation_client(url: &str) -> GenerationClient<Channel> {
-    let channel = connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("router client: {e}"));
+    let channel = connect(url).await.unwrap_or_else(|e| panic!("router client: {e}"));
     GenerationClient::new(channel)
 }
 
@@ -49,10 +46,7 @@ pub async fn generation_client(url: &str) -> GenerationClient<Channel> {
 pub fn ids_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: Some(Prompt::TokenIds(TokenIds { ids: ids.to_vec() })),
-        sampling: Some(SamplingParams {
-            max_new_tokens: Some(max_new_tokens),
-            ..Default::default()
-        }),
+        sampling: Some(SamplingParams { max_new_tokens: Some(max_new_tokens), ..Default::default() }),
         prompt_logits_top: 0,
     }
 }
@@ -61,10 +55,7 @@ pub fn ids_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
 pub fn text_request(text: &str, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: Some(Prompt::Text(text.to_string())),
-        sampling: Some(SamplingParams {
-            max_new_tokens: Some(max_new_tokens),
-            ..Default::default()
-        }),
+        sampling: Some(SamplingParams { max_new_tokens: Some(max_new_tokens), ..Default::default() }),
         prompt_logits_top: 0,
     }
 }
@@ -121,13 +112,9 @@ impl StreamResult {
             problems.push(format!("stream ended with {:?}: {}", e.code(), e.message()));
         }
         let indices: Vec<u32> = self.chunks.iter().map(|c| c.index).collect();
-        let want_indices: Vec<u32> =
-            (0..u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)).collect();
+        let want_indices: Vec<u32> = (0..u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)).collect();
         if indices != want_indices {
-            problems.push(format!(
-                "chunk indices are not 0..{}: {indices:?}",
-                self.chunks.len()
-            ));
+            problems.push(format!("chunk indices are not 0..{}: {indices:?}", self.chunks.len()));
         }
         let ids = self.ids();
         if ids != expected.generated_ids {
@@ -148,21 +135,12 @@ impl StreamResult {
         match &self.summary {
             None => problems.push("no summary at the end of the stream".into()),
             Some(s) => {
-                if let Err(e) = check_summary(
-                    s,
-                    &expected.prompt_ids,
-                    &expected.generated_ids,
-                    max_new_tokens,
-                ) {
+                if let Err(e) = check_summary(s, &expected.prompt_ids, &expected.generated_ids, max_new_tokens) {
                     problems.push(e);
                 }
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("\n"))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
     }
 }
 
@@ -175,11 +153,7 @@ impl StreamResult {
         } else {
             Err(format!(
                 "concatenated chunk text differs from the reference's decoded text (ids {}):\n  got  {:?}\n  want {:?}",
-                if self.ids() == expected.generated_ids {
-                    "identical"
-                } else {
-                    "differ too"
-                },
+                if self.ids() == expected.generated_ids { "identical" } else { "differ too" },
                 self.text(),
                 expected.text
             ))
@@ -188,32 +162,17 @@ impl StreamResult {
 }
 
 /// Checks a summary against the prompt and the tokens that were generated.
-pub fn check_summary(
-    s: &Summary,
-    prompt: &[u32],
-    generated: &[u32],
-    max_new_tokens: u32,
-) -> Result<(), String> {
+pub fn check_summary(s: &Summary, prompt: &[u32], generated: &[u32], max_new_tokens: u32) -> Result<(), String> {
     let mut problems = Vec::new();
     let n = u32::try_from(generated.len()).unwrap_or(u32::MAX);
     if s.completion_tokens != n {
-        problems.push(format!(
-            "summary.completion_tokens {} but {n} tokens",
-            s.completion_tokens
-        ));
+        problems.push(format!("summary.completion_tokens {} but {n} tokens", s.completion_tokens));
     }
     if s.prompt_tokens as usize != prompt.len() {
-        problems.push(format!(
-            "summary.prompt_tokens {} but the prompt has {}",
-            s.prompt_tokens,
-            prompt.len()
-        ));
+        problems.push(format!("summary.prompt_tokens {} but the prompt has {}", s.prompt_tokens, prompt.len()));
     }
     if s.prompt_ids != prompt {
-        problems.push(format!(
-            "summary.prompt_ids {:?} differ from the prompt {prompt:?}",
-            s.prompt_ids
-        ));
+        problems.push(format!("summary.prompt_ids {:?} differ from the prompt {prompt:?}", s.prompt_ids));
     }
     let last_is_stop = generated.last() == Some(&EOS);
     let reason = FinishReason::try_from(s.finish_reason).unwrap_or(FinishReason::Unspecified);
@@ -229,10 +188,7 @@ pub fn check_summary(
         ));
     }
     if s.time_to_first_token_s.is_nan() || s.time_to_first_token_s <= 0.0 {
-        problems.push(format!(
-            "summary.time_to_first_token_s {} is not > 0",
-            s.time_to_first_token_s
-        ));
+        problems.push(format!("summary.time_to_first_token_s {} is not > 0", s.time_to_first_token_s));
     }
     if s.total_time_s < s.time_to_first_token_s {
         problems.push(format!(
@@ -240,21 +196,13 @@ pub fn check_summary(
             s.total_time_s, s.time_to_first_token_s
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
 
 /// Compares logits with the reference: same ids in the same order, values within `tol`.
 pub fn check_logits(got: &[Logit], want: &[(u32, f32)], tol: f32) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!(
-            "{} logits, want {}: got {got:?}",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("{} logits, want {}: got {got:?}", got.len(), want.len()));
     }
     let bad: Vec<String> = got
         .iter()
@@ -263,21 +211,11 @@ pub fn check_logits(got: &[Logit], want: &[(u32, f32)], tol: f32) -> Result<(), 
         .filter(|(_, (g, w))| g.id != w.0 || (g.logit - w.1).abs() > tol)
         .map(|(i, (g, w))| format!("#{i}: got ({}, {}) want ({}, {})", g.id, g.logit, w.0, w.1))
         .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "logits differ (tolerance {tol}): {}",
-            bad.join(", ")
-        ))
-    }
+    if bad.is_empty() { Ok(()) } else { Err(format!("logits differ (tolerance {tol}): {}", bad.join(", "))) }
 }
 
 fn first_difference(a: &[u32], b: &[u32]) -> usize {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()))
+    a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()))
 }
 
 /// Runs a streamed `Generate` to its end, keeping every event. `progress`, when given,
@@ -297,9 +235,7 @@ pub async fn collect_stream(
     };
     loop {
         match stream.message().await {
-            Ok(Some(GenerateResponse {
-                event: Some(Event::Token(chunk)),
-            })) => {
+            Ok(Some(GenerateResponse { event: Some(Event::Token(chunk)) })) => {
                 if result.summary.is_some() {
                     result.after_summary += 1;
                 }
@@ -308,9 +244,7 @@ pub async fn collect_stream(
                     p.fetch_add(1, Ordering::SeqCst);
                 }
             }
-            Ok(Some(GenerateResponse {
-                event: Some(Event::Summary(summary)),
-            })) => {
+            Ok(Some(GenerateResponse { event: Some(Event::Summary(summary)) })) => {
                 if result.summary.is_some() {
                     result.after_summary += 1;
                 } else {
@@ -386,13 +320,9 @@ impl Decoder for RawCodec {
 pub async fn raw_unary(url: &str, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
     let channel = connect(url).await?;
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
+    grpc.ready().await.map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-    grpc.unary(tonic::Request::new(body), path, RawCodec)
-        .await
-        .map(tonic::Response::into_inner)
+    grpc.unary(tonic::Request::new(body), path, RawCodec).await.map(tonic::Response::into_inner)
 }
 
 /// `grpc.health.v1.Health/Check` for `service` ("" is the whole server).
@@ -403,12 +333,7 @@ pub async fn health_check(
     use tonic_health::pb::health_check_response::ServingStatus;
     let channel = connect(url).await?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let reply = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.to_string(),
-        })
-        .await?
-        .into_inner();
+    let reply = client.check(tonic_health::pb::HealthCheckRequest { service: service.to_string() }).await?.into_inner();
     ServingStatus::try_from(reply.status)
         .map_err(|_| Status::unknown(format!("unknown serving status {}", reply.status)))
 }
@@ -418,11 +343,7 @@ pub fn expect_code(status: &Status, codes: &[Code]) -> Result<(), String> {
     if codes.contains(&status.code()) {
         Ok(())
     } else {
-        Err(format!(
-            "got {:?} ({:?}), want one of {codes:?}",
-            status.code(),
-            status.message()
-        ))
+        Err(format!("got {:?} ({:?}), want one of {codes:?}", status.code(), status.message()))
     }
 }
 
@@ -443,18 +364,14 @@ impl Streams {
             let mut client = generation_client(url).await;
             let count = Arc::new(AtomicUsize::new(0));
             progress.push(Arc::clone(&count));
-            tasks
-                .spawn(async move { (i, collect_stream(&mut client, request, Some(count)).await) });
+            tasks.spawn(async move { (i, collect_stream(&mut client, request, Some(count)).await) });
         }
         Streams { tasks, progress }
     }
 
     /// Tokens received so far, per stream.
     pub fn tokens(&self) -> Vec<usize> {
-        self.progress
-            .iter()
-            .map(|p| p.load(Ordering::SeqCst))
-            .collect()
+        self.progress.iter().map(|p| p.load(Ordering::SeqCst)).collect()
     }
 
     /// Whether every stream has received at least `n` tokens.
@@ -466,30 +383,19 @@ impl Streams {
     pub async fn finish(mut self, timeout: Duration) -> Vec<StreamResult> {
         let mut results: Vec<Option<StreamResult>> = vec![None; self.progress.len()];
         let deadline = tokio::time::Instant::now() + timeout;
-        while let Some(joined) = tokio::time::timeout_at(deadline, self.tasks.join_next())
-            .await
-            .unwrap_or_else(|_| {
-                let open: Vec<String> = results
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.is_none())
-                    .map(|(i, _)| {
-                        format!(
-                            "#{i} ({} tokens so far)",
-                            self.progress[i].load(Ordering::SeqCst)
-                        )
-                    })
-                    .collect();
-                panic!("streams still open after {timeout:?}: {}", open.join(", "))
-            })
-        {
+        while let Some(joined) = tokio::time::timeout_at(deadline, self.tasks.join_next()).await.unwrap_or_else(|_| {
+            let open: Vec<String> = results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_none())
+                .map(|(i, _)| format!("#{i} ({} tokens so far)", self.progress[i].load(Ordering::SeqCst)))
+                .collect();
+            panic!("streams still open after {timeout:?}: {}", open.join(", "))
+        }) {
             let (i, result) = joined.expect("a stream task panicked");
             results[i] = Some(result);
         }
-        results
-            .into_iter()
-            .map(|r| r.expect("every stream task reported"))
-            .collect()
+        results.into_iter().map(|r| r.expect("every stream task reported")).collect()
     }
 }
 
@@ -499,31 +405,18 @@ pub fn check_all_text(results: &[StreamResult], expected: &[Reference]) -> Resul
         .iter()
         .zip(expected)
         .enumerate()
-        .filter_map(|(i, (r, e))| {
-            r.check_text(e)
-                .err()
-                .map(|why| format!("stream {i}: {why}"))
-        })
+        .filter_map(|(i, (r, e))| r.check_text(e).err().map(|why| format!("stream {i}: {why}")))
         .collect();
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "{} of {} streams have the wrong text:\n{}",
-            failures.len(),
-            results.len(),
-            failures.join("\n")
-        ))
+        Err(format!("{} of {} streams have the wrong text:\n{}", failures.len(), results.len(), failures.join("\n")))
     }
 }
 
 /// Checks every stream against its reference (ids, indices, summary; not the text); one
 /// message listing every wrong stream.
-pub fn check_all(
-    results: &[StreamResult],
-    expected: &[Reference],
-    max_new_tokens: u32,
-) -> Result<(), String> {
+pub fn check_all(results: &[StreamResult], expected: &[Reference], max_new_tokens: u32) -> Result<(), String> {
     let failures: Vec<String> = results
         .iter()
         .zip(expected)
@@ -537,19 +430,11 @@ pub fn check_all(
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "{} of {} streams are wrong:\n{}",
-            failures.len(),
-            results.len(),
-            failures.join("\n\n")
-        ))
+        Err(format!("{} of {} streams are wrong:\n{}", failures.len(), results.len(), failures.join("\n\n")))
     }
 }
 
 /// `retries` of each stream's summary (for logs).
 pub fn retries(results: &[StreamResult]) -> Vec<Option<u32>> {
-    results
-        .iter()
-        .map(|r| r.summary.as_ref().map(|s| s.retries))
-        .collect()
+    results.iter().map(|r| r.summary.as_ref().map(|s| s.retries)).collect()
 }

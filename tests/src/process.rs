@@ -60,17 +60,10 @@ impl Process {
     /// Spawns `binary` with `args` and `env` (added to the test's environment); stdout goes
     /// to `<log_dir>/<name>.stdout` (and is scanned for the ready line), stderr to
     /// `<log_dir>/<name>.stderr`.
-    pub fn spawn(
-        name: &str,
-        binary: &Path,
-        args: &[String],
-        env: &[(String, String)],
-        log_dir: &Path,
-    ) -> Process {
+    pub fn spawn(name: &str, binary: &Path, args: &[String], env: &[(String, String)], log_dir: &Path) -> Process {
         let stdout_log = log_dir.join(format!("{name}.stdout"));
         let stderr_log = log_dir.join(format!("{name}.stderr"));
-        let stderr = File::create(&stderr_log)
-            .unwrap_or_else(|e| panic!("create {}: {e}", stderr_log.display()));
+        let stderr = File::create(&stderr_log).unwrap_or_else(|e| panic!("create {}: {e}", stderr_log.display()));
         let mut command = Command::new(binary);
         // Hermetic: the test's own EXPERTMESH_* settings (flags' env fallbacks) never leak in.
         for (key, _) in std::env::vars_os() {
@@ -89,8 +82,7 @@ impl Process {
         let pid = child.id();
         let announced = Arc::new(Mutex::new(None));
         let stdout = child.stdout.take().expect("stdout was piped");
-        let mut copy = File::create(&stdout_log)
-            .unwrap_or_else(|e| panic!("create {}: {e}", stdout_log.display()));
+        let mut copy = File::create(&stdout_log).unwrap_or_else(|e| panic!("create {}: {e}", stdout_log.display()));
         let slot = Arc::clone(&announced);
         // Ends at EOF, i.e. when the process exits; never joined (nothing to wait for).
         std::thread::Builder::new()
@@ -145,10 +137,7 @@ impl Process {
             }
             match self.try_exit_status() {
                 Some(status) => Ok(Err(status)),
-                None => Err(format!(
-                    "no ready line yet; log tail:\n{}",
-                    self.log_tail(15)
-                )),
+                None => Err(format!("no ready line yet; log tail:\n{}", self.log_tail(15))),
             }
         })
         .await;
@@ -175,9 +164,7 @@ impl Process {
 
     /// The ready announcement; panics before [`Process::wait_ready`] succeeded.
     pub fn ready(&self) -> &Ready {
-        self.ready
-            .as_ref()
-            .unwrap_or_else(|| panic!("{} has not announced ready", self.name))
+        self.ready.as_ref().unwrap_or_else(|| panic!("{} has not announced ready", self.name))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -221,12 +208,7 @@ impl Process {
             .arg(self.pid.to_string())
             .status()
             .unwrap_or_else(|e| panic!("cannot run `kill -{signal} {}`: {e}", self.pid));
-        assert!(
-            status.success(),
-            "`kill -{signal} {}` ({}) failed: {status}",
-            self.pid,
-            self.name
-        );
+        assert!(status.success(), "`kill -{signal} {}` ({}) failed: {status}", self.pid, self.name);
     }
 
     /// SIGKILL (a crash) and reap.
@@ -257,10 +239,7 @@ impl Process {
     /// Waits for the process to exit by itself (e.g. after [`Process::terminate`]).
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let what = format!("{} to exit", self.name);
-        let child = self
-            .child
-            .as_mut()
-            .unwrap_or_else(|| panic!("{} was already killed", self.name));
+        let child = self.child.as_mut().unwrap_or_else(|| panic!("{} was already killed", self.name));
         wait_for(&what, timeout, async || match child.try_wait() {
             Ok(Some(status)) => Ok(status),
             Ok(None) => Err("still running".into()),

@@ -15,24 +15,13 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// wait_until("decode-0 idle", secs(10), async || cluster.decode_load(0).await.is_ok_and(|l| l.running_sequences == 0)).await;
 /// ```
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    wait_for(what, timeout, async || {
-        if cond().await {
-            Ok(())
-        } else {
-            Err("condition false".to_string())
-        }
-    })
-    .await
+    wait_for(what, timeout, async || if cond().await { Ok(()) } else { Err("condition false".to_string()) }).await
 }
 
 /// Polls `probe` until it returns `Ok(value)` and returns the value. `Err(observation)`
 /// says why it does not hold yet; the last one is in the panic message after `timeout`.
 /// One probe call is itself bounded by the time left.
-pub async fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<T, String>) -> T {
     let start = Instant::now();
     let mut last = String::from("never probed");
     loop {

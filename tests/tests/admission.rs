@@ -8,7 +8,8 @@ use tonic::Code;
 
 #[tokio::test]
 async fn router_at_its_inflight_limit_refuses_then_recovers() {
-    let mut cluster = Cluster::start("inflight-limit", ClusterSpec::new(1, 1).router_args(&["--max-inflight", "1"])).await;
+    let mut cluster =
+        Cluster::start("inflight-limit", ClusterSpec::new(1, 1).router_args(&["--max-inflight", "1"])).await;
     let mut client = cluster.client().await;
     let mut long = within("Generate to answer", secs(60), client.generate(ids_request(&[256, 1, 2, 3], 2000)))
         .await

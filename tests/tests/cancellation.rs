@@ -17,13 +17,9 @@ async fn serves_a_good_request(cluster: &Cluster) {
     let prompt = test_prompts(2, 5).pop().expect("two prompts");
     let expected = cluster_tests::reference(&prompt, 8).await;
     let mut client = cluster.client().await;
-    let reply = within(
-        "a good request",
-        secs(60),
-        client.generate_unary(ids_request(&prompt, 8)),
-    )
-    .await
-    .expect("a good request after the cancellation");
+    let reply = within("a good request", secs(60), client.generate_unary(ids_request(&prompt, 8)))
+        .await
+        .expect("a good request after the cancellation");
     assert_eq!(reply.into_inner().generated_ids, expected);
 }
 
@@ -31,14 +27,10 @@ async fn serves_a_good_request(cluster: &Cluster) {
 async fn dropped_stream_frees_every_worker() {
     let mut cluster = Cluster::start("drop-stream", ClusterSpec::new(1, 2)).await;
     let mut client = cluster.client().await;
-    let mut stream = within(
-        "Generate to answer",
-        secs(60),
-        client.generate(ids_request(&[256, 1, 2, 3, 4, 5], HUGE)),
-    )
-    .await
-    .expect("a long request is accepted (prompt + max_new_tokens fit the context)")
-    .into_inner();
+    let mut stream = within("Generate to answer", secs(60), client.generate(ids_request(&[256, 1, 2, 3, 4, 5], HUGE)))
+        .await
+        .expect("a long request is accepted (prompt + max_new_tokens fit the context)")
+        .into_inner();
     let mut tokens = 0;
     while tokens < 3 {
         match within("the next token", secs(60), stream.message()).await {
@@ -56,10 +48,7 @@ async fn dropped_stream_frees_every_worker() {
         poll_until(secs(2), async || {
             let mut any = false;
             for i in 0..c.decode.len() {
-                any |= c
-                    .decode_load(i)
-                    .await
-                    .is_ok_and(|l| l.running_sequences > 0);
+                any |= c.decode_load(i).await.is_ok_and(|l| l.running_sequences > 0);
             }
             any
         })
@@ -74,9 +63,7 @@ async fn dropped_stream_frees_every_worker() {
 }
 
 async fn prefill_busy(c: &Cluster) -> bool {
-    c.prefill_load(0)
-        .await
-        .is_ok_and(|l| l.running_sequences + l.waiting_sequences > 0)
+    c.prefill_load(0).await.is_ok_and(|l| l.running_sequences + l.waiting_sequences > 0)
 }
 
 #[tokio::test]
@@ -111,12 +98,7 @@ async fn stream_deadline_cancels_the_request() {
     let mut client = cluster.client().await;
     let mut request = tonic::Request::new(ids_request(&[256, 9, 8, 7], HUGE));
     request.set_timeout(Duration::from_millis(300));
-    let result = within(
-        "a stream with a 300 ms deadline",
-        secs(60),
-        collect_stream(&mut client, request, None),
-    )
-    .await;
+    let result = within("a stream with a 300 ms deadline", secs(60), collect_stream(&mut client, request, None)).await;
     let status = result.error.as_ref().unwrap_or_else(|| {
         panic!(
             "a {HUGE}-token stream with a 300 ms deadline ended without error after {} tokens (summary {:?})",
@@ -126,15 +108,8 @@ async fn stream_deadline_cancels_the_request() {
     });
     expect_code(status, &[Code::DeadlineExceeded, Code::Cancelled])
         .unwrap_or_else(|e| panic!("the deadline's status: {e}"));
-    assert!(
-        result.summary.is_none(),
-        "a cancelled stream has no summary"
-    );
-    eprintln!(
-        "stream ended with {:?} after {} tokens",
-        status.code(),
-        result.chunks.len()
-    );
+    assert!(result.summary.is_none(), "a cancelled stream has no summary");
+    eprintln!("stream ended with {:?} after {} tokens", status.code(), result.chunks.len());
 
     cluster.wait_idle(IDLE_TIMEOUT).await;
     serves_a_good_request(&cluster).await;
@@ -146,13 +121,7 @@ async fn unary_deadline_cancels_the_request() {
     let mut client = cluster.client().await;
     let mut request = tonic::Request::new(ids_request(&[256, 9, 8, 7], HUGE));
     request.set_timeout(Duration::from_millis(300));
-    match within(
-        "GenerateUnary with a 300 ms deadline",
-        secs(60),
-        client.generate_unary(request),
-    )
-    .await
-    {
+    match within("GenerateUnary with a 300 ms deadline", secs(60), client.generate_unary(request)).await {
         Ok(reply) => panic!(
             "a {HUGE}-token GenerateUnary with a 300 ms deadline succeeded ({} tokens)",
             reply.into_inner().generated_ids.len()

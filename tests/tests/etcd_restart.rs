@@ -45,28 +45,15 @@ impl Load {
                 let issued = p.load(Ordering::SeqCst);
                 let mut request = tonic::Request::new(ids_request(&prompts[prompt], MAX_NEW));
                 request.set_timeout(REQUEST_TIMEOUT);
-                let outcome = match tokio::time::timeout(
-                    REQUEST_TIMEOUT + secs(5),
-                    client.generate_unary(request),
-                )
-                .await
-                {
-                    Ok(reply) => reply.map(|r| r.into_inner().generated_ids),
-                    Err(_) => Err(Status::deadline_exceeded("no answer (test-side timeout)")),
-                };
-                r.lock().expect("records lock").push(Record {
-                    phase: issued,
-                    prompt,
-                    outcome,
-                });
+                let outcome =
+                    match tokio::time::timeout(REQUEST_TIMEOUT + secs(5), client.generate_unary(request)).await {
+                        Ok(reply) => reply.map(|r| r.into_inner().generated_ids),
+                        Err(_) => Err(Status::deadline_exceeded("no answer (test-side timeout)")),
+                    };
+                r.lock().expect("records lock").push(Record { phase: issued, prompt, outcome });
             }
         });
-        Load {
-            phase,
-            stop,
-            records,
-            task,
-        }
+        Load { phase, stop, records, task }
     }
 
     fn set_phase(&self, phase: u8) {
@@ -74,21 +61,12 @@ impl Load {
     }
 
     fn done_in(&self, phase: u8) -> usize {
-        self.records
-            .lock()
-            .expect("records lock")
-            .iter()
-            .filter(|r| r.phase == phase)
-            .count()
+        self.records.lock().expect("records lock").iter().filter(|r| r.phase == phase).count()
     }
 
     async fn wait_done_in(&self, phase: u8, n: usize, what: &str) {
-        wait_until(
-            &format!("{n} requests issued {what} to complete"),
-            secs(90),
-            async || self.done_in(phase) >= n,
-        )
-        .await;
+        wait_until(&format!("{n} requests issued {what} to complete"), secs(90), async || self.done_in(phase) >= n)
+            .await;
     }
 
     async fn stop(self) -> Vec<Record> {
@@ -105,29 +83,17 @@ fn wrong(records: &[Record], phases: &[u8], expected: &[Vec<u32>]) -> Vec<String
         .filter(|r| phases.contains(&r.phase))
         .filter_map(|r| match &r.outcome {
             Ok(ids) if *ids == expected[r.prompt] => None,
-            Ok(ids) => Some(format!(
-                "phase {}: prompt {}: got {ids:?}, want {:?}",
-                r.phase, r.prompt, expected[r.prompt]
-            )),
-            Err(e) => Some(format!(
-                "phase {}: prompt {}: {:?}: {}",
-                r.phase,
-                r.prompt,
-                e.code(),
-                e.message()
-            )),
+            Ok(ids) => {
+                Some(format!("phase {}: prompt {}: got {ids:?}, want {:?}", r.phase, r.prompt, expected[r.prompt]))
+            }
+            Err(e) => Some(format!("phase {}: prompt {}: {:?}: {}", r.phase, r.prompt, e.code(), e.message())),
         })
         .collect()
 }
 
 fn counts(records: &[Record]) -> String {
     (0..4)
-        .map(|p| {
-            format!(
-                "phase {p}: {}",
-                records.iter().filter(|r| r.phase == p).count()
-            )
-        })
+        .map(|p| format!("phase {p}: {}", records.iter().filter(|r| r.phase == p).count()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -135,11 +101,7 @@ fn counts(records: &[Record]) -> String {
 #[tokio::test]
 async fn etcd_restart_keeps_serving_and_membership_recovers() {
     let prompts = test_prompts(4, 51);
-    let expected: Vec<Vec<u32>> = references(&prompts, MAX_NEW)
-        .await
-        .into_iter()
-        .map(|r| r.generated_ids)
-        .collect();
+    let expected: Vec<Vec<u32>> = references(&prompts, MAX_NEW).await.into_iter().map(|r| r.generated_ids).collect();
     let mut cluster = Cluster::start("etcd-restart", ClusterSpec::new(1, 1)).await;
 
     let load = Load::start(&cluster, prompts).await;
@@ -151,34 +113,21 @@ async fn etcd_restart_keeps_serving_and_membership_recovers() {
 
     cluster.etcd.start_again().await;
     load.set_phase(2);
-    cluster
-        .wait_registered(Role::Prefill, cluster.worker_ids(Role::Prefill), secs(30))
-        .await;
-    cluster
-        .wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), secs(30))
-        .await;
+    cluster.wait_registered(Role::Prefill, cluster.worker_ids(Role::Prefill), secs(30)).await;
+    cluster.wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), secs(30)).await;
     load.set_phase(3);
     load.wait_done_in(3, 3, "after the keys are back").await;
 
     let records = load.stop().await;
     eprintln!("requests per phase: {}", counts(&records));
     let bad = wrong(&records, &[0, 1, 2, 3], &expected);
-    assert!(
-        bad.is_empty(),
-        "{} requests failed around the etcd restart:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{} requests failed around the etcd restart:\n{}", bad.len(), bad.join("\n"));
 }
 
 #[tokio::test]
 async fn etcd_restart_with_empty_data_dir_workers_reregister() {
     let prompts = test_prompts(4, 61);
-    let expected: Vec<Vec<u32>> = references(&prompts, MAX_NEW)
-        .await
-        .into_iter()
-        .map(|r| r.generated_ids)
-        .collect();
+    let expected: Vec<Vec<u32>> = references(&prompts, MAX_NEW).await.into_iter().map(|r| r.generated_ids).collect();
     let mut cluster = Cluster::start("etcd-empty", ClusterSpec::new(1, 1)).await;
 
     let load = Load::start(&cluster, prompts).await;
@@ -191,17 +140,12 @@ async fn etcd_restart_with_empty_data_dir_workers_reregister() {
     cluster.etcd.restart_empty().await;
     load.set_phase(2);
     // Every lease and key is gone: the workers must notice and register again.
-    cluster
-        .wait_registered(Role::Prefill, cluster.worker_ids(Role::Prefill), secs(30))
-        .await;
-    cluster
-        .wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), secs(30))
-        .await;
+    cluster.wait_registered(Role::Prefill, cluster.worker_ids(Role::Prefill), secs(30)).await;
+    cluster.wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), secs(30)).await;
     // The router's view converges through its watch.
     cluster.wait_serving(secs(30)).await;
     load.set_phase(3);
-    load.wait_done_in(3, 3, "after the workers re-registered")
-        .await;
+    load.wait_done_in(3, 3, "after the workers re-registered").await;
 
     let records = load.stop().await;
     eprintln!("requests per phase: {}", counts(&records));

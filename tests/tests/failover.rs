@@ -29,43 +29,27 @@ async fn busiest_decode(cluster: &Cluster) -> usize {
 async fn decode_worker_killed_mid_stream() {
     let prompts = test_prompts(8, 11);
     let expected = references(&prompts, LONG).await;
-    let mut cluster =
-        Cluster::start("kill-decode", ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL)).await;
+    let mut cluster = Cluster::start("kill-decode", ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL)).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, LONG)).collect();
     let streams = Streams::start(&cluster.router_url(), requests).await;
-    wait_until(
-        "every stream to receive its first token",
-        secs(60),
-        async || streams.all_have(1),
-    )
-    .await;
+    wait_until("every stream to receive its first token", secs(60), async || streams.all_have(1)).await;
     let victim = busiest_decode(&cluster).await;
     eprintln!("loads before the kill:\n{}", cluster.describe_loads().await);
-    eprintln!(
-        "tokens per stream at the kill: {:?}; killing decode-{victim}",
-        streams.tokens()
-    );
+    eprintln!("tokens per stream at the kill: {:?}; killing decode-{victim}", streams.tokens());
     cluster.decode[victim].kill();
 
     let results = streams.finish(secs(180)).await;
     eprintln!("retries per stream: {:?}", retries(&results));
-    check_all(&results, &expected, LONG)
-        .unwrap_or_else(|e| panic!("after killing decode-{victim}: {e}"));
-    cluster
-        .wait_deregistered(Role::Decode, &format!("decode-{victim}"), secs(20))
-        .await;
+    check_all(&results, &expected, LONG).unwrap_or_else(|e| panic!("after killing decode-{victim}: {e}"));
+    cluster.wait_deregistered(Role::Decode, &format!("decode-{victim}"), secs(20)).await;
 
     // The survivors serve new requests.
-    let results = Streams::start(
-        &cluster.router_url(),
-        prompts[..4].iter().map(|p| ids_request(p, LONG)).collect(),
-    )
-    .await
-    .finish(secs(120))
-    .await;
-    check_all(&results, &expected[..4], LONG)
-        .unwrap_or_else(|e| panic!("new requests after the kill: {e}"));
+    let results = Streams::start(&cluster.router_url(), prompts[..4].iter().map(|p| ids_request(p, LONG)).collect())
+        .await
+        .finish(secs(120))
+        .await;
+    check_all(&results, &expected[..4], LONG).unwrap_or_else(|e| panic!("new requests after the kill: {e}"));
 }
 
 #[tokio::test]
@@ -77,32 +61,24 @@ async fn prefill_worker_killed_with_requests_in_flight() {
         .map(|(i, p)| p.iter().copied().cycle().take(900 + 40 * i).collect())
         .collect();
     let expected = references(&prompts, 16).await;
-    let mut cluster =
-        Cluster::start("kill-prefill", ClusterSpec::new(2, 1).lease_ttl(LEASE_TTL)).await;
+    let mut cluster = Cluster::start("kill-prefill", ClusterSpec::new(2, 1).lease_ttl(LEASE_TTL)).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, 16)).collect();
     let streams = Streams::start(&cluster.router_url(), requests).await;
     let caught = {
         let c = &cluster;
         poll_until(secs(10), async || {
-            c.prefill_load(0)
-                .await
-                .is_ok_and(|l| l.running_sequences + l.waiting_sequences > 0)
+            c.prefill_load(0).await.is_ok_and(|l| l.running_sequences + l.waiting_sequences > 0)
         })
         .await
     };
-    eprintln!(
-        "prefill-0 had work at the kill: {caught}; tokens per stream: {:?}",
-        streams.tokens()
-    );
+    eprintln!("prefill-0 had work at the kill: {caught}; tokens per stream: {:?}", streams.tokens());
     cluster.prefill[0].kill();
 
     let results = streams.finish(secs(180)).await;
     eprintln!("retries per stream: {:?}", retries(&results));
     check_all(&results, &expected, 16).unwrap_or_else(|e| panic!("after killing prefill-0: {e}"));
-    cluster
-        .wait_deregistered(Role::Prefill, "prefill-0", secs(20))
-        .await;
+    cluster.wait_deregistered(Role::Prefill, "prefill-0", secs(20)).await;
 }
 
 #[tokio::test]
@@ -114,18 +90,11 @@ async fn frozen_workers_leave_membership_then_return() {
     cluster.decode[1].stop();
     cluster.prefill[1].stop();
     // Lease TTL (rounded up to whole seconds by etcd) plus etcd's expiry tick.
-    cluster
-        .wait_deregistered(Role::Decode, "decode-1", secs(20))
-        .await;
-    cluster
-        .wait_deregistered(Role::Prefill, "prefill-1", secs(20))
-        .await;
+    cluster.wait_deregistered(Role::Decode, "decode-1", secs(20)).await;
+    cluster.wait_deregistered(Role::Prefill, "prefill-1", secs(20)).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, 24)).collect();
-    let results = Streams::start(&cluster.router_url(), requests)
-        .await
-        .finish(secs(90))
-        .await;
+    let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(90)).await;
     eprintln!("retries per stream: {:?}", retries(&results));
     check_all(&results, &expected, 24)
         .unwrap_or_else(|e| panic!("with decode-1 and prefill-1 frozen and expired: {e}"));
@@ -134,53 +103,32 @@ async fn frozen_workers_leave_membership_then_return() {
     cluster.prefill[1].cont();
     let all_decode = cluster.worker_ids(Role::Decode);
     let all_prefill = cluster.worker_ids(Role::Prefill);
-    cluster
-        .wait_registered(Role::Decode, all_decode, secs(30))
-        .await;
-    cluster
-        .wait_registered(Role::Prefill, all_prefill, secs(30))
-        .await;
+    cluster.wait_registered(Role::Decode, all_decode, secs(30)).await;
+    cluster.wait_registered(Role::Prefill, all_prefill, secs(30)).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, 24)).collect();
-    let results = Streams::start(&cluster.router_url(), requests)
-        .await
-        .finish(secs(90))
-        .await;
-    check_all(&results, &expected, 24)
-        .unwrap_or_else(|e| panic!("after the frozen workers resumed: {e}"));
+    let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(90)).await;
+    check_all(&results, &expected, 24).unwrap_or_else(|e| panic!("after the frozen workers resumed: {e}"));
 }
 
 #[tokio::test]
 async fn streams_on_a_frozen_decode_worker_complete() {
     let prompts = test_prompts(6, 41);
     let expected = references(&prompts, LONG).await;
-    let mut cluster = Cluster::start(
-        "freeze-mid-stream",
-        ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL),
-    )
-    .await;
+    let mut cluster = Cluster::start("freeze-mid-stream", ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL)).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, LONG)).collect();
     let streams = Streams::start(&cluster.router_url(), requests).await;
-    wait_until(
-        "every stream to receive its first token",
-        secs(60),
-        async || streams.all_have(1),
-    )
-    .await;
+    wait_until("every stream to receive its first token", secs(60), async || streams.all_have(1)).await;
     let victim = busiest_decode(&cluster).await;
-    eprintln!(
-        "tokens per stream at the freeze: {:?}; freezing decode-{victim}",
-        streams.tokens()
-    );
+    eprintln!("tokens per stream at the freeze: {:?}; freezing decode-{victim}", streams.tokens());
     cluster.decode[victim].stop();
 
     // The frozen worker answers nothing and renews no lease: the router must notice (lease
     // expiry or HTTP/2 keepalive) and move its sequences.
     let results = streams.finish(secs(120)).await;
     eprintln!("retries per stream: {:?}", retries(&results));
-    check_all(&results, &expected, LONG)
-        .unwrap_or_else(|e| panic!("with decode-{victim} frozen mid-stream: {e}"));
+    check_all(&results, &expected, LONG).unwrap_or_else(|e| panic!("with decode-{victim} frozen mid-stream: {e}"));
     cluster.decode[victim].cont();
 }
 
@@ -205,7 +153,8 @@ async fn decode_worker_sigterm_drains_under_load() {
     let results = streams.finish(secs(180)).await;
     check_all(&results, &expected, LONG).unwrap_or_else(|e| panic!("after SIGTERM to decode-{victim}: {e}"));
     let short = references(&prompts[..2], 8).await;
-    check_all(&during.finish(secs(120)).await, &short, 8).unwrap_or_else(|e| panic!("requests sent during the drain: {e}"));
+    check_all(&during.finish(secs(120)).await, &short, 8)
+        .unwrap_or_else(|e| panic!("requests sent during the drain: {e}"));
     eprintln!("retries per stream: {:?}", retries(&results));
     let decode = &mut cluster.decode[victim];
     assert!(poll_until(secs(60), async || !decode.is_alive()).await, "decode-{victim} did not exit after draining");

@@ -48,7 +48,8 @@ async fn gpu_workers_stream_what_the_gpu_engine_generates() {
     };
     let gpu = ["--device", "cuda:0"];
     let cluster = Cluster::start("gpu", ClusterSpec::new(1, 1).prefill_args(&gpu).decode_args(&gpu)).await;
-    let results = Streams::start(&cluster.router_url(), vec![ids_request(prompt, MAX_NEW)]).await.finish(secs(120)).await;
+    let results =
+        Streams::start(&cluster.router_url(), vec![ids_request(prompt, MAX_NEW)]).await.finish(secs(120)).await;
     let r = &results[0];
     assert!(r.error.is_none(), "stream failed: {:?}\n{}", r.error, cluster.log_tails(20));
     let got: Vec<u32> = r.chunks.iter().map(|c| c.id).collect();

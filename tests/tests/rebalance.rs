@@ -6,8 +6,8 @@
 //! periodic rebalance.
 
 use cluster_core::experts::{DesiredWorkers, LoadReport};
-use cluster_tests::grpc::{Streams, check_all, ids_request};
 use cluster_tests::binaries::run_cli;
+use cluster_tests::grpc::{Streams, check_all, ids_request};
 use cluster_tests::{Cluster, ClusterSpec, Reference, Role, references, secs};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -136,8 +136,8 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     let workload = Workload::start(cluster.router_url(), prompts, expected);
     // The skew shows in etcd; keep the last measurement taken under the initial placement.
     let mut before = None;
-    let switched = cluster_tests::wait_for("a load-driven rebalance", secs(180), async || {
-        match cluster.placement().await? {
+    let switched =
+        cluster_tests::wait_for("a load-driven rebalance", secs(180), async || match cluster.placement().await? {
             Some(s) if s.version > initial.version => Ok(s),
             _ => {
                 if let Ok(reports) = full_reports(&cluster).await {
@@ -145,9 +145,8 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
                 }
                 Err("still on the initial placement".into())
             }
-        }
-    })
-    .await;
+        })
+        .await;
     let (before, load) = before.expect("load was measured under the initial placement");
     assert_eq!(switched.reason, "skew", "{switched:?}");
     eprintln!(
@@ -160,16 +159,20 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     for (l, row) in load.iter().enumerate() {
         let hottest = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).expect("experts");
         eprintln!("layer row {l}: hottest expert {hottest} ({:.1} tokens/s), replicas {:?}", row[hottest], counts[l]);
-        assert!(counts[l][hottest] > 1, "layer row {l}: hottest expert {hottest} has {} replica(s)", counts[l][hottest]);
+        assert!(
+            counts[l][hottest] > 1,
+            "layer row {l}: hottest expert {hottest} has {} replica(s)",
+            counts[l][hottest]
+        );
     }
 
     // Measured again once every report covers a window wholly after the switch.
     let switch_ms = cluster_core::experts::unix_ms();
     let after = cluster_tests::wait_for("a full load window under the new placement", secs(120), async || {
         let reports = full_reports(&cluster).await?;
-        let fresh = reports
-            .iter()
-            .all(|r| r.placement_version == Some(switched.version) && r.updated_unix_ms >= switch_ms + r.window_ms + 500);
+        let fresh = reports.iter().all(|r| {
+            r.placement_version == Some(switched.version) && r.updated_unix_ms >= switch_ms + r.window_ms + 500
+        });
         if fresh { Ok(measured_ratio(&reports)) } else { Err("reports still cover the switch".into()) }
     })
     .await;
@@ -181,8 +184,10 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     eprintln!("{served} streams served, every one identical to the in-process engine");
 
     // The autoscaling target is in etcd, and `expertmesh placement` shows the live state.
-    let desired = cluster.etcd.get_prefix(&format!("/expertmesh/{}/controller/desired_expert_workers", cluster.name())).await;
-    let (_, desired) = desired.expect("etcd").into_iter().next().expect("the controller wrote the desired worker count");
+    let desired =
+        cluster.etcd.get_prefix(&format!("/expertmesh/{}/controller/desired_expert_workers", cluster.name())).await;
+    let (_, desired) =
+        desired.expect("etcd").into_iter().next().expect("the controller wrote the desired worker count");
     let desired: DesiredWorkers = serde_json::from_slice(&desired).expect("DesiredWorkers JSON");
     assert_eq!(desired.live, EXPERT_WORKERS as u32);
     assert!(desired.desired >= 1 && desired.tokens_per_s > 0.0, "{desired:?}");
@@ -191,7 +196,10 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("placement JSON");
     assert_eq!(view["version"], switched.version.0);
     assert_eq!(view["workers"].as_array().map(Vec::len), Some(EXPERT_WORKERS));
-    assert!(view["workers"].as_array().expect("workers").iter().all(|w| w["live"] == true && w["ready"] == true), "{view}");
+    assert!(
+        view["workers"].as_array().expect("workers").iter().all(|w| w["live"] == true && w["ready"] == true),
+        "{view}"
+    );
     let table = run_cli(&["placement", "--etcd", &cluster.etcd.endpoint(), "--cluster", cluster.name()]).await;
     eprintln!("{}", String::from_utf8_lossy(&table.stdout));
 }
@@ -242,7 +250,9 @@ async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
     let added = cluster.add_worker(Role::Expert).await;
     let newcomer = cluster.expert[added].worker_id().to_string();
     let grown = cluster
-        .wait_placement("a placement including the new worker", secs(60), |s| s.workers.iter().any(|w| w.as_str() == newcomer))
+        .wait_placement("a placement including the new worker", secs(60), |s| {
+            s.workers.iter().any(|w| w.as_str() == newcomer)
+        })
         .await;
     assert_eq!(grown.reason, "period");
     eprintln!("v{} ({}) includes {newcomer}: {:?}", grown.version.0, grown.reason, grown.workers);

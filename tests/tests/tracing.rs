@@ -45,7 +45,11 @@ async fn one_request_is_one_trace_across_every_process() {
         let names: BTreeSet<&str> = spans.iter().map(|s| s.span.name.as_str()).collect();
         let wanted = ["request", "prefill", "kv_transfer", "kv_import", "decode", "expert_call", "expert_compute"];
         let absent: Vec<&str> = wanted.iter().copied().filter(|n| !names.contains(n)).collect();
-        if missing.is_empty() && absent.is_empty() { Ok(spans) } else { Err(format!("missing services {missing:?}, spans {absent:?}")) }
+        if missing.is_empty() && absent.is_empty() {
+            Ok(spans)
+        } else {
+            Err(format!("missing services {missing:?}, spans {absent:?}"))
+        }
     })
     .await;
     let by_id: BTreeMap<String, &Received> = spans.iter().map(|s| (s.span_id(), s)).collect();
@@ -53,7 +57,8 @@ async fn one_request_is_one_trace_across_every_process() {
     let parent_of = |s: &Received| by_id.get(&s.parent_id()).copied();
 
     // One root, the router's request span; every other span's parent is in the trace.
-    let roots: Vec<_> = spans.iter().filter(|s| s.parent_id().chars().all(|c| c == '0') || s.parent_id().is_empty()).collect();
+    let roots: Vec<_> =
+        spans.iter().filter(|s| s.parent_id().chars().all(|c| c == '0') || s.parent_id().is_empty()).collect();
     assert_eq!(roots.len(), 1, "roots: {:?}", roots.iter().map(|s| (&s.service, &s.span.name)).collect::<Vec<_>>());
     assert_eq!((roots[0].service.as_str(), roots[0].span.name.as_str()), ("router", "request"));
     for s in &spans {
@@ -72,10 +77,15 @@ async fn one_request_is_one_trace_across_every_process() {
     };
     // Hops: router -> prefill -> kv_transfer -> decode's import; router -> decode.
     let prefill = named("prefill");
-    assert!(prefill.iter().all(|p| parent_of(p).is_some_and(|r| r.service == "router")), "prefill's parent is the router's");
+    assert!(
+        prefill.iter().all(|p| parent_of(p).is_some_and(|r| r.service == "router")),
+        "prefill's parent is the router's"
+    );
     let transfer = named("kv_transfer");
     assert!(transfer.iter().all(|t| ancestors(t).contains(&("prefill-worker".into(), "prefill".into()))));
-    let bytes = transfer[0].int("bytes").unwrap_or_else(|| panic!("kv_transfer carries bytes: {:?}", transfer[0].span.attributes));
+    let bytes = transfer[0]
+        .int("bytes")
+        .unwrap_or_else(|| panic!("kv_transfer carries bytes: {:?}", transfer[0].span.attributes));
     assert!(bytes > 0, "kv_transfer bytes {bytes}");
     assert!(named("kv_send_layer").len() >= 3, "one send span per layer");
     assert!(named("kv_import").iter().all(|i| parent_of(i).is_some_and(|p| p.span.name == "kv_transfer")));
@@ -92,7 +102,11 @@ async fn one_request_is_one_trace_across_every_process() {
         .spans()
         .into_iter()
         .filter(|s| s.span.name == "decode_step")
-        .filter(|s| s.span.links.iter().any(|l| cluster_tests::otlp::hex(&l.trace_id) == trace_id && cluster_tests::otlp::hex(&l.span_id) == decode_span))
+        .filter(|s| {
+            s.span.links.iter().any(|l| {
+                cluster_tests::otlp::hex(&l.trace_id) == trace_id && cluster_tests::otlp::hex(&l.span_id) == decode_span
+            })
+        })
         .count();
     assert!(linked >= 1, "no decode_step links to the sequence's decode span");
     eprintln!("trace {trace_id}: {} spans, {linked} linked decode steps", spans.len());

@@ -81,7 +81,10 @@ fn active_bytes_per_token(c: &ModelConfig, weight_size: usize) -> f64 {
         None => h * heads * c.qk_head_dim(),
         Some(r) => h * r + r * heads * c.qk_head_dim(),
     };
-    let attn = q + h * c.latent_dim() + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim) + heads * c.v_head_dim * h;
+    let attn = q
+        + h * c.latent_dim()
+        + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim)
+        + heads * c.v_head_dim * h;
     let mlp = |inter: usize| 3 * h * inter;
     let mut params = 0usize;
     let mut router_bytes = 0usize;
@@ -140,7 +143,11 @@ fn main() -> anyhow::Result<()> {
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let cache_tokens = (max_batch.max(args.prefill_batch) + 1) * (args.prompt_len + args.steps + 8);
     let opts = EngineOptions { cache_tokens, block_size: 16, device: args.device };
-    let params = |n: usize| SamplingParams { max_new_tokens: n, stop_token_ids: vec![c.vocab_size as u32], ..Default::default() };
+    let params = |n: usize| SamplingParams {
+        max_new_tokens: n,
+        stop_token_ids: vec![c.vocab_size as u32],
+        ..Default::default()
+    };
 
     // Prefill: one prompt, after a short warm-up.
     let mut engine = Engine::on_device(model.clone(), experts.clone(), opts)?;
@@ -163,7 +170,10 @@ fn main() -> anyhow::Result<()> {
     for id in ids {
         engine.release(id)?;
     }
-    println!("prefill {} x {} tokens in one batch: {batched_prefill_tps:.1} tokens/s", args.prefill_batch, args.prompt_len);
+    println!(
+        "prefill {} x {} tokens in one batch: {batched_prefill_tps:.1} tokens/s",
+        args.prefill_batch, args.prompt_len
+    );
 
     let bytes = active_bytes_per_token(&c, weight_size);
     // Two FLOPs per active weight per token (the attention's own FLOPs are not counted).

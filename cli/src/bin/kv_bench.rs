@@ -39,7 +39,13 @@ struct Args {
 }
 
 fn node(id: &str) -> NodeArgs {
-    NodeArgs { cluster: "bench".into(), listen: "127.0.0.1:0".into(), advertise: None, worker_id: Some(id.into()), lease_ttl_ms: 5000 }
+    NodeArgs {
+        cluster: "bench".into(),
+        listen: "127.0.0.1:0".into(),
+        advertise: None,
+        worker_id: Some(id.into()),
+        lease_ttl_ms: 5000,
+    }
 }
 
 fn sampling(max_new: u32) -> pb::Sampling {
@@ -94,16 +100,31 @@ async fn main() -> anyhow::Result<()> {
     println!("model {} : {layers} layers x latent {latent} (kv_lora_rank + qk_rope_head_dim), f32 rows", dir.display());
     println!("expected bytes/token = {latent} x {layers} x 4 = {formula}");
     println!("\n== prefill worker -> decode worker (real prefill, layer-by-layer streaming)");
-    println!("{:>8} {:>12} {:>12} {:>10} {:>10} {:>10}", "prompt", "kv_bytes", "bytes/tok", "compute_s", "tail_s", "total_s");
+    println!(
+        "{:>8} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "prompt", "kv_bytes", "bytes/tok", "compute_s", "tail_s", "total_s"
+    );
     let mut id = 1u64;
     for &n in &args.prompt_lens {
         id += 1;
         let prompt: Vec<u32> = (0..n).map(|i| (i * 7 % (config.vocab_size - 10)) as u32).collect();
-        let admit = pb::AdmitRequest { request_id: id, prompt_tokens: n as u32, sampling: Some(sampling(2)), local_prefill_prompt_ids: vec![], prompt_logits_top: 0 };
+        let admit = pb::AdmitRequest {
+            request_id: id,
+            prompt_tokens: n as u32,
+            sampling: Some(sampling(2)),
+            local_prefill_prompt_ids: vec![],
+            prompt_logits_top: 0,
+        };
         let events = dec.admit(admit).await?.into_inner();
         let t = Instant::now();
         let r = pre
-            .prefill(pb::PrefillRequest { request_id: id, prompt_ids: prompt, sampling: Some(sampling(2)), prompt_logits_top: 0, decode_addr: d_addr.to_string() })
+            .prefill(pb::PrefillRequest {
+                request_id: id,
+                prompt_ids: prompt,
+                sampling: Some(sampling(2)),
+                prompt_logits_top: 0,
+                decode_addr: d_addr.to_string(),
+            })
             .await?
             .into_inner();
         let total = t.elapsed().as_secs_f64();
@@ -123,27 +144,52 @@ async fn main() -> anyhow::Result<()> {
         let mut times = Vec::new();
         for _ in 0..args.reps {
             id += 1;
-            let admit = pb::AdmitRequest { request_id: id, prompt_tokens: n as u32, sampling: Some(sampling(2)), local_prefill_prompt_ids: vec![], prompt_logits_top: 0 };
+            let admit = pb::AdmitRequest {
+                request_id: id,
+                prompt_tokens: n as u32,
+                sampling: Some(sampling(2)),
+                local_prefill_prompt_ids: vec![],
+                prompt_logits_top: 0,
+            };
             let events = dec.admit(admit).await?.into_inner();
             let row = latent * 4;
             let per_chunk = ((1 << 20) / row).max(1);
             let layer_bytes: Vec<u8> = (0..n * row).map(|i| (i % 251) as u8 & 0x3f).collect();
             let mut msgs = vec![pb::KvChunk {
-                part: Some(kv_chunk::Part::Header(pb::KvHeader { request_id: id, num_tokens: n as u32, latent_dim: latent as u32, num_layers: layers as u32 })),
+                part: Some(kv_chunk::Part::Header(pb::KvHeader {
+                    request_id: id,
+                    num_tokens: n as u32,
+                    latent_dim: latent as u32,
+                    num_layers: layers as u32,
+                })),
             }];
             for l in 0..layers {
                 for (c, chunk) in layer_bytes.chunks(per_chunk * row).enumerate() {
                     msgs.push(pb::KvChunk {
-                        part: Some(kv_chunk::Part::Layer(pb::KvLayer { layer: l as u32, first_token: (c * per_chunk) as u32, data: chunk.to_vec() })),
+                        part: Some(kv_chunk::Part::Layer(pb::KvLayer {
+                            layer: l as u32,
+                            first_token: (c * per_chunk) as u32,
+                            data: chunk.to_vec(),
+                        })),
                     });
                 }
             }
             let tokens: Vec<u32> = (0..=n).map(|i| (i % 100) as u32).collect();
-            msgs.push(pb::KvChunk { part: Some(kv_chunk::Part::Commit(pb::KvCommit { tokens, prompt_len: n as u32, prompt_logits_top: vec![] })) });
+            msgs.push(pb::KvChunk {
+                part: Some(kv_chunk::Part::Commit(pb::KvCommit {
+                    tokens,
+                    prompt_len: n as u32,
+                    prompt_logits_top: vec![],
+                })),
+            });
             let t = Instant::now();
             let r = dec.push_kv(tokio_stream::iter(msgs)).await?.into_inner();
             times.push(t.elapsed().as_secs_f64());
-            anyhow::ensure!(r.bytes_received as usize == n * formula, "decode worker received {} bytes", r.bytes_received);
+            anyhow::ensure!(
+                r.bytes_received as usize == n * formula,
+                "decode worker received {} bytes",
+                r.bytes_received
+            );
             drop(events);
         }
         times.sort_by(f64::total_cmp);

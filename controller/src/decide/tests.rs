@@ -79,7 +79,8 @@ fn first_placement_is_initial_and_uniform() {
 fn skew_triggers_a_rebalance_that_replicates_the_hot_expert() {
     let live = workers(4);
     let idle = vec![vec![0.0; 8]; 2];
-    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1)).expect("plans");
+    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1))
+        .expect("plans");
     let load = skewed();
     let before = max_mean_ratio(&load, &first);
     assert!(before > 1.3, "uniform placement under skew: {before}");
@@ -104,7 +105,8 @@ fn skew_triggers_a_rebalance_that_replicates_the_hot_expert() {
 fn a_dead_worker_forces_a_placement_without_it_at_once() {
     let live = workers(3);
     let idle = vec![vec![0.0; 8]; 2];
-    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(4)).expect("plans");
+    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(4))
+        .expect("plans");
     let mut left = live.clone();
     left.remove(&w("e1"));
     let seen = Observed { live: &left, current: Some(&first), load: &idle, since_last: Some(Duration::ZERO) };
@@ -128,7 +130,8 @@ fn a_dead_worker_forces_a_placement_without_it_at_once() {
 fn a_new_worker_joins_at_the_period_not_before() {
     let three = workers(3);
     let idle = vec![vec![0.0; 8]; 2];
-    let first = plan(&shape(), &policy(), &idle, &three.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1)).expect("plans");
+    let first = plan(&shape(), &policy(), &idle, &three.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1))
+        .expect("plans");
     let four = workers(4);
     let load = vec![vec![10.0; 8]; 2];
     let early = Observed { live: &four, current: Some(&first), load: &load, since_last: Some(Duration::from_secs(60)) };
@@ -143,7 +146,8 @@ fn a_new_worker_joins_at_the_period_not_before() {
 fn idle_clusters_are_left_alone() {
     let live = workers(2);
     let idle = vec![vec![0.0; 8]; 2];
-    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1)).expect("plans");
+    let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1))
+        .expect("plans");
     let seen = Observed { live: &live, current: Some(&first), load: &idle, since_last: None };
     assert_eq!(decide(&shape(), &policy(), &seen, PlacementVersion(2)).expect("plans"), None);
     let none = BTreeSet::new();

@@ -9,9 +9,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use eplb::{
-    Placement, Policy, balancedness, max_mean_ratio, model_balancedness, rebalance, worker_loads,
-};
+use eplb::{Placement, Policy, balancedness, max_mean_ratio, model_balancedness, rebalance, worker_loads};
 use serde::Serialize;
 
 const USAGE: &str = "\
@@ -69,8 +67,7 @@ impl Config {
     fn from_args(args: impl Iterator<Item = String>) -> Result<Self, String> {
         fn value<T: std::str::FromStr>(flag: &str, raw: Option<String>) -> Result<T, String> {
             let raw = raw.ok_or_else(|| format!("{flag} needs a value"))?;
-            raw.parse()
-                .map_err(|_| format!("{flag}: cannot parse {raw:?}"))
+            raw.parse().map_err(|_| format!("{flag}: cannot parse {raw:?}"))
         }
         let mut config = Config::default();
         let mut args = args.peekable();
@@ -90,11 +87,7 @@ impl Config {
                     let list: String = value(&flag, args.next())?;
                     config.workers = list
                         .split(',')
-                        .map(|w| {
-                            w.trim()
-                                .parse()
-                                .map_err(|_| format!("--workers: cannot parse {w:?}"))
-                        })
+                        .map(|w| w.trim().parse().map_err(|_| format!("--workers: cannot parse {w:?}")))
                         .collect::<Result<_, _>>()?;
                 }
                 "--json" => config.json = true,
@@ -123,20 +116,10 @@ impl Config {
             }
         }
         if self.top_k > self.experts {
-            return Err(format!(
-                "--top-k {} must be <= --experts {}",
-                self.top_k, self.experts
-            ));
+            return Err(format!("--top-k {} must be <= --experts {}", self.top_k, self.experts));
         }
-        if let Some(&w) = self
-            .workers
-            .iter()
-            .find(|&&w| w == 0 || !w.is_multiple_of(self.gpus_per_node))
-        {
-            return Err(format!(
-                "--workers {w} must be a positive multiple of --gpus-per-node {}",
-                self.gpus_per_node
-            ));
+        if let Some(&w) = self.workers.iter().find(|&&w| w == 0 || !w.is_multiple_of(self.gpus_per_node)) {
+            return Err(format!("--workers {w} must be a positive multiple of --gpus-per-node {}", self.gpus_per_node));
         }
         Ok(())
     }
@@ -215,24 +198,13 @@ fn static_loads(load: &[Vec<f64>], num_workers: usize) -> (Vec<Vec<f64>>, &'stat
         .map(|layer| {
             let mut loads = vec![0.0; num_workers];
             for (expert, &w) in layer.iter().enumerate() {
-                let worker = if contiguous {
-                    expert / (num_experts / num_workers)
-                } else {
-                    expert % num_workers
-                };
+                let worker = if contiguous { expert / (num_experts / num_workers) } else { expert % num_workers };
                 loads[worker] += w;
             }
             loads
         })
         .collect();
-    (
-        per_worker,
-        if contiguous {
-            "contiguous"
-        } else {
-            "round-robin"
-        },
-    )
+    (per_worker, if contiguous { "contiguous" } else { "round-robin" })
 }
 
 /// How even one placement's worker loads are.
@@ -251,12 +223,8 @@ impl Balance {
         let layers = worker_loads.len() as f64;
         Balance {
             model_balancedness: model_balancedness(worker_loads),
-            mean_layer_balancedness: worker_loads.iter().map(|l| balancedness(l)).sum::<f64>()
-                / layers,
-            worst_layer_max_mean: worker_loads
-                .iter()
-                .map(|l| max_mean_ratio(l))
-                .fold(0.0, f64::max),
+            mean_layer_balancedness: worker_loads.iter().map(|l| balancedness(l)).sum::<f64>() / layers,
+            worst_layer_max_mean: worker_loads.iter().map(|l| max_mean_ratio(l)).fold(0.0, f64::max),
         }
     }
 }
@@ -275,11 +243,7 @@ struct Scenario {
     rebalance_min_us: f64,
 }
 
-fn run_scenario(
-    config: &Config,
-    load: &[Vec<f64>],
-    num_workers: usize,
-) -> Result<Scenario, String> {
+fn run_scenario(config: &Config, load: &[Vec<f64>], num_workers: usize) -> Result<Scenario, String> {
     let num_nodes = num_workers / config.gpus_per_node;
     let num_replicas = config.experts + config.redundant;
     let solve = || {
@@ -313,20 +277,12 @@ fn run_scenario(
 }
 
 fn print_table(config: &Config, load: &[Vec<f64>], scenarios: &[Scenario]) {
-    let hottest_share = load
-        .iter()
-        .map(|layer| layer.iter().copied().fold(0.0, f64::max) / layer.iter().sum::<f64>())
-        .sum::<f64>()
-        / load.len() as f64;
+    let hottest_share =
+        load.iter().map(|layer| layer.iter().copied().fold(0.0, f64::max) / layer.iter().sum::<f64>()).sum::<f64>()
+            / load.len() as f64;
     println!(
         "eplb-sim: {} layers x {} experts ({} groups), top-{} x {} tokens/layer, zipf {}, seed {}",
-        config.layers,
-        config.experts,
-        config.groups,
-        config.top_k,
-        config.tokens,
-        config.zipf,
-        config.seed
+        config.layers, config.experts, config.groups, config.top_k, config.tokens, config.zipf, config.seed
     );
     println!(
         "hottest expert: {:.2}% of a layer's routed tokens on average (uniform {:.2}%, top-{} cap {:.2}%)",
@@ -335,9 +291,7 @@ fn print_table(config: &Config, load: &[Vec<f64>], scenarios: &[Scenario]) {
         config.top_k,
         100.0 / config.top_k as f64
     );
-    println!(
-        "balancedness = mean/max worker load (1.0 is perfect); model = sum of means / sum of maxes"
-    );
+    println!("balancedness = mean/max worker load (1.0 is perfect); model = sum of means / sum of maxes");
     for s in scenarios {
         println!();
         println!(
@@ -345,10 +299,7 @@ fn print_table(config: &Config, load: &[Vec<f64>], scenarios: &[Scenario]) {
             s.workers, s.nodes, s.slots, s.slots_per_worker, s.policy
         );
         for (label, b) in [
-            (
-                format!("before ({}, no redundancy)", s.before_layout),
-                &s.before,
-            ),
+            (format!("before ({}, no redundancy)", s.before_layout), &s.before),
             ("after (eplb)".to_string(), &s.after),
         ] {
             println!(
@@ -376,11 +327,8 @@ fn main() -> ExitCode {
         }
     };
     let load = zipf_loads(&config);
-    let scenarios: Result<Vec<Scenario>, String> = config
-        .workers
-        .iter()
-        .map(|&w| run_scenario(&config, &load, w))
-        .collect();
+    let scenarios: Result<Vec<Scenario>, String> =
+        config.workers.iter().map(|&w| run_scenario(&config, &load, w)).collect();
     let scenarios = match scenarios {
         Ok(s) => s,
         Err(message) => {

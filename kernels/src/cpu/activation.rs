@@ -23,10 +23,7 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 pub fn silu_mul_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
-        .collect()
+    gate.iter().zip(up).map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32).collect()
 }
 
 pub fn softmax_reference(x: &[f32]) -> Vec<f32> {

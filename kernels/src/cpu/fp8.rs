@@ -13,11 +13,7 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     if exp == 0x0f && b & 0x07 == 0x07 {
         return f32::NAN;
     }
-    if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    }
+    if exp == 0 { sign * man / 8.0 * 2f32.powi(-6) } else { sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7) }
 }
 
 fn table() -> [f32; 256] {

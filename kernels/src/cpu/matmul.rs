@@ -182,7 +182,6 @@ fn portable(x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], dot: impl 
     });
 }
 
-
 /// Lanes of the fixed-order partial sums (keeps the reduction order independent of `m`).
 const LANES: usize = 16;
 

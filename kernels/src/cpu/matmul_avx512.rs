@@ -200,7 +200,6 @@ enum Kernel<'a> {
     Dot { x: &'a [u16], kp: usize, w: &'a [u16] },
 }
 
-
 /// Bytes of weights one task owns at most: its rows are re-read once per activation chunk
 /// (`chunk_rows`), so they should stay in L2 (1 MiB per core on the target) next to the chunk.
 const TASK_WEIGHT_BYTES: usize = 256 << 10;

@@ -36,24 +36,18 @@ fn packed_index(k: usize, j: usize, kk: usize) -> usize {
 /// Packs `w: [n, k]` (row-major) into `dst` (`packed_len(n, k)` values; padding zeroed).
 pub fn pack_into(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
     assert_eq!(w.len(), n * k, "pack: w is not [n, k]");
-    assert_eq!(
-        dst.len(),
-        packed_len(n, k),
-        "pack: dst has the wrong length"
-    );
+    assert_eq!(dst.len(), packed_len(n, k), "pack: dst has the wrong length");
     let panel_len = k.div_ceil(2) * 2 * PANEL;
     // Panels are independent and each is written contiguously: parallel over panels.
-    dst.par_chunks_mut(panel_len.max(1))
-        .enumerate()
-        .for_each(|(pi, panel)| {
-            panel.fill(bf16::ZERO);
-            for r in 0..PANEL.min(n.saturating_sub(pi * PANEL)) {
-                let row = &w[(pi * PANEL + r) * k..(pi * PANEL + r + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[(kk / 2 * PANEL + r) * 2 + kk % 2] = v;
-                }
+    dst.par_chunks_mut(panel_len.max(1)).enumerate().for_each(|(pi, panel)| {
+        panel.fill(bf16::ZERO);
+        for r in 0..PANEL.min(n.saturating_sub(pi * PANEL)) {
+            let row = &w[(pi * PANEL + r) * k..(pi * PANEL + r + 1) * k];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[(kk / 2 * PANEL + r) * 2 + kk % 2] = v;
             }
-        });
+        }
+    });
 }
 
 /// A packed `[n, k]` bf16 matrix, borrowed (the storage may live anywhere, e.g. huge pages).
@@ -67,11 +61,7 @@ pub struct PackedRef<'a> {
 impl<'a> PackedRef<'a> {
     /// Wraps `data` laid out by [`pack_into`] for an `[n, k]` matrix.
     pub fn new(data: &'a [bf16], n: usize, k: usize) -> Self {
-        assert_eq!(
-            data.len(),
-            packed_len(n, k),
-            "PackedRef: data has the wrong length"
-        );
+        assert_eq!(data.len(), packed_len(n, k), "PackedRef: data has the wrong length");
         PackedRef { n, k, data }
     }
 
@@ -123,13 +113,7 @@ impl PackedBf16 {
 }
 
 /// `out[m, n] = x[m, k] · Wᵀ` for packed `W`; sizes checked by `matmul`.
-pub(super) fn matmul_packed(
-    x: &[f32],
-    m: usize,
-    w: PackedRef<'_>,
-    out: &mut [f32],
-    precision: Precision,
-) {
+pub(super) fn matmul_packed(x: &[f32], m: usize, w: PackedRef<'_>, out: &mut [f32], precision: Precision) {
     if w.k == 0 {
         // No pairs: the kernels would never store their (zero) accumulators.
         out.fill(0.0);
@@ -171,8 +155,7 @@ pub(super) fn portable(x: &[f32], m: usize, w: PackedRef<'_>, out: &mut [f32]) {
     for (pi, acc) in cols.iter().enumerate() {
         let c = PANEL.min(n - pi * PANEL);
         for i in 0..m {
-            out[i * n + pi * PANEL..i * n + pi * PANEL + c]
-                .copy_from_slice(&acc[i * PANEL..i * PANEL + c]);
+            out[i * n + pi * PANEL..i * n + pi * PANEL + c].copy_from_slice(&acc[i * PANEL..i * PANEL + c]);
         }
     }
 }

@@ -39,21 +39,12 @@ const KC: usize = 1024;
 const INLINE_MACS: usize = 1 << 18;
 
 /// `out = x · Wᵀ` for packed `w`. Returns `false` (doing nothing) without AVX-512 F/BW.
-pub(super) fn matmul_packed(
-    x: &[f32],
-    m: usize,
-    w: PackedRef<'_>,
-    out: &mut [f32],
-    precision: Precision,
-) -> bool {
+pub(super) fn matmul_packed(x: &[f32], m: usize, w: PackedRef<'_>, out: &mut [f32], precision: Precision) -> bool {
     if !has_avx512() {
         return false;
     }
     let (n, k) = (w.n(), w.k());
-    assert!(
-        x.len() == m * k && out.len() == m * n,
-        "matmul_packed: operand sizes"
-    );
+    assert!(x.len() == m * k && out.len() == m * n, "matmul_packed: operand sizes");
     let k2 = k.div_ceil(2);
     match precision {
         Precision::Bf16Activations if has_avx512_bf16() => {
@@ -82,11 +73,7 @@ fn pad_rows(x: &[f32], m: usize, k: usize, kp: usize, round: bool) -> Vec<f32> {
     let mut p = vec![0f32; m * kp];
     for (d, s) in p.chunks_exact_mut(kp.max(1)).zip(x.chunks_exact(k.max(1))) {
         for (d, &v) in d.iter_mut().zip(s) {
-            *d = if round {
-                f32::from_bits(round_bf16(v.to_bits()))
-            } else {
-                v
-            };
+            *d = if round { f32::from_bits(round_bf16(v.to_bits())) } else { v };
         }
     }
     p
@@ -98,7 +85,6 @@ enum Kern<'a> {
     Dot { x: &'a [u16] },
     Exact { x: &'a [f32] },
 }
-
 
 /// `f::<mb, np>(args)` for runtime `mb` in 1..=8 and `np` in 1..=3.
 macro_rules! dispatch {
@@ -136,9 +122,7 @@ fn run(kern: Kern<'_>, m: usize, w: PackedRef<'_>, out: &mut [f32]) {
     let panel_len = 2 * PANEL * k2;
     let groups = n.div_ceil(PANEL * nb);
     // About 8 tasks per thread so stealing evens out.
-    let per_task = groups
-        .div_ceil(rayon::current_num_threads().max(1) * 8)
-        .max(1);
+    let per_task = groups.div_ceil(rayon::current_num_threads().max(1) * 8).max(1);
     let out = super::out_ptr::OutPtr::new(out);
     let wd = w.data();
     let task = |t: usize| {
@@ -149,11 +133,7 @@ fn run(kern: Kern<'_>, m: usize, w: PackedRef<'_>, out: &mut [f32]) {
             let mut masks = [0u16; NB_DOT];
             for (j, mk) in masks.iter_mut().enumerate().take(np) {
                 let valid = PANEL.min(cols - j * PANEL);
-                *mk = if valid == PANEL {
-                    !0
-                } else {
-                    (1u16 << valid) - 1
-                };
+                *mk = if valid == PANEL { !0 } else { (1u16 << valid) - 1 };
             }
             let mut p0 = 0;
             while p0 < k2 {
@@ -162,10 +142,7 @@ fn run(kern: Kern<'_>, m: usize, w: PackedRef<'_>, out: &mut [f32]) {
                 while i0 < m {
                     let mb = mb_max.min(m - i0);
                     let o = out.get().wrapping_add(i0 * n + c0);
-                    let wg = wd
-                        .as_ptr()
-                        .cast::<u16>()
-                        .wrapping_add(g * nb * panel_len + p0 * 2 * PANEL);
+                    let wg = wd.as_ptr().cast::<u16>().wrapping_add(g * nb * panel_len + p0 * 2 * PANEL);
                     // SAFETY: features checked by `matmul_packed`; activation rows
                     // [i0, i0+mb) hold pairs [p0, p0+pairs) (stride 2*k2); panels
                     // [g*nb, g*nb+np) exist in `w` (np computed from n) and hold those
@@ -175,37 +152,11 @@ fn run(kern: Kern<'_>, m: usize, w: PackedRef<'_>, out: &mut [f32]) {
                         match kern {
                             Kern::Dot { x } => {
                                 let xb = x.as_ptr().add(i0 * 2 * k2 + 2 * p0);
-                                dispatch!(
-                                    dot_tile,
-                                    mb,
-                                    np,
-                                    xb,
-                                    2 * k2,
-                                    wg,
-                                    panel_len,
-                                    pairs,
-                                    o,
-                                    n,
-                                    &masks,
-                                    p0 > 0
-                                )
+                                dispatch!(dot_tile, mb, np, xb, 2 * k2, wg, panel_len, pairs, o, n, &masks, p0 > 0)
                             }
                             Kern::Exact { x } => {
                                 let xb = x.as_ptr().add(i0 * 2 * k2 + 2 * p0);
-                                dispatch!(
-                                    exact_tile,
-                                    mb,
-                                    np,
-                                    xb,
-                                    2 * k2,
-                                    wg,
-                                    panel_len,
-                                    pairs,
-                                    o,
-                                    n,
-                                    &masks,
-                                    p0 > 0
-                                )
+                                dispatch!(exact_tile, mb, np, xb, 2 * k2, wg, panel_len, pairs, o, n, &masks, p0 > 0)
                             }
                         }
                     }
@@ -373,11 +324,7 @@ mod tests {
         for &(m, k, n) in &[(1, 40, 5), (7, 101, 50), (13, 2048, 9)] {
             let mut rng = Lcg::new(78);
             let x = rng.vec(m * k, 1.0);
-            let wb: Vec<bf16> = rng
-                .vec(n * k, 0.1)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
+            let wb: Vec<bf16> = rng.vec(n * k, 0.1).into_iter().map(bf16::from_f32).collect();
             let p = PackedBf16::pack(&wb, n, k);
             let xp = pad_rows(&x, m, k, k.next_multiple_of(2), true);
             let mut out = vec![f32::NAN; m * n];

@@ -17,26 +17,14 @@ impl Case {
     fn new(m: usize, k: usize, n: usize, seed: u64) -> Case {
         let mut rng = Lcg::new(seed);
         let x = rng.vec(m * k, 1.0);
-        let w: Vec<bf16> = rng
-            .vec(n * k, (k.max(1) as f32).powf(-0.5))
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let w: Vec<bf16> = rng.vec(n * k, (k.max(1) as f32).powf(-0.5)).into_iter().map(bf16::from_f32).collect();
         let p = PackedBf16::pack(&w, n, k);
         Case { x, w, p }
     }
 
     fn run(&self, m: usize, k: usize, n: usize, p: Precision) -> Vec<f32> {
         let mut out = vec![f32::NAN; m * n];
-        matmul(
-            &self.x[..m * k],
-            m,
-            k,
-            WeightRef::Packed(self.p.as_ref()),
-            n,
-            &mut out,
-            p,
-        );
+        matmul(&self.x[..m * k], m, k, WeightRef::Packed(self.p.as_ref()), n, &mut out, p);
         out
     }
 }
@@ -50,12 +38,7 @@ fn check(m: usize, k: usize, n: usize) {
             let want = reference(&round_to_bf16(&c.x), m, k, WeightRef::Bf16(&c.w), n);
             assert_close(&out, &want, 1e-4, &what);
         } else {
-            assert_close(
-                &out,
-                &reference(&c.x, m, k, WeightRef::Bf16(&c.w), n),
-                1e-5,
-                &what,
-            );
+            assert_close(&out, &reference(&c.x, m, k, WeightRef::Bf16(&c.w), n), 1e-5, &what);
         }
     }
 }
@@ -75,11 +58,7 @@ fn pack_round_trips() {
         }
         // Padding (rows past n, the odd-k pad) is zero.
         let nonzero = c.p.data.iter().filter(|v| v.to_f32() != 0.0).count();
-        assert_eq!(
-            nonzero,
-            c.w.iter().filter(|v| v.to_f32() != 0.0).count(),
-            "padding n={n} k={k}"
-        );
+        assert_eq!(nonzero, c.w.iter().filter(|v| v.to_f32() != 0.0).count(), "padding n={n} k={k}");
     }
 }
 
@@ -87,17 +66,7 @@ fn pack_round_trips() {
 fn matches_reference_across_tiles_and_tails() {
     // n around the 16-row panels and 3-panel groups, odd k, m around the 6/8-row tiles.
     for &k in &[1, 2, 15, 32, 33, 100, 257] {
-        for &(m, n) in &[
-            (1, 7),
-            (4, 16),
-            (5, 17),
-            (6, 48),
-            (7, 49),
-            (8, 33),
-            (9, 64),
-            (13, 95),
-            (17, 5),
-        ] {
+        for &(m, n) in &[(1, 7), (4, 16), (5, 17), (6, 48), (7, 49), (8, 33), (9, 64), (13, 95), (17, 5)] {
             check(m, k, n);
         }
     }
@@ -124,11 +93,7 @@ fn rows_are_batch_invariant() {
                     let mut one = vec![0f32; n];
                     let x1 = &c.x[i * k..(i + 1) * k];
                     matmul(x1, 1, k, WeightRef::Packed(c.p.as_ref()), n, &mut one, p);
-                    assert_eq!(
-                        &all[i * n..(i + 1) * n],
-                        &one[..],
-                        "k={k} {p:?} m={m}: row {i} alone vs batched"
-                    );
+                    assert_eq!(&all[i * n..(i + 1) * n], &one[..], "k={k} {p:?} m={m}: row {i} alone vs batched");
                 }
             }
         }
@@ -142,19 +107,9 @@ fn portable_path_matches_reference() {
         let c = Case::new(m, k, n, 12);
         let mut out = vec![f32::NAN; m * n];
         portable(&c.x, m, c.p.as_ref(), &mut out);
-        assert_close(
-            &out,
-            &reference(&c.x, m, k, WeightRef::Bf16(&c.w), n),
-            1e-5,
-            "portable packed",
-        );
+        assert_close(&out, &reference(&c.x, m, k, WeightRef::Bf16(&c.w), n), 1e-5, "portable packed");
         let xr = round_to_bf16(&c.x);
         portable(&xr, m, c.p.as_ref(), &mut out);
-        assert_close(
-            &out,
-            &reference(&xr, m, k, WeightRef::Bf16(&c.w), n),
-            1e-5,
-            "portable packed, rounded x",
-        );
+        assert_close(&out, &reference(&xr, m, k, WeightRef::Bf16(&c.w), n), 1e-5, "portable packed, rounded x");
     }
 }

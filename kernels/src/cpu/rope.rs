@@ -39,8 +39,7 @@ impl RopeTable {
     pub fn new(dim: usize, theta: f64, yarn: Option<&Yarn>, interleave: bool) -> Self {
         assert!(dim.is_multiple_of(2) && dim > 0, "rope dim must be even and positive");
         // transformers: base ** (arange(0, dim, 2).float() / dim), in f32.
-        let pos_freqs: Vec<f32> =
-            (0..dim / 2).map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
+        let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
         let Some(y) = yarn else {
             let inv_freq = pos_freqs.iter().map(|p| 1.0 / p).collect();
             return RopeTable { inv_freq, attention_factor: 1.0, interleave };

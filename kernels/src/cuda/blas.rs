@@ -51,20 +51,45 @@ fn blas_err(e: cudarc::cublas::result::CublasError) -> KernelError {
 
 impl Gpu {
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (bf16 in, f32 accumulate and out).
-    pub fn gemm(&self, x: Dev<bf16>, m: usize, k: usize, w: Dev<bf16>, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
+    pub fn gemm(
+        &self,
+        x: Dev<bf16>,
+        m: usize,
+        k: usize,
+        w: Dev<bf16>,
+        n: usize,
+        out: Dev<f32>,
+    ) -> Result<(), KernelError> {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "gemm shapes");
         self.gemm_ex(x.ptr, w.ptr, cudaDataType::CUDA_R_16BF, m, k, n, out)
     }
 
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ` in full f32 (no TF32): the MoE router's logits, whose
     /// top-k must not flip against the CPU engine's.
-    pub fn gemm_f32(&self, x: Dev<f32>, m: usize, k: usize, w: Dev<f32>, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
+    pub fn gemm_f32(
+        &self,
+        x: Dev<f32>,
+        m: usize,
+        k: usize,
+        w: Dev<f32>,
+        n: usize,
+        out: Dev<f32>,
+    ) -> Result<(), KernelError> {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "gemm shapes");
         self.gemm_ex(x.ptr, w.ptr, cudaDataType::CUDA_R_32F, m, k, n, out)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm_ex(&self, x: u64, w: u64, dtype: cudaDataType, m: usize, k: usize, n: usize, out: Dev<f32>) -> Result<(), KernelError> {
+    fn gemm_ex(
+        &self,
+        x: u64,
+        w: u64,
+        dtype: cudaDataType,
+        m: usize,
+        k: usize,
+        n: usize,
+        out: Dev<f32>,
+    ) -> Result<(), KernelError> {
         if m == 0 || n == 0 {
             return Ok(());
         }

@@ -190,7 +190,12 @@ impl Gpu {
         self.bind()?;
         // SAFETY: both are live ranges of `len` elements of T.
         unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, src.len * std::mem::size_of::<T>(), self.stream.cu_stream())
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.ptr,
+                src.ptr,
+                src.len * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
         }
         .map_err(cuda_err("copying on the device"))
     }

@@ -7,7 +7,14 @@ use cudarc::driver::PushKernelArg;
 
 impl Gpu {
     /// `cache[slots[r]] = src[r * src_stride..][..width]` (rows of the paged cache).
-    pub fn scatter_rows(&self, cache: Dev<f32>, slots: Dev<u32>, src: Dev<f32>, src_stride: usize, width: usize) -> Result<(), KernelError> {
+    pub fn scatter_rows(
+        &self,
+        cache: Dev<f32>,
+        slots: Dev<u32>,
+        src: Dev<f32>,
+        src_stride: usize,
+        width: usize,
+    ) -> Result<(), KernelError> {
         assert!(fits(src.len(), slots.len(), src_stride, width), "scatter shapes");
         if slots.is_empty() {
             return Ok(());
@@ -21,7 +28,13 @@ impl Gpu {
     }
 
     /// `out[r] = cache[slots[r]]`.
-    pub fn gather_cache_rows(&self, cache: Dev<f32>, slots: Dev<u32>, out: Dev<f32>, width: usize) -> Result<(), KernelError> {
+    pub fn gather_cache_rows(
+        &self,
+        cache: Dev<f32>,
+        slots: Dev<u32>,
+        out: Dev<f32>,
+        width: usize,
+    ) -> Result<(), KernelError> {
         assert!(out.len() >= slots.len() * width, "gather shapes");
         if slots.is_empty() {
             return Ok(());

@@ -65,7 +65,13 @@ impl Gpu {
     }
 
     /// `out[r] = bf16(x[src[r]])`: rows of `hidden` values gathered (tokens in expert order).
-    pub fn gather_rows_bf16(&self, x: Dev<f32>, src: Dev<u32>, out: Dev<bf16>, hidden: usize) -> Result<(), KernelError> {
+    pub fn gather_rows_bf16(
+        &self,
+        x: Dev<f32>,
+        src: Dev<u32>,
+        out: Dev<bf16>,
+        hidden: usize,
+    ) -> Result<(), KernelError> {
         assert!(out.len() >= src.len() * hidden, "gather shapes");
         if src.is_empty() {
             return Ok(());

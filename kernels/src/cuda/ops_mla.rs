@@ -66,7 +66,10 @@ impl Gpu {
         let width = a.rank + a.rope_dim;
         assert!(a.cache.len().is_multiple_of(width * a.block_size), "mla cache");
         assert!(a.table_offsets.len() == a.tokens && a.ctx_lens.len() == a.tokens, "mla per-token arrays");
-        assert!(a.q_lat.len() >= a.tokens * a.heads * a.rank && a.out.len() >= a.tokens * a.heads * a.rank, "mla q/out");
+        assert!(
+            a.q_lat.len() >= a.tokens * a.heads * a.rank && a.out.len() >= a.tokens * a.heads * a.rank,
+            "mla q/out"
+        );
         if a.tokens == 0 {
             return Ok(());
         }
@@ -75,7 +78,8 @@ impl Gpu {
             "mla q_pe"
         );
         let (pts, phs) = (int(a.pe_token_stride, "stride")?, int(a.pe_head_stride, "stride")?);
-        let (heads, rank, dr, bs) = (int(a.heads, "heads")?, int(a.rank, "rank")?, int(a.rope_dim, "rope")?, int(a.block_size, "block")?);
+        let (heads, rank, dr, bs) =
+            (int(a.heads, "heads")?, int(a.rank, "rank")?, int(a.rope_dim, "rope")?, int(a.block_size, "block")?);
         let warps = MLA_HEADS_PER_BLOCK.min(a.heads);
         let head_blocks = a.heads.div_ceil(warps);
         let splits = context_splits(a.tokens, head_blocks, a.max_ctx);
@@ -102,7 +106,11 @@ impl Gpu {
         unsafe { b.launch(cfg) }.map_err(cuda_err("mla_attend_f32"))?;
         if splits > 1 {
             let cfg = LaunchConfig {
-                grid_dim: (u32::try_from(rows).map_err(|_| KernelError::UnsupportedShape(format!("{rows} rows")))?, 1, 1),
+                grid_dim: (
+                    u32::try_from(rows).map_err(|_| KernelError::UnsupportedShape(format!("{rows} rows")))?,
+                    1,
+                    1,
+                ),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };

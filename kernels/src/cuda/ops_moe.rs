@@ -34,7 +34,11 @@ impl Gpu {
         }
         let (xd, nn, kk) = (int(x_div, "x_div")?, int(n, "n")?, int(k, "k")?);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, u32::try_from(pairs).map_err(|_| KernelError::UnsupportedShape(format!("{pairs} pairs")))?, 1),
+            grid_dim: (
+                n.div_ceil(ROWS_PER_BLOCK) as u32,
+                u32::try_from(pairs).map_err(|_| KernelError::UnsupportedShape(format!("{pairs} pairs")))?,
+                1,
+            ),
             block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -28,7 +28,8 @@ impl Gpu {
         if half > 1024 {
             return Err(KernelError::UnsupportedShape(format!("rope dim {}", 2 * half)));
         }
-        let (ts, hs, hf, il) = (int(token_stride, "stride")?, int(head_stride, "stride")?, int(half, "half")?, i32::from(interleave));
+        let (ts, hs, hf, il) =
+            (int(token_stride, "stride")?, int(head_stride, "stride")?, int(half, "half")?, i32::from(interleave));
         let threads = (half.div_ceil(32) * 32) as u32;
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, heads as u32, 1),

@@ -5,9 +5,7 @@ use std::pin::Pin;
 
 use clap::Parser;
 use proto::v1::generation_server::{Generation, GenerationServer};
-use proto::v1::{
-    GenerateResponse, GenerateUnaryResponse, Summary, TokenChunk, TokenizeRequest, TokenizeResponse,
-};
+use proto::v1::{GenerateResponse, GenerateUnaryResponse, Summary, TokenChunk, TokenizeRequest, TokenizeResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
@@ -26,17 +24,13 @@ const TOKEN_GAP: Duration = Duration::from_millis(2);
 #[derive(Debug)]
 struct FakeRouter;
 
-type EventStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Generation for FakeRouter {
     type GenerateStream = EventStream;
 
-    async fn generate(
-        &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
         let Some(Prompt::TokenIds(TokenIds { ids })) = r.prompt else {
             return Err(Status::invalid_argument("prompt must be token ids"));
@@ -44,18 +38,11 @@ impl Generation for FakeRouter {
         if ids.iter().any(|&id| id >= VOCAB || id == EOS) {
             return Err(Status::invalid_argument("prompt id out of range or EOS"));
         }
-        let sampling = r
-            .sampling
-            .ok_or_else(|| Status::invalid_argument("sampling missing"))?;
+        let sampling = r.sampling.ok_or_else(|| Status::invalid_argument("sampling missing"))?;
         if !(sampling.stop_token_ids.is_empty() || sampling.stop_token_ids == [VOCAB - 1]) {
-            return Err(Status::invalid_argument(format!(
-                "stop ids {:?}",
-                sampling.stop_token_ids
-            )));
+            return Err(Status::invalid_argument(format!("stop ids {:?}", sampling.stop_token_ids)));
         }
-        let n = sampling
-            .max_new_tokens
-            .ok_or_else(|| Status::invalid_argument("max_new_tokens missing"))?;
+        let n = sampling.max_new_tokens.ok_or_else(|| Status::invalid_argument("max_new_tokens missing"))?;
         if n == REFUSED_LEN {
             return Err(Status::resource_exhausted("busy"));
         }
@@ -63,50 +50,24 @@ impl Generation for FakeRouter {
         tokio::spawn(async move {
             for index in 0..n {
                 tokio::time::sleep(TOKEN_GAP).await;
-                let chunk = TokenChunk {
-                    index,
-                    id: 7,
-                    text: "x".into(),
-                    prompt_logits_top: vec![],
-                };
-                let _ = tx
-                    .send(Ok(GenerateResponse {
-                        event: Some(Event::Token(chunk)),
-                    }))
-                    .await;
+                let chunk = TokenChunk { index, id: 7, text: "x".into(), prompt_logits_top: vec![] };
+                let _ = tx.send(Ok(GenerateResponse { event: Some(Event::Token(chunk)) })).await;
             }
-            let summary = Summary {
-                completion_tokens: n,
-                prompt_tokens: ids.len() as u32,
-                ..Default::default()
-            };
-            let _ = tx
-                .send(Ok(GenerateResponse {
-                    event: Some(Event::Summary(summary)),
-                }))
-                .await;
+            let summary = Summary { completion_tokens: n, prompt_tokens: ids.len() as u32, ..Default::default() };
+            let _ = tx.send(Ok(GenerateResponse { event: Some(Event::Summary(summary)) })).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn generate_unary(
-        &self,
-        _: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateUnaryResponse>, Status> {
+    async fn generate_unary(&self, _: Request<GenerateRequest>) -> Result<Response<GenerateUnaryResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn tokenize(
-        &self,
-        _: Request<TokenizeRequest>,
-    ) -> Result<Response<TokenizeResponse>, Status> {
+    async fn tokenize(&self, _: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
-    async fn get_model_info(
-        &self,
-        _: Request<ModelInfoRequest>,
-    ) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         Ok(Response::new(ModelInfo {
             model_type: "fake".into(),
             vocab_size: VOCAB,
@@ -190,10 +151,7 @@ async fn closed_and_open_loop_against_a_fake_router() {
         let r = drive(&addr, load).await;
         assert_eq!((r.requests_sent, r.requests_measured), (40, 35), "{load:?}");
         assert_eq!((r.requests_ok, r.requests_failed), (ok, failed), "{load:?}");
-        assert_eq!(
-            r.failed_by_code,
-            BTreeMap::from([("RESOURCE_EXHAUSTED", failed)])
-        );
+        assert_eq!(r.failed_by_code, BTreeMap::from([("RESOURCE_EXHAUSTED", failed)]));
         assert_eq!(r.output_tokens, tokens);
         assert_eq!(r.model_type, "fake");
         // Tokens are 2 ms apart on the server.
@@ -210,30 +168,13 @@ async fn closed_and_open_loop_against_a_fake_router() {
 #[tokio::test]
 async fn startup_errors_name_the_address() {
     // A port nothing listens on: bind one, then free it.
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let err = run(Args::parse_from([
-        "loadgen",
-        "--addr",
-        &addr,
-        "--concurrency",
-        "1",
-    ]))
-    .await
-    .unwrap_err();
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().to_string();
+    let err = run(Args::parse_from(["loadgen", "--addr", &addr, "--concurrency", "1"])).await.unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains(&addr) && msg.contains("unreachable"), "{msg}");
 
     let fake = start_fake().await;
-    let err = run(Args::parse_from([
-        "loadgen", "--addr", &fake, "--rate", "1", "--vocab", "5000",
-    ]))
-    .await
-    .unwrap_err();
+    let err = run(Args::parse_from(["loadgen", "--addr", &fake, "--rate", "1", "--vocab", "5000"])).await.unwrap_err();
     assert!(format!("{err:#}").contains("vocab_size 1000"), "{err:#}");
     let err = run(Args::parse_from([
         "loadgen",
@@ -248,8 +189,5 @@ async fn startup_errors_name_the_address() {
     ]))
     .await
     .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("context_length 4096"),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains("context_length 4096"), "{err:#}");
 }

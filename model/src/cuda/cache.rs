@@ -47,8 +47,7 @@ impl GpuCache {
     /// Writes whole rows (`bytes` as exported) into the sequence's blocks.
     pub(crate) fn import_layer(&mut self, layer: usize, table: &[u32], bytes: &[u8]) -> Result<(), KernelError> {
         let width = self.layout.latent_dim;
-        let values: Vec<f32> =
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let num_tokens = values.len() / width.max(1);
         let slots = self.gpu.upload(&self.slots(table, num_tokens))?;
         let rows = self.gpu.upload(&values[..num_tokens * width])?;

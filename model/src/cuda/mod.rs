@@ -13,8 +13,8 @@ pub(crate) use forward::GpuForwardError;
 pub(crate) use weights::GpuWeights;
 
 use crate::cache::CacheLayout;
-use crate::forward::Model;
 use crate::experts::ExpertBackend;
+use crate::forward::Model;
 use kernels::KernelError;
 use kernels::cuda::Gpu;
 use std::sync::Arc;

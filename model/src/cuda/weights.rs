@@ -54,7 +54,11 @@ impl StackedExperts {
     /// Expert `e`'s two matrices.
     pub(crate) fn expert(&self, e: usize) -> MlpView {
         let (gu, d) = (2 * self.inter * self.hidden, self.hidden * self.inter);
-        MlpView { gate_up: self.gate_up.dev().range(e * gu, gu), down: self.down.dev().range(e * d, d), inter: self.inter }
+        MlpView {
+            gate_up: self.gate_up.dev().range(e * gu, gu),
+            down: self.down.dev().range(e * d, d),
+            inter: self.inter,
+        }
     }
 }
 
@@ -148,9 +152,9 @@ impl GpuWeights {
         // Resident only when every routed expert is here: a partial set is served through the
         // backend (a placement-driven process hosts some experts only).
         let resident = experts.filter(|x| {
-            (0..c.num_hidden_layers)
-                .filter(|&l| c.is_moe_layer(l))
-                .all(|l| x.layers.get(l).is_some_and(|ex| ex.len() == c.n_routed_experts && ex.iter().all(Option::is_some)))
+            (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).all(|l| {
+                x.layers.get(l).is_some_and(|ex| ex.len() == c.n_routed_experts && ex.iter().all(Option::is_some))
+            })
         });
         let mut layers = Vec::with_capacity(model.layers.len());
         for (l, layer) in model.layers.iter().enumerate() {
@@ -178,7 +182,9 @@ impl GpuWeights {
                     gate: gpu.upload(&moe.gate.to_f32())?,
                     bias: moe.bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
                     shared: moe.shared.as_ref().map(|m| mlp(gpu, m)).transpose()?,
-                    experts: resident.map(|x| stack(gpu, &x.layers[l], c.hidden_size, c.moe_intermediate_size)).transpose()?,
+                    experts: resident
+                        .map(|x| stack(gpu, &x.layers[l], c.hidden_size, c.moe_intermediate_size))
+                        .transpose()?,
                 })),
             };
             layers.push(GpuLayer {

@@ -44,7 +44,14 @@ impl PrefillService {
         let sink = self.decode.get(&request.decode_addr)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queue_wait = tracing::info_span!("queue_wait");
-        self.engine.submit(Job { request, sink, reply, enqueued: Instant::now(), span: tracing::Span::current(), queue_wait })?;
+        self.engine.submit(Job {
+            request,
+            sink,
+            reply,
+            enqueued: Instant::now(),
+            span: tracing::Span::current(),
+            queue_wait,
+        })?;
         // Dropping this future (the caller cancelled) closes `answer`: a queued job is then
         // skipped and a running transfer abandoned.
         answer.await.map_err(|_| PrefillError::ShuttingDown)?

@@ -91,7 +91,12 @@ impl DecodeEvents {
 
 /// Reserves the sequence on a decode worker (`local_prefill`: the worker prefills it
 /// itself) and returns its event stream once admitted.
-pub async fn admit(channel: Channel, attempt: u64, job: &Job, local_prefill: bool) -> Result<(usize, DecodeEvents), CallError> {
+pub async fn admit(
+    channel: Channel,
+    attempt: u64,
+    job: &Job,
+    local_prefill: bool,
+) -> Result<(usize, DecodeEvents), CallError> {
     let req = pb::AdmitRequest {
         request_id: attempt,
         prompt_tokens: job.prompt.len() as u32,
@@ -106,7 +111,10 @@ pub async fn admit(channel: Channel, attempt: u64, job: &Job, local_prefill: boo
         Some(pb::DecodeEvent { event: Some(decode_event::Event::Admitted(a)) }) => {
             Ok((a.free_blocks as usize, DecodeEvents { stream }))
         }
-        other => Err(CallError { code: Code::Internal, message: format!("decode worker answered {other:?} before Admitted") }),
+        other => Err(CallError {
+            code: Code::Internal,
+            message: format!("decode worker answered {other:?} before Admitted"),
+        }),
     }
 }
 
@@ -128,11 +136,7 @@ pub async fn prefill(channel: Channel, attempt: u64, job: &Job, decode_addr: &st
     };
     let mut req = tonic::Request::new(req);
     cluster_core::trace::inject(&tracing::Span::current(), req.metadata_mut());
-    let r = PrefillClient::new(channel)
-        .max_encoding_message_size(usize::MAX)
-        .prefill(req)
-        .await?
-        .into_inner();
+    let r = PrefillClient::new(channel).max_encoding_message_size(usize::MAX).prefill(req).await?.into_inner();
     Ok(PrefillDone { first_token: r.first_token, kv_bytes: r.kv_bytes })
 }
 

@@ -124,7 +124,8 @@ impl GenerationService {
     async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(Deliveries, Started), Status> {
         let started = Instant::now();
         // The request's root span (the client's, if it sent a traceparent).
-        let span = tracing::info_span!("request", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
+        let span =
+            tracing::info_span!("request", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
         cluster_core::trace::extract_into(req.metadata(), &span);
         if self.draining.load(Ordering::Relaxed) {
             return Err(status(RequestError::ShuttingDown));
@@ -151,10 +152,14 @@ impl GenerationService {
             .await
             .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
             .map_err(invalid)?;
-        let job = request::job(ids, sampling, r.prompt_logits_top, &self.config, model::sampling::random_seed).map_err(invalid)?;
+        let job = request::job(ids, sampling, r.prompt_logits_top, &self.config, model::sampling::random_seed)
+            .map_err(invalid)?;
         let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
             crate::telemetry::request_ended(crate::telemetry::RequestOutcome::Rejected);
-            Status::resource_exhausted(format!("the router is at its limit of {} requests in flight", self.max_inflight))
+            Status::resource_exhausted(format!(
+                "the router is at its limit of {} requests in flight",
+                self.max_inflight
+            ))
         })?;
         let request_id = model::sampling::random_seed();
         let prompt_ids = job.prompt.clone();
@@ -193,12 +198,14 @@ impl Generation for GenerationService {
         let trace_id = started.trace_id.clone();
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |d| {
             let event = match d.map_err(status)? {
-                Delivery::Token { index, id, text, prompt_logits_top } => generate_response::Event::Token(pb::TokenChunk {
-                    index: index as u32,
-                    id,
-                    text,
-                    prompt_logits_top: logits(prompt_logits_top),
-                }),
+                Delivery::Token { index, id, text, prompt_logits_top } => {
+                    generate_response::Event::Token(pb::TokenChunk {
+                        index: index as u32,
+                        id,
+                        text,
+                        prompt_logits_top: logits(prompt_logits_top),
+                    })
+                }
                 Delivery::Done(o) => generate_response::Event::Summary(started.summary(&o)),
             };
             Ok(pb::GenerateResponse { event: Some(event) })
@@ -206,7 +213,10 @@ impl Generation for GenerationService {
         Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
     }
 
-    async fn generate_unary(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateUnaryResponse>, Status> {
+    async fn generate_unary(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateUnaryResponse>, Status> {
         let (mut rx, mut started) = self.start(req).await?;
         let mut reply = pb::GenerateUnaryResponse::default();
         while let Some(d) = rx.recv().await {
