@@ -19,6 +19,12 @@ python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements
 nvrtc_lib=$(python3 -c 'import nvidia.cuda_nvrtc as m; print(list(m.__path__)[0] + "/lib")')
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# House rules that need no build: formatting (rustfmt.toml). Clippy runs after the build;
+# the tidy test (tests/tests/tidy.rs: charters, wire modules, compute crates, unused
+# dependencies) runs with the other tests.
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --all -- --check
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
@@ -26,11 +32,15 @@ set +e
 cargo build --workspace --release --locked --bins 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 if [[ $status -eq 0 ]]; then
+  # Every lint is an error: a warning that lands is a warning nobody reads again.
+  cargo clippy --workspace --all-targets --release --locked -- -D warnings
+  clippy_status=$?
   # deploy/: every overlay renders, validates strictly, and passes the binaries' own parsing.
   python3 tools/check_deploy.py
   deploy_status=$?
   cargo test --workspace --release --locked 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
+  [[ $status -eq 0 ]] && status=$clippy_status
   [[ $status -eq 0 ]] && status=$deploy_status
 fi
 set -e

@@ -1,3 +1,5 @@
+//! Unit tests of the placement decisions: aggregation, triggers, worker counts.
+
 use super::*;
 
 fn w(id: &str) -> WorkerId {
