@@ -117,6 +117,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             block_size: 16,
             max_batch: 64,
             drain_timeout_ms: 30_000,
+            stall_timeout_ms: 30_000,
             remote_experts,
         };
         roles.push((
@@ -165,6 +166,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         max_message_bytes: cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES,
         load_poll_ms: 100,
         drain_timeout_ms: 30_000,
+        stall_timeout_ms: 30_000,
     };
     let mut readies = Vec::new();
     for (name, fut, ready) in roles {

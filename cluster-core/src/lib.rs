@@ -1,6 +1,8 @@
 //! Cluster plumbing shared by the services: ids, the membership/config store (trait + etcd +
-//! in-memory), the key layout, and how a process serves gRPC, names itself and shuts down.
+//! in-memory), the key layout, how a process serves gRPC, names itself and shuts down, and
+//! the shape of its compute-thread actors.
 
+pub mod actor;
 pub mod election;
 pub mod etcd;
 pub mod experts;
@@ -10,6 +12,7 @@ pub mod memory;
 pub mod node;
 pub mod registration;
 pub mod serve;
+pub mod stall;
 pub mod store;
 mod sync;
 pub mod telemetry;

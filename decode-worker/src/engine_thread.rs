@@ -1,18 +1,25 @@
-//! The decode engine's actor: one OS thread owns the [`Engine`] (compute never runs on the
-//! async runtime), takes commands from a bounded mailbox, and between commands runs one
-//! batched step over every running sequence (continuous batching: sequences join as their
-//! caches arrive and leave as they finish).
+//! The decode engine's actor (the shape of `cluster_core::actor`): one OS thread owns the
+//! [`Engine`] (compute never runs on the async runtime), takes commands from a bounded
+//! mailbox, and between commands runs one batched step over every running sequence
+//! (continuous batching: sequences join as their caches arrive and leave as they finish).
+//! It publishes its [`Load`] after every step.
 //!
-//! Invariants: every sequence's events go to its own channel sized for all of its tokens, so
-//! sending never blocks the engine; a sequence whose consumer is gone is released at the next
-//! iteration; every sequence is released exactly once (finish, failure, cancel or release).
+//! Invariants: every sequence's events go to its own channel, made by [`EngineHandle::reserve`]
+//! with room for all of them, so sending never blocks the engine; a sequence whose consumer
+//! is gone is released at the next iteration, and one whose consumer left its tokens untaken
+//! for the stall timeout is failed ([`SeqEvent::Stalled`]) and released; every sequence is
+//! released exactly once (finish, failure, stall, cancel or release).
 
+use cluster_core::actor::{self, ActorError};
+use cluster_core::stall::StallWatch;
 use model::{Engine, EngineError, FinishReason, SamplingParams, SeqId, StepOutput};
 use std::collections::{BTreeSet, HashMap};
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Mailbox capacity: commands from gRPC handlers (admissions, cache layers, releases).
 pub const MAILBOX_CAPACITY: usize = 1024;
+const NAME: &str = "decode engine";
 
 /// What a sequence's consumer receives.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +31,10 @@ pub enum SeqEvent {
     Finished(FinishReason),
     /// The engine failed this sequence; it has been released.
     Failed(String),
+    /// The consumer took no event for `idle` while some waited; the sequence has been released.
+    Stalled {
+        idle: Duration,
+    },
 }
 
 /// A local prefill instead of an imported cache.
@@ -33,16 +44,23 @@ pub struct LocalPrefill {
     pub prompt_logits_top: usize,
 }
 
+/// A sequence to reserve cache for.
 #[derive(Debug)]
-pub enum Command {
+pub struct Reservation {
+    pub id: SeqId,
+    pub prompt_tokens: usize,
+    pub params: SamplingParams,
+    /// `None`: the cache arrives through [`EngineHandle::import_layer`] and [`EngineHandle::commit`].
+    pub local_prefill: Option<LocalPrefill>,
+    /// W3C context of the sequence's span (empty when not traced).
+    pub trace: String,
+}
+
+#[derive(Debug)]
+enum Command {
     Reserve {
-        id: SeqId,
-        prompt_tokens: usize,
-        params: SamplingParams,
-        local_prefill: Option<LocalPrefill>,
+        reservation: Reservation,
         events: mpsc::Sender<SeqEvent>,
-        /// W3C context of the sequence's span (empty when not traced).
-        trace: String,
         reply: oneshot::Sender<Result<usize, EngineError>>,
     },
     ImportLayer {
@@ -63,9 +81,6 @@ pub enum Command {
         id: SeqId,
         reply: Option<oneshot::Sender<bool>>,
     },
-    Load {
-        reply: oneshot::Sender<Load>,
-    },
 }
 
 /// The worker's load as reported to the router.
@@ -79,33 +94,103 @@ pub struct Load {
     pub block_size: usize,
 }
 
-/// Cloneable sender side of the actor.
-#[derive(Debug, Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
+impl Load {
+    pub fn is_idle(&self) -> bool {
+        self.running + self.waiting == 0
+    }
 }
 
+/// Why a call to the engine failed.
 #[derive(Debug, thiserror::Error)]
-#[error("the decode engine has stopped")]
-pub struct EngineStopped;
+pub enum CallError {
+    #[error(transparent)]
+    Actor(#[from] ActorError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// How the engine thread batches and when it gives up on a consumer.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// Most sequences in one decode step (more run in turn).
+    pub max_batch: usize,
+    /// How long a sequence's consumer may leave its tokens untaken.
+    pub stall_timeout: Duration,
+}
+
+/// Cloneable handle on the engine thread: typed calls, and the published load.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    actor: actor::Handle<Command, Load>,
+}
 
 impl EngineHandle {
-    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineStopped> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| EngineStopped)?;
-        rx.await.map_err(|_| EngineStopped)
+    /// Reserves cache for a sequence (or queues its local prefill); returns the free blocks
+    /// left and the sequence's events. Refused at once when the mailbox is full.
+    pub async fn reserve(&self, reservation: Reservation) -> Result<(usize, mpsc::Receiver<SeqEvent>), CallError> {
+        // Room for every token and the final event: the engine never waits for a consumer.
+        let (events, rx) = mpsc::channel(reservation.params.max_new_tokens.saturating_add(2));
+        let free = self.actor.try_call(|reply| Command::Reserve { reservation, events, reply }).await??;
+        Ok((free, rx))
+    }
+
+    /// Imports one complete layer of a reserved sequence's cache.
+    pub async fn import_layer(
+        &self,
+        id: SeqId,
+        layer: usize,
+        num_tokens: usize,
+        rows: Vec<u8>,
+    ) -> Result<(), CallError> {
+        Ok(self.actor.try_call(|reply| Command::ImportLayer { id, layer, num_tokens, rows, reply }).await??)
+    }
+
+    /// Finishes an import: the sequence joins the batch with its first token.
+    pub async fn commit(
+        &self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        prompt_logits_top: Vec<(u32, f32)>,
+    ) -> Result<(), CallError> {
+        Ok(self.actor.try_call(|reply| Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply }).await??)
+    }
+
+    /// Releases `id`; whether it was known.
+    pub async fn release(&self, id: SeqId) -> Result<bool, ActorError> {
+        self.actor.try_call(|reply| Command::Release { id, reply: Some(reply) }).await
     }
 
     /// Releases `id` without waiting (used from `Drop`); false when the mailbox is full,
     /// in which case the engine still notices the closed event channel on its next step.
     pub fn release_now(&self, id: SeqId) -> bool {
-        self.tx.try_send(Command::Release { id, reply: None }).is_ok()
+        self.actor.try_send(Command::Release { id, reply: None }).is_ok()
+    }
+
+    /// The load published after the engine's last step.
+    pub fn load(&self) -> Load {
+        self.actor.load()
+    }
+
+    /// Follows the published load.
+    pub fn loads(&self) -> watch::Receiver<Load> {
+        self.actor.loads()
+    }
+
+    /// Waits until nothing runs or waits, the engine stops, or `deadline`; returns the
+    /// load then.
+    pub async fn until_idle(&self, deadline: tokio::time::Instant) -> Load {
+        let mut loads = self.loads();
+        let _ = tokio::time::timeout_at(deadline, loads.wait_for(Load::is_idle)).await;
+        *loads.borrow()
     }
 }
 
 #[derive(Debug)]
 struct Slot {
     events: mpsc::Sender<SeqEvent>,
+    /// Whether the consumer keeps taking `events`.
+    stall: StallWatch,
     params: SamplingParams,
     state: SlotState,
     /// The sequence's span context, linked from every step that runs it.
@@ -120,13 +205,16 @@ enum SlotState {
 }
 
 /// Starts the actor on its own thread. The thread ends when every handle is dropped.
-pub fn spawn_engine(engine: Engine, max_batch: usize) -> (EngineHandle, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
-    let thread = std::thread::Builder::new()
-        .name("decode-engine".into())
-        .spawn(move || Actor { engine, slots: HashMap::new(), max_batch: max_batch.max(1), next_start: 0 }.run(rx))
-        .expect("spawning the engine thread");
-    (EngineHandle { tx }, thread)
+pub fn spawn_engine(engine: Engine, settings: EngineSettings) -> std::io::Result<(EngineHandle, actor::Thread)> {
+    let actor = Actor {
+        engine,
+        slots: HashMap::new(),
+        max_batch: settings.max_batch.max(1),
+        stall_timeout: settings.stall_timeout,
+        next_start: 0,
+    };
+    let (handle, thread) = actor::spawn(NAME, MAILBOX_CAPACITY, actor.load(), move |rx, load| actor.run(rx, load))?;
+    Ok((EngineHandle { actor: handle }, thread))
 }
 
 struct Actor {
@@ -134,12 +222,13 @@ struct Actor {
     /// Ordered for deterministic batch order (ids ascending).
     slots: HashMap<SeqId, Slot>,
     max_batch: usize,
+    stall_timeout: Duration,
     /// Round-robin start when more sequences run than fit one batch.
     next_start: usize,
 }
 
 impl Actor {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>, load: watch::Sender<Load>) {
         loop {
             let busy = self.slots.values().any(|s| s.state != SlotState::Importing);
             if !busy {
@@ -156,14 +245,30 @@ impl Actor {
                 }
             }
             self.drop_abandoned();
+            self.drop_stalled();
             self.prefill_pending();
             self.decode_step();
+            let now = self.load();
+            load.send_if_modified(|published| std::mem::replace(published, now) != now);
+        }
+    }
+
+    fn load(&self) -> Load {
+        let layout = self.engine.cache_layout();
+        let running = self.slots.values().filter(|s| s.state == SlotState::Running).count();
+        Load {
+            running,
+            waiting: self.slots.len() - running,
+            free_blocks: self.engine.free_blocks(),
+            total_blocks: layout.num_blocks,
+            block_size: layout.block_size,
         }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Reserve { id, prompt_tokens, params, local_prefill, events, trace, reply } => {
+            Command::Reserve { reservation, events, reply } => {
+                let Reservation { id, prompt_tokens, params, local_prefill, trace } = reservation;
                 let result = match local_prefill {
                     Some(lp) => self
                         .engine
@@ -175,7 +280,8 @@ impl Actor {
                         .map(|()| SlotState::Importing),
                 };
                 let result = result.map(|state| {
-                    self.slots.insert(id, Slot { events, params, state, trace });
+                    let stall = StallWatch::new(self.stall_timeout, Instant::now());
+                    self.slots.insert(id, Slot { events, stall, params, state, trace });
                     self.engine.free_blocks()
                 });
                 let _ = reply.send(result);
@@ -191,17 +297,6 @@ impl Actor {
                 if let Some(reply) = reply {
                     let _ = reply.send(released);
                 }
-            }
-            Command::Load { reply } => {
-                let layout = self.engine.cache_layout();
-                let running = self.slots.values().filter(|s| s.state == SlotState::Running).count();
-                let _ = reply.send(Load {
-                    running,
-                    waiting: self.slots.len() - running,
-                    free_blocks: self.engine.free_blocks(),
-                    total_blocks: layout.num_blocks,
-                    block_size: layout.block_size,
-                });
             }
         }
     }
@@ -238,6 +333,25 @@ impl Actor {
         let gone: Vec<SeqId> = self.slots.iter().filter(|(_, s)| s.events.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
             tracing::debug!(seq = %id, "sequence_abandoned");
+            self.release(id);
+        }
+    }
+
+    /// Fails and releases sequences whose consumer left their tokens untaken for the stall
+    /// timeout (a client that stopped reading): their cache goes back to the others.
+    fn drop_stalled(&mut self) {
+        let mut stalled = Vec::new();
+        for (id, slot) in &mut self.slots {
+            if let Some(idle) = slot.stall.stalled(&slot.events) {
+                stalled.push((*id, idle));
+            }
+        }
+        for (id, idle) in stalled {
+            tracing::warn!(seq = %id, idle_ms = idle.as_millis() as u64, "sequence_consumer_stalled");
+            if let Some(slot) = self.slots.get(&id) {
+                // The channel keeps room for a final event.
+                let _ = slot.events.try_send(SeqEvent::Stalled { idle });
+            }
             self.release(id);
         }
     }
@@ -288,8 +402,10 @@ impl Actor {
     /// Sends a token (and the finish, if any) to the sequence's consumer; releases the
     /// sequence when it finished or nobody listens any more.
     fn emit(&mut self, out: StepOutput) {
-        let Some(slot) = self.slots.get(&out.seq) else { return };
+        let Some(slot) = self.slots.get_mut(&out.seq) else { return };
+        slot.stall.observe(&slot.events);
         let sent = slot.events.try_send(SeqEvent::Token { id: out.token, prompt_logits_top: out.prompt_logits_top });
+        slot.stall.observe(&slot.events);
         let done = match (sent, out.finish) {
             (Err(_), _) => true,
             (Ok(()), Some(reason)) => {

@@ -2,7 +2,7 @@
 //! a sequence's events, PushKv reassembles layers from chunks, and every engine error maps
 //! to a status here.
 
-use crate::engine_thread::{Command, EngineHandle, LocalPrefill, SeqEvent};
+use crate::engine_thread::{CallError, EngineHandle, LocalPrefill, Reservation, SeqEvent};
 use model::{CacheLayout, EngineError, FinishReason, SamplingParams, SeqId};
 use proto::internal::decode_server::Decode;
 use proto::internal::{self as pb, decode_event, kv_chunk};
@@ -34,8 +34,12 @@ fn status_of(e: EngineError) -> Status {
     }
 }
 
-fn stopped(e: crate::engine_thread::EngineStopped) -> Status {
-    Status::unavailable(e.to_string())
+fn call_status(e: CallError) -> Status {
+    match e {
+        // Busy: RESOURCE_EXHAUSTED; stopped: UNAVAILABLE.
+        CallError::Actor(e) => e.into(),
+        CallError::Engine(e) => status_of(e),
+    }
 }
 
 fn sampling(s: Option<pb::Sampling>) -> Result<SamplingParams, Status> {
@@ -66,6 +70,13 @@ fn event(e: SeqEvent) -> Result<pb::DecodeEvent, Status> {
             } as i32,
         }),
         SeqEvent::Failed(m) => return Err(Status::internal(format!("decode failed: {m}"))),
+        SeqEvent::Stalled { idle } => {
+            return Err(Status::resource_exhausted(format!(
+                "the sequence was cancelled and its cache released: its consumer took no token for {} ms \
+                 (--stall-timeout-ms)",
+                idle.as_millis()
+            )));
+        }
     };
     Ok(pb::DecodeEvent { event: Some(event) })
 }
@@ -150,25 +161,11 @@ impl Decode for DecodeService {
         if local_prefill.is_none() && r.prompt_tokens == 0 {
             return Err(Status::invalid_argument("prompt_tokens 0 must be >= 1"));
         }
-        // Room for every token of the sequence: the engine never blocks on this channel.
-        let (events, rx) = mpsc::channel(params.max_new_tokens + 2);
         let prompt_tokens = r.prompt_tokens as usize;
         let admission = tracing::info_span!(parent: &span, "admission", prompt_tokens);
-        let free = tracing::Instrument::instrument(
-            self.engine.call(|reply| Command::Reserve {
-                id,
-                prompt_tokens,
-                params,
-                local_prefill,
-                events,
-                trace,
-                reply,
-            }),
-            admission,
-        )
-        .await
-        .map_err(stopped)?
-        .map_err(status_of)?;
+        let reservation = Reservation { id, prompt_tokens, params, local_prefill, trace };
+        let (free, rx) =
+            tracing::Instrument::instrument(self.engine.reserve(reservation), admission).await.map_err(call_status)?;
         let first =
             pb::DecodeEvent { event: Some(decode_event::Event::Admitted(pb::Admitted { free_blocks: free as u32 })) };
         let stream =
@@ -184,12 +181,12 @@ impl Decode for DecodeService {
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
         let id = SeqId(request.into_inner().request_id);
-        let released = self.engine.call(|reply| Command::Release { id, reply: Some(reply) }).await.map_err(stopped)?;
+        let released = self.engine.release(id).await.map_err(Status::from)?;
         Ok(Response::new(pb::ReleaseReply { released }))
     }
 
     async fn get_load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::WorkerLoad>, Status> {
-        let l = self.engine.call(|reply| Command::Load { reply }).await.map_err(stopped)?;
+        let l = self.engine.load();
         Ok(Response::new(pb::WorkerLoad {
             worker_id: self.worker_id.clone(),
             running_sequences: l.running as u32,
@@ -284,11 +281,7 @@ impl DecodeService {
                     received += l.data.len() as u64;
                     if let Some((layer, rows)) = inc.add(l)? {
                         let (id, num_tokens) = (inc.id, inc.num_tokens);
-                        self.engine
-                            .call(|reply| Command::ImportLayer { id, layer, num_tokens, rows, reply })
-                            .await
-                            .map_err(stopped)?
-                            .map_err(status_of)?;
+                        self.engine.import_layer(id, layer, num_tokens, rows).await.map_err(call_status)?;
                     }
                 }
                 (Some(kv_chunk::Part::Commit(c)), Some(inc)) => {
@@ -298,11 +291,7 @@ impl DecodeService {
                     let id = inc.id;
                     let top = c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect();
                     let (tokens, prompt_len) = (c.tokens, c.prompt_len as usize);
-                    self.engine
-                        .call(|reply| Command::Commit { id, tokens, prompt_len, prompt_logits_top: top, reply })
-                        .await
-                        .map_err(stopped)?
-                        .map_err(status_of)?;
+                    self.engine.commit(id, tokens, prompt_len, top).await.map_err(call_status)?;
                     span.record("bytes", received);
                     return Ok(Response::new(pb::PushKvReply { bytes_received: received }));
                 }

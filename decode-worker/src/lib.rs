@@ -68,6 +68,10 @@ pub struct DecodeConfig {
     /// How long a draining worker lets running sequences finish.
     #[arg(long, default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// How long a sequence's consumer (the router) may leave its tokens untaken before the
+    /// sequence fails with RESOURCE_EXHAUSTED and its cache is released.
+    #[arg(long, env = "EXPERTMESH_STALL_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout_ms: u64,
     /// Run routed experts on the cluster's expert workers instead of loading them here.
     #[arg(long, env = "EXPERTMESH_REMOTE_EXPERTS")]
     pub remote_experts: bool,
@@ -132,7 +136,12 @@ pub async fn run(
     let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
     let worker_id =
         cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Decode, bound.port())?;
-    let (engine, engine_thread) = engine_thread::spawn_engine(serving.engine, config.max_batch);
+    let settings = engine_thread::EngineSettings {
+        max_batch: config.max_batch,
+        stall_timeout: Duration::from_millis(config.stall_timeout_ms),
+    };
+    let (engine, engine_thread) =
+        engine_thread::spawn_engine(serving.engine, settings).context("cannot start the decode engine thread")?;
     let draining = Arc::new(AtomicBool::new(false));
     let service = grpc::DecodeService {
         engine: engine.clone(),
@@ -141,7 +150,7 @@ pub async fn run(
         draining: draining.clone(),
     };
     let server_stop = CancellationToken::new();
-    tracker.spawn(telemetry::sample(engine.clone(), server_stop.clone()));
+    tracker.spawn(telemetry::sample(engine.loads(), server_stop.clone()));
     let (reporter_tx, reporter_rx) = oneshot::channel();
     let routes = tonic::service::Routes::new(
         proto::internal::decode_server::DecodeServer::new(service)
@@ -188,25 +197,14 @@ pub async fn run(
         tracing::warn!(error = %e, "deregister_failed");
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.drain_timeout_ms);
-    loop {
-        let load = engine.call(|reply| engine_thread::Command::Load { reply }).await;
-        match load {
-            Ok(l) if l.running + l.waiting > 0 && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(l) => {
-                tracing::info!(left = l.running + l.waiting, "decode_worker_drained");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
+    let left = engine.until_idle(deadline).await;
+    tracing::info!(left = left.running + left.waiting, "decode_worker_drained");
     server_stop.cancel();
     tracker.close();
     let served = server.await.context("server task")?;
     tracker.wait().await;
     drop(engine);
-    tokio::task::spawn_blocking(move || engine_thread.join()).await.context("engine thread")?.ok();
+    tokio::task::spawn_blocking(move || engine_thread.join()).await.context("engine thread")??;
     served?;
     Ok(())
 }

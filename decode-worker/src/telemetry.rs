@@ -1,21 +1,22 @@
 //! The decode worker's Prometheus metrics (reference: docs/METRICS.md): load gauges sampled
-//! from the engine actor, and every decode step.
+//! from the load the engine publishes, and every decode step.
 
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine_thread::{Command, EngineHandle};
+use crate::engine_thread::Load;
 
-/// Refreshes the load gauges until `stop` (or the engine stops).
-pub async fn sample(engine: EngineHandle, stop: CancellationToken) {
-    cluster_core::telemetry::sample_every(stop, || async {
-        let Ok(l) = engine.call(|reply| Command::Load { reply }).await else { return false };
+/// Refreshes the load gauges until `stop` (or the engine stops publishing).
+pub async fn sample(loads: watch::Receiver<Load>, stop: CancellationToken) {
+    cluster_core::telemetry::sample_every(stop, || {
+        let l = *loads.borrow();
         gauge!("expertmesh_decode_running_sequences").set(l.running as f64);
         gauge!("expertmesh_decode_waiting_sequences").set(l.waiting as f64);
         cluster_core::telemetry::cache_blocks(l.free_blocks as u64, l.total_blocks as u64);
-        true
+        std::future::ready(loads.has_changed().is_ok())
     })
     .await;
 }

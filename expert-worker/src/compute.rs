@@ -1,20 +1,24 @@
-//! The compute thread: owns the hosted experts, runs batches off the async runtime, and
-//! installs or releases experts between batches. Everything reaches it through one bounded
-//! command channel, so a slot never changes while a batch that uses it runs.
+//! The compute thread (the actor shape of `cluster_core::actor`): owns the hosted experts,
+//! runs batches off the async runtime, and installs or releases experts between batches.
+//! Everything reaches it through one bounded mailbox, so a slot never changes while a batch
+//! that uses it runs; it publishes the slots it hosts after every change.
 
 use crate::counters::LoadCounters;
+use cluster_core::actor::{self, ActorError};
 use cluster_core::experts::SlotKey;
 use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
 
-/// Commands waiting for the compute thread. Each attention worker has at most a few batches
-/// in flight (one per MoE layer step) and placement changes add one command at a time, so a
-/// small queue suffices; senders wait when it is full.
+/// Commands waiting for the compute thread. Each attention worker's stream has one batch in
+/// flight at a time (one per MoE layer step) and placement changes add one command at a
+/// time, so a small queue suffices: batches beyond it are refused as busy (the attention
+/// worker tries another replica), placement changes wait.
 pub const COMPUTE_QUEUE_CAPACITY: usize = 16;
+const NAME: &str = "expert compute thread";
 
-/// The slots hosted now, ascending; updated by the compute thread after each change.
+/// The slots hosted now, ascending; published by the compute thread after each change.
 pub type HostedSlots = BTreeSet<SlotKey>;
 
 /// Why a command was not carried out.
@@ -22,23 +26,24 @@ pub type HostedSlots = BTreeSet<SlotKey>;
 pub enum ComputeError {
     #[error(transparent)]
     Expert(#[from] ExpertError),
-    #[error("the compute thread has stopped")]
-    Stopped,
+    /// Busy (the queue is full) or stopped.
+    #[error(transparent)]
+    Actor(#[from] ActorError),
 }
 
 /// One batch for the compute thread; outputs come back on `reply`.
 #[derive(Debug)]
-pub struct Job {
-    pub layer: usize,
-    pub hidden: usize,
-    pub groups: Vec<ExpertGroup>,
-    pub inputs: Vec<f32>,
-    pub reply: oneshot::Sender<Result<Vec<f32>, ExpertError>>,
+struct Job {
+    layer: usize,
+    hidden: usize,
+    groups: Vec<ExpertGroup>,
+    inputs: Vec<f32>,
+    reply: oneshot::Sender<Result<Vec<f32>, ExpertError>>,
 }
 
 /// What the compute thread does, in the order received.
 #[derive(Debug)]
-pub enum Command {
+enum Command {
     Run(Job),
     /// Host these experts from now on; replies with the number of slots hosted afterwards.
     Install {
@@ -55,12 +60,12 @@ pub enum Command {
 /// Sends commands to the compute thread and sees what it hosts.
 #[derive(Debug, Clone)]
 pub struct ComputeHandle {
-    tx: mpsc::Sender<Command>,
-    hosted: watch::Receiver<HostedSlots>,
+    actor: actor::Handle<Command, HostedSlots>,
 }
 
 impl ComputeHandle {
-    /// Queues a batch (waiting while the queue is full) and waits for its outputs.
+    /// Ingress: queues a batch (refused as busy when the queue is full) and waits for its
+    /// outputs.
     pub async fn run(
         &self,
         layer: usize,
@@ -68,30 +73,24 @@ impl ComputeHandle {
         groups: Vec<ExpertGroup>,
         inputs: Vec<f32>,
     ) -> Result<Vec<f32>, ComputeError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job { layer, hidden, groups, inputs, reply };
-        self.tx.send(Command::Run(job)).await.map_err(|_| ComputeError::Stopped)?;
-        Ok(rx.await.map_err(|_| ComputeError::Stopped)??)
+        Ok(self.actor.try_call(|reply| Command::Run(Job { layer, hidden, groups, inputs, reply })).await??)
     }
 
-    /// Installs loaded experts after the batches queued before them; returns the number of
-    /// slots hosted afterwards.
+    /// Installs loaded experts after the batches queued before them (waiting while the
+    /// queue is full); returns the number of slots hosted afterwards.
     pub async fn install(&self, weights: Vec<ExpertWeights>) -> Result<usize, ComputeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Install { weights, reply }).await.map_err(|_| ComputeError::Stopped)?;
-        Ok(rx.await.map_err(|_| ComputeError::Stopped)??)
+        Ok(self.actor.call(|reply| Command::Install { weights, reply }).await??)
     }
 
-    /// Releases slots after the batches queued before them; returns how many were hosted.
+    /// Releases slots after the batches queued before them (waiting while the queue is
+    /// full); returns how many were hosted.
     pub async fn release(&self, slots: Vec<SlotKey>) -> Result<usize, ComputeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Release { slots, reply }).await.map_err(|_| ComputeError::Stopped)?;
-        rx.await.map_err(|_| ComputeError::Stopped)
+        Ok(self.actor.call(|reply| Command::Release { slots, reply }).await?)
     }
 
     /// The slots hosted now.
     pub fn hosted(&self) -> HostedSlots {
-        self.hosted.borrow().clone()
+        self.actor.load()
     }
 }
 
@@ -99,9 +98,7 @@ impl ComputeHandle {
 pub fn spawn_compute(
     experts: LocalExperts,
     counters: Arc<LoadCounters>,
-) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
-    let (tx, mut rx) = mpsc::channel::<Command>(COMPUTE_QUEUE_CAPACITY);
-    let (hosted_tx, hosted) = watch::channel(hosted_of(&experts));
+) -> std::io::Result<(ComputeHandle, actor::Thread)> {
     let mut experts = experts;
     // A pool of its own: in a one-process cluster (`expertmesh up`) the attention workers'
     // forward passes block rayon's global pool threads while they wait for these replies,
@@ -110,28 +107,29 @@ pub fn spawn_compute(
         .thread_name(|i| format!("expert-pool-{i}"))
         .build()
         .map_err(std::io::Error::other)?;
-    let thread = std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
-        while let Some(command) = rx.blocking_recv() {
-            match command {
-                Command::Run(job) => {
-                    let outputs = pool.install(|| compute(&experts, &counters, &job));
-                    let _ = job.reply.send(outputs);
-                }
-                Command::Install { weights, reply } => {
-                    let result = install(&mut experts, weights);
-                    hosted_tx.send_replace(hosted_of(&experts));
-                    let _ = reply.send(result.map(|()| hosted_tx.borrow().len()));
-                }
-                Command::Release { slots, reply } => {
-                    let released =
-                        slots.iter().filter(|s| experts.remove(s.layer, ExpertId(s.expert)).is_some()).count();
-                    hosted_tx.send_replace(hosted_of(&experts));
-                    let _ = reply.send(released);
+    let (actor, thread) =
+        actor::spawn(NAME, COMPUTE_QUEUE_CAPACITY, hosted_of(&experts), move |mut mailbox, hosted| {
+            while let Some(command) = mailbox.blocking_recv() {
+                match command {
+                    Command::Run(job) => {
+                        let outputs = pool.install(|| compute(&experts, &counters, &job));
+                        let _ = job.reply.send(outputs);
+                    }
+                    Command::Install { weights, reply } => {
+                        let result = install(&mut experts, weights);
+                        hosted.send_replace(hosted_of(&experts));
+                        let _ = reply.send(result.map(|()| hosted.borrow().len()));
+                    }
+                    Command::Release { slots, reply } => {
+                        let released =
+                            slots.iter().filter(|s| experts.remove(s.layer, ExpertId(s.expert)).is_some()).count();
+                        hosted.send_replace(hosted_of(&experts));
+                        let _ = reply.send(released);
+                    }
                 }
             }
-        }
-    })?;
-    Ok((ComputeHandle { tx, hosted }, thread))
+        })?;
+    Ok((ComputeHandle { actor }, thread))
 }
 
 /// Inserts every expert it can; the first refusal is returned after the others are in.
@@ -189,6 +187,8 @@ mod tests {
         assert!(compute.hosted().is_empty());
         assert!(run().await.is_err());
         drop(compute);
+        let mut thread = thread;
+        thread.finished().await;
         thread.join().expect("compute thread ends");
     }
 }

@@ -263,7 +263,7 @@ pub async fn run(
     tracker.wait().await;
     // The server and the follower (and with them every compute handle) are gone: the
     // thread ends.
-    tokio::task::spawn_blocking(move || compute_thread.join()).await.context("compute thread")?.ok();
+    tokio::task::spawn_blocking(move || compute_thread.join()).await.context("compute thread")??;
     served?;
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! The engine actor: a dedicated std thread owning the `model::Engine`, fed through a
-//! bounded mailbox of prefill jobs. It forms batches (`batch`), runs each with the
-//! per-layer hook, and hands every finished layer to the sequence's transfer task.
+//! The engine actor (the shape of `cluster_core::actor`): a dedicated std thread owning the
+//! `model::Engine`, fed through a bounded mailbox of prefill jobs. It forms batches
+//! (`batch`), runs each with the per-layer hook, hands every finished layer to the
+//! sequence's transfer task, and publishes its load after every batch.
 //!
 //! Invariants: the engine holds sequences only while their batch runs (all are released
 //! after it), so a batch always starts on an empty cache; the hook never blocks (each
@@ -9,13 +10,14 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use cluster_core::actor::{self, ActorError};
 use model::{CacheLayout, Engine, EngineError, SeqId};
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,21 +26,23 @@ use crate::error::PrefillError;
 use crate::request::{PrefillOutcome, PrefillRequest, invalid_request};
 use crate::transfer::{self, KvCommit, KvShape, KvSink, SeqEvent, Transfer, TransferSettings};
 
-/// The reply a job's caller waits for.
-pub type Reply = oneshot::Sender<Result<PrefillOutcome, PrefillError>>;
+const NAME: &str = "prefill engine";
 
-/// One prompt queued for prefill.
+/// The reply a job's caller waits for.
+type Reply = oneshot::Sender<Result<PrefillOutcome, PrefillError>>;
+
+/// One prompt queued for prefill: the mailbox's only command.
 #[derive(Debug)]
-pub struct Job {
-    pub request: PrefillRequest,
+struct Job {
+    request: PrefillRequest,
     /// The decode worker's PushKv endpoint.
-    pub sink: Arc<dyn KvSink>,
-    pub reply: Reply,
-    pub enqueued: Instant,
+    sink: Arc<dyn KvSink>,
+    reply: Reply,
+    enqueued: Instant,
     /// The request's span: parent of its transfer, linked from its batch.
-    pub span: tracing::Span,
+    span: tracing::Span,
     /// Open from enqueueing until the job's batch starts.
-    pub queue_wait: tracing::Span,
+    queue_wait: tracing::Span,
 }
 
 /// How the engine thread batches and hands off.
@@ -50,27 +54,32 @@ pub struct EngineSettings {
     pub transfer: TransferSettings,
 }
 
-/// Counters shared by the engine thread (writer) and `GetLoad` (reader).
+/// Prompts submitted and not yet in a batch (mailbox and waiting line). They cross the
+/// mailbox, so the handle counts them in and the engine thread counts them out.
 #[derive(Debug, Default)]
-struct LoadStats {
-    /// Sequences in the batch being computed.
-    running: AtomicU32,
-    /// Prompts queued (mailbox and waiting line).
+struct Queued {
     waiting: AtomicU32,
-    queued_tokens: AtomicU64,
-    free_blocks: AtomicU32,
+    tokens: AtomicU64,
 }
 
-impl LoadStats {
-    fn enqueue(&self, tokens: usize) {
+impl Queued {
+    fn add(&self, tokens: usize) {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        self.queued_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
-    fn dequeue(&self, tokens: usize) {
+    fn remove(&self, tokens: usize) {
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        self.queued_tokens.fetch_sub(tokens as u64, Ordering::Relaxed);
+        self.tokens.fetch_sub(tokens as u64, Ordering::Relaxed);
     }
+}
+
+/// What the engine thread publishes after every batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Computing {
+    /// Sequences in the batch being computed.
+    running: u32,
+    free_blocks: u32,
 }
 
 /// A snapshot for `GetLoad`.
@@ -84,84 +93,61 @@ pub struct Load {
     pub block_size: u32,
 }
 
-/// Cloneable handle to the engine thread.
+/// Cloneable handle on the engine thread.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
-    inner: Arc<HandleInner>,
-}
-
-#[derive(Debug)]
-struct HandleInner {
-    /// `None` once closed: new jobs are refused while queued ones still run.
-    mailbox: Mutex<Option<mpsc::Sender<Job>>>,
-    capacity: usize,
-    stats: Arc<LoadStats>,
+    actor: actor::Handle<Job, Computing>,
+    queued: Arc<Queued>,
     layout: CacheLayout,
 }
 
 impl EngineHandle {
-    /// Queues `job`, or refuses it at once when the queue is full or closed.
-    pub fn submit(&self, job: Job) -> Result<(), PrefillError> {
-        let tokens = job.request.prompt.len();
-        let mailbox = self.inner.mailbox.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(tx) = mailbox.as_ref() else { return Err(PrefillError::ShuttingDown) };
+    /// Queues `request` (refused at once when the queue is full or closed) and waits for
+    /// its outcome. The current span is the request's. Dropping the future (the caller
+    /// cancelled) skips a queued prompt and abandons a running transfer.
+    pub async fn prefill(
+        &self,
+        request: PrefillRequest,
+        sink: Arc<dyn KvSink>,
+    ) -> Result<PrefillOutcome, PrefillError> {
+        let tokens = request.prompt.len();
+        let queue_wait = tracing::info_span!("queue_wait");
+        let span = tracing::Span::current();
+        let (reply, answer) = oneshot::channel();
         // Counted before sending so the engine thread never sees it uncounted.
-        self.inner.stats.enqueue(tokens);
-        tx.try_send(job).map_err(|e| {
-            self.inner.stats.dequeue(tokens);
-            match e {
-                TrySendError::Full(_) => PrefillError::QueueFull { capacity: self.inner.capacity },
-                TrySendError::Closed(_) => PrefillError::ShuttingDown,
-            }
-        })
+        self.queued.add(tokens);
+        let job = Job { request, sink, reply, enqueued: Instant::now(), span, queue_wait };
+        if let Err(e) = self.actor.try_send(job) {
+            self.queued.remove(tokens);
+            return Err(match e {
+                ActorError::Busy { capacity, .. } => PrefillError::QueueFull { capacity },
+                ActorError::Stopped { .. } => PrefillError::ShuttingDown,
+            });
+        }
+        // Dropped unanswered: the engine stopped (shutdown).
+        answer.await.map_err(|_| PrefillError::ShuttingDown)?
     }
 
     /// Stops accepting jobs; the engine thread finishes those queued, then exits.
     pub fn close(&self) {
-        self.inner.mailbox.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.actor.close();
     }
 
     pub fn load(&self) -> Load {
-        let s = &self.inner.stats;
+        let computing = self.actor.load();
         Load {
-            running_sequences: s.running.load(Ordering::Relaxed),
-            waiting_sequences: s.waiting.load(Ordering::Relaxed),
-            queued_tokens: s.queued_tokens.load(Ordering::Relaxed),
-            free_blocks: s.free_blocks.load(Ordering::Relaxed),
-            total_blocks: saturate(self.inner.layout.num_blocks),
-            block_size: saturate(self.inner.layout.block_size),
+            running_sequences: computing.running,
+            waiting_sequences: self.queued.waiting.load(Ordering::Relaxed),
+            queued_tokens: self.queued.tokens.load(Ordering::Relaxed),
+            free_blocks: computing.free_blocks,
+            total_blocks: saturate(self.layout.num_blocks),
+            block_size: saturate(self.layout.block_size),
         }
     }
 }
 
 fn saturate(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-/// The running engine thread.
-#[derive(Debug)]
-pub struct EngineThread {
-    join: std::thread::JoinHandle<()>,
-    /// `None` once the thread was seen to finish.
-    done: Option<oneshot::Receiver<()>>,
-}
-
-impl EngineThread {
-    /// Resolves once the thread has left its loop (mailbox closed and drained, or panic).
-    pub async fn finished(&mut self) {
-        // The sender is dropped when the thread ends, however it ends.
-        if let Some(done) = &mut self.done {
-            let _ = done.await;
-            self.done = None;
-        }
-    }
-
-    /// Joins the thread; call after [`EngineThread::finished`] so it does not block.
-    pub fn join(self) {
-        if self.join.join().is_err() {
-            tracing::error!("prefill engine thread panicked");
-        }
-    }
 }
 
 /// Starts the engine thread. Transfer tasks it starts run on `runtime` in `tracker`;
@@ -172,43 +158,29 @@ pub fn spawn_engine(
     runtime: tokio::runtime::Handle,
     tracker: TaskTracker,
     abort: CancellationToken,
-) -> std::io::Result<(EngineHandle, EngineThread)> {
+) -> std::io::Result<(EngineHandle, actor::Thread)> {
     let layout = engine.cache_layout();
-    let stats = Arc::new(LoadStats::default());
-    stats.free_blocks.store(saturate(engine.free_blocks()), Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
-    let (done_tx, done) = oneshot::channel();
+    let queued = Arc::new(Queued::default());
+    let computing = Computing { running: 0, free_blocks: saturate(engine.free_blocks()) };
     let actor = EngineActor {
         engine,
-        mailbox: rx,
         line: WaitingLine::new(settings.max_batch_tokens),
         settings,
-        stats: stats.clone(),
+        queued: queued.clone(),
         runtime,
         tracker,
         abort,
     };
-    let join = std::thread::Builder::new().name("prefill-engine".into()).spawn(move || {
-        let _done = done_tx;
-        actor.run();
-    })?;
-    let handle = EngineHandle {
-        inner: Arc::new(HandleInner {
-            mailbox: Mutex::new(Some(tx)),
-            capacity: settings.queue_capacity,
-            stats,
-            layout,
-        }),
-    };
-    Ok((handle, EngineThread { join, done: Some(done) }))
+    let (handle, thread) =
+        actor::spawn(NAME, settings.queue_capacity, computing, move |mailbox, load| actor.run(mailbox, load))?;
+    Ok((EngineHandle { actor: handle, queued, layout }, thread))
 }
 
 struct EngineActor {
     engine: Engine,
-    mailbox: mpsc::Receiver<Job>,
     line: WaitingLine<Job>,
     settings: EngineSettings,
-    stats: Arc<LoadStats>,
+    queued: Arc<Queued>,
     runtime: tokio::runtime::Handle,
     tracker: TaskTracker,
     abort: CancellationToken,
@@ -222,34 +194,34 @@ struct Admitted {
 }
 
 impl EngineActor {
-    fn run(mut self) {
+    fn run(mut self, mut mailbox: mpsc::Receiver<Job>, load: watch::Sender<Computing>) {
         loop {
             if self.line.is_empty() {
-                match self.mailbox.blocking_recv() {
+                match mailbox.blocking_recv() {
                     Some(job) => self.line.push_back(job.request.prompt.len(), job),
                     None => break,
                 }
             }
             while self.line.wants_more() {
-                match self.mailbox.try_recv() {
+                match mailbox.try_recv() {
                     Ok(job) => self.line.push_back(job.request.prompt.len(), job),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
             // A caller that went away while its prompt waited: skip the prompt.
             for (tokens, _) in self.line.remove_where(|job| job.reply.is_closed()) {
-                self.stats.dequeue(tokens);
+                self.queued.remove(tokens);
             }
             if self.abort.is_cancelled() {
                 for (tokens, job) in self.line.take_all() {
-                    self.stats.dequeue(tokens);
+                    self.queued.remove(tokens);
                     let _ = job.reply.send(Err(PrefillError::ShuttingDown));
                 }
                 continue;
             }
             let batch = self.line.take_batch();
             if !batch.is_empty() {
-                self.run_batch(batch);
+                self.run_batch(batch, &load);
             }
         }
         tracing::info!("prefill_engine_stopped");
@@ -257,14 +229,14 @@ impl EngineActor {
 
     /// Admits what fits the cache (the rest waits for the next batch), starts their
     /// transfers, runs the prefill and hands each layer and the commit over.
-    fn run_batch(&mut self, batch: Vec<(usize, Job)>) {
+    fn run_batch(&mut self, batch: Vec<(usize, Job)>, load: &watch::Sender<Computing>) {
         let layout = self.engine.cache_layout();
         let mut admitted = Vec::with_capacity(batch.len());
         let mut carried = Vec::new();
         let mut links = Vec::with_capacity(batch.len());
         for (tokens, job) in batch {
             if job.reply.is_closed() {
-                self.stats.dequeue(tokens);
+                self.queued.remove(tokens);
                 continue;
             }
             // Once one prompt waits for cache, the ones behind it wait too (no overtaking).
@@ -277,14 +249,14 @@ impl EngineActor {
                 self.engine.add_sequence(SeqId(r.request_id), r.prompt.clone(), r.engine_params(), r.prompt_logits_top);
             match added {
                 Ok(()) => {
-                    self.stats.dequeue(tokens);
+                    self.queued.remove(tokens);
                     links.push(job.span.clone());
                     admitted.push(self.start_transfer(job, layout));
                 }
                 // The cache is empty when a batch starts, so the first prompt always fits.
                 Err(EngineError::CacheFull { .. }) if !admitted.is_empty() => carried.push((tokens, job)),
                 Err(e) => {
-                    self.stats.dequeue(tokens);
+                    self.queued.remove(tokens);
                     let error = match e {
                         EngineError::CacheFull { needed, free } => {
                             PrefillError::PromptTooLarge { prompt_tokens: tokens, needed, total: free }
@@ -300,8 +272,10 @@ impl EngineActor {
             return;
         }
         let num_tokens: usize = admitted.iter().map(|a| a.prompt.len()).sum();
-        self.stats.running.store(saturate(admitted.len()), Ordering::Relaxed);
-        self.stats.free_blocks.store(saturate(self.engine.free_blocks()), Ordering::Relaxed);
+        load.send_replace(Computing {
+            running: saturate(admitted.len()),
+            free_blocks: saturate(self.engine.free_blocks()),
+        });
         // Child of its first request (so a lone request's trace holds its expert calls),
         // linked to every request it serves.
         let span = match links.first() {
@@ -348,11 +322,7 @@ impl EngineActor {
                 }
             }
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let what = actor::panic_message(panic.as_ref());
                 tracing::error!(panic = %what, "prefill_batch_panicked");
                 for a in &admitted {
                     forward(&a.events, SeqEvent::Failed(PrefillError::Engine(format!("engine panicked: {what}"))));
@@ -364,8 +334,7 @@ impl EngineActor {
                 tracing::error!(seq = %id, error = %e, "prefill_release_failed");
             }
         }
-        self.stats.running.store(0, Ordering::Relaxed);
-        self.stats.free_blocks.store(saturate(self.engine.free_blocks()), Ordering::Relaxed);
+        load.send_replace(Computing { running: 0, free_blocks: saturate(self.engine.free_blocks()) });
     }
 
     /// Starts the job's transfer task, which now owns its reply.

@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{ConfigError, DtypeArg, MAX_KV_CHUNK_BYTES, PrecisionArg, PrefillConfig};
 pub use error::{PrefillError, TransferError};
 
-use engine_thread::{EngineSettings, EngineThread};
+use engine_thread::EngineSettings;
 use request::ModelLimits;
 use transfer::TransferSettings;
 
@@ -118,7 +118,8 @@ pub async fn run(
     let service = grpc::PrefillService::new(engine.clone(), limits, decode, worker_id.clone());
     let routes = tonic::service::Routes::new(grpc::server(service));
     let stop_serving = CancellationToken::new();
-    tracker.spawn(telemetry::sample(engine.clone(), stop_serving.clone()));
+    let loads = engine.clone();
+    tracker.spawn(telemetry::sample(move || loads.load(), stop_serving.clone()));
     let (health_tx, health_rx) = oneshot::channel();
     let mut server = tracker.spawn(cluster_core::serve::serve(
         listener,
@@ -192,7 +193,7 @@ pub async fn run(
 
 /// Waits for queued prompts, their transfers and open calls to finish; past the deadline,
 /// aborts them and waits a little longer.
-async fn drain(tracker: &TaskTracker, mut engine_thread: EngineThread, abort: &CancellationToken) {
+async fn drain(tracker: &TaskTracker, mut engine_thread: cluster_core::actor::Thread, abort: &CancellationToken) {
     tracker.close();
     let mut finished = async || {
         engine_thread.finished().await;
@@ -206,7 +207,9 @@ async fn drain(tracker: &TaskTracker, mut engine_thread: EngineThread, abort: &C
             return;
         }
     }
-    engine_thread.join();
+    if let Err(error) = engine_thread.join() {
+        tracing::error!(%error, "prefill_engine_thread_failed");
+    }
     tracing::info!("prefill_worker_stopped");
 }
 

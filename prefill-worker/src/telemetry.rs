@@ -1,17 +1,17 @@
 //! The prefill worker's Prometheus metrics (reference: docs/METRICS.md): load gauges sampled
-//! from the engine actor's counters, and the KV transfer of every finished prefill.
+//! from the engine's published load, and the KV transfer of every finished prefill.
 
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine_thread::EngineHandle;
+use crate::engine_thread::Load;
 
-/// Refreshes the load gauges until `stop`.
-pub async fn sample(engine: EngineHandle, stop: CancellationToken) {
+/// Refreshes the load gauges from `load` until `stop`.
+pub async fn sample(load: impl Fn() -> Load, stop: CancellationToken) {
     cluster_core::telemetry::sample_every(stop, || {
-        let l = engine.load();
+        let l = load();
         gauge!("expertmesh_prefill_queued_tokens").set(f64::from(u32::try_from(l.queued_tokens).unwrap_or(u32::MAX)));
         gauge!("expertmesh_prefill_waiting_sequences").set(f64::from(l.waiting_sequences));
         gauge!("expertmesh_prefill_running_sequences").set(f64::from(l.running_sequences));

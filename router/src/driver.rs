@@ -9,6 +9,7 @@ use crate::request::Job;
 use crate::schedule;
 use crate::telemetry::RequestOutcome;
 use cluster_core::Role;
+use cluster_core::stall::StallWatch;
 use model::{FinishReason, StreamDecoder, Tokenizer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ pub struct DriverConfig {
     pub queue_wait: Duration,
     /// Prompts of at most this many tokens are prefilled on the decode worker.
     pub local_prefill_max_tokens: usize,
+    /// How long the client may leave delivered tokens unread before the request is dropped.
+    pub stall_timeout: Duration,
 }
 
 /// What the client receives.
@@ -61,6 +64,11 @@ pub enum RequestError {
     DeadlineExceeded(Duration),
     #[error("the router is shutting down")]
     ShuttingDown,
+    #[error(
+        "the client read no token for {} ms (--stall-timeout-ms): the request was cancelled and its cache released",
+        .idle.as_millis()
+    )]
+    Stalled { idle: Duration },
 }
 
 enum AttemptError {
@@ -85,15 +93,30 @@ struct Progress {
     delivered: Vec<u32>,
     decoder: StreamDecoder,
     first_token_at: Option<Instant>,
+    /// Whether the client keeps reading what `out` holds.
+    stall: StallWatch,
 }
 
+/// The client's deliveries. It has room for every token and the outcome, so sending never
+/// waits for the client: the driver keeps reading its decode stream (which shares a
+/// connection with other requests) and notices a client that stopped reading.
 type Out = mpsc::Sender<Result<Delivery, RequestError>>;
+
+/// Room in `Out` for a request of `max_new_tokens`.
+pub fn out_capacity(max_new_tokens: usize) -> usize {
+    max_new_tokens.saturating_add(2)
+}
 
 impl Driver {
     /// Runs `job`, sending its tokens then its outcome (or an error) to `out`. Returns early
     /// when `out` is closed (the client hung up): dropping the attempt releases its workers.
     pub async fn run(&self, job: Job, out: Out, started: Instant) {
-        let mut progress = Progress { delivered: Vec::new(), decoder: StreamDecoder::default(), first_token_at: None };
+        let mut progress = Progress {
+            delivered: Vec::new(),
+            decoder: StreamDecoder::default(),
+            first_token_at: None,
+            stall: StallWatch::new(self.config.stall_timeout, Instant::now()),
+        };
         let mut last = String::new();
         for retry in 0..=self.config.max_retries {
             match self.attempt(&job, &out, &mut progress).await {
@@ -161,10 +184,19 @@ impl Driver {
         tokio::pin!(prefill_call);
         let mut prefill_done = local;
         let mut seen = 0usize;
+        // A stall is noticed within a quarter of the timeout after it is reached.
+        let mut stall_check = tokio::time::interval((self.config.stall_timeout / 4).max(Duration::from_millis(1)));
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = out.closed() => return Err(AttemptError::ClientGone),
+                _ = stall_check.tick() => {
+                    if let Some(idle) = progress.stall.stalled(out) {
+                        tracing::warn!(idle_ms = idle.as_millis() as u64, delivered = progress.delivered.len(), "client_stalled");
+                        return Err(AttemptError::Fatal(RequestError::Stalled { idle }));
+                    }
+                }
                 r = &mut prefill_call, if !prefill_done => {
                     prefill_done = true;
                     match r {
@@ -203,8 +235,15 @@ impl Driver {
                             None => String::new(),
                         };
                         progress.first_token_at.get_or_insert_with(Instant::now);
-                        if out.send(Ok(Delivery::Token { index, id, text, prompt_logits_top })).await.is_err() {
-                            return Err(AttemptError::ClientGone);
+                        progress.stall.observe(out);
+                        match out.try_send(Ok(Delivery::Token { index, id, text, prompt_logits_top })) {
+                            Ok(()) => progress.stall.observe(out),
+                            Err(mpsc::error::TrySendError::Closed(_)) => return Err(AttemptError::ClientGone),
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                return Err(AttemptError::Fatal(RequestError::Internal(
+                                    "the client's buffer is full although it has room for every token".into(),
+                                )));
+                            }
                         }
                     }
                     Ok(Some(DecodeEvent::Finished(reason))) => return Ok(reason),

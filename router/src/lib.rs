@@ -55,6 +55,10 @@ pub struct RouterConfig {
     /// How long a draining router lets requests in flight finish.
     #[arg(long, default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// How long a client may leave its stream's tokens unread before the request is
+    /// cancelled with RESOURCE_EXHAUSTED (its decode cache is released).
+    #[arg(long, env = "EXPERTMESH_STALL_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout_ms: u64,
 }
 
 /// Runs the router until `shutdown`, then drains. `ready` fires once it serves.
@@ -82,6 +86,7 @@ pub async fn run(
             max_retries: config.max_retries,
             queue_wait: Duration::from_millis(config.queue_wait_ms),
             local_prefill_max_tokens: config.local_prefill_max_tokens,
+            stall_timeout: Duration::from_millis(config.stall_timeout_ms),
         },
         tokenizer: tokenizer.clone(),
         eos_token_ids: model_config.eos_token_ids.clone(),

@@ -16,6 +16,8 @@ pub enum RequestOutcome {
     /// Admission refused it (router in-flight limit, or no decode worker with room).
     Rejected,
     DeadlineExceeded,
+    /// The client left its tokens unread for the stall timeout.
+    Stalled,
     /// Workers failed it (retries exhausted, no workers, refused, shutting down).
     Failed,
 }
@@ -28,6 +30,7 @@ impl RequestOutcome {
             RequestOutcome::Invalid => "invalid",
             RequestOutcome::Rejected => "rejected",
             RequestOutcome::DeadlineExceeded => "deadline_exceeded",
+            RequestOutcome::Stalled => "stalled",
             RequestOutcome::Failed => "failed",
         }
     }
@@ -36,6 +39,7 @@ impl RequestOutcome {
         match error {
             RequestError::NoCapacity { .. } => RequestOutcome::Rejected,
             RequestError::DeadlineExceeded(_) => RequestOutcome::DeadlineExceeded,
+            RequestError::Stalled { .. } => RequestOutcome::Stalled,
             RequestError::NoWorkers(_)
             | RequestError::RetriesExhausted { .. }
             | RequestError::Refused(_)

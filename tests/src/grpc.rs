@@ -36,6 +36,21 @@ pub async fn connect(url: &str) -> Result<Channel, Status> {
         .map_err(|e| Status::unavailable(format!("cannot connect to {url}: {e}")))
 }
 
+/// A channel to `url` whose streams get a one-byte HTTP/2 window: a stream the test does not
+/// read takes one byte and then stays at a zero window while the connection still answers
+/// pings (a client that stopped reading); reading it later reopens the window a byte at a
+/// time.
+pub async fn connect_stingy(url: &str) -> Result<Channel, Status> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|e| Status::invalid_argument(format!("bad url {url}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(1)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to {url}: {e}")))
+}
+
 /// A `Generation` client on `url`.
 pub async fn generation_client(url: &str) -> GenerationClient<Channel> {
     let channel = connect(url).await.unwrap_or_else(|e| panic!("router client: {e}"));

@@ -1,11 +1,15 @@
-//! Cancellation: a client that drops its stream, or whose deadline passes, frees everything
-//! the request held on every worker (no sequence running or waiting, every block free).
+//! Cancellation: a client that drops its stream, whose deadline passes, or that stops
+//! reading (its HTTP/2 window stays at zero) frees everything the request held on every
+//! worker (no sequence running or waiting, every block free).
 
 use std::time::Duration;
 
-use cluster_tests::grpc::{collect_stream, expect_code, ids_request, test_prompts};
+use cluster_tests::grpc::{collect_stream, connect_stingy, expect_code, ids_request, test_prompts};
 use cluster_tests::{Cluster, ClusterSpec, poll_until, secs, within};
+use proto::internal::decode_client::DecodeClient;
+use proto::internal::{AdmitRequest, Sampling, decode_event};
 use proto::v1::generate_response::Event;
+use proto::v1::generation_client::GenerationClient;
 use tonic::Code;
 
 /// Far more tokens than the test waits for (the context is 4096).
@@ -131,5 +135,123 @@ async fn unary_deadline_cancels_the_request() {
     }
 
     cluster.wait_idle(IDLE_TIMEOUT).await;
+    serves_a_good_request(&cluster).await;
+}
+
+/// Tokens a stalled request asks for: its cache reservation (with the 4-token prompt) is
+/// 251 of the 256 blocks of a 4096-token cache, and generating them all takes far longer than
+/// the stall timeout.
+const STALLED_TOKENS: u32 = 4000;
+const STALL_TIMEOUT_MS: &str = "500";
+
+/// Reads what is left of a stream: the token count, whether a summary came, and the status
+/// that ended it.
+async fn read_to_end<T>(
+    stream: &mut tonic::Streaming<T>,
+    is_token: impl Fn(&T) -> bool,
+) -> (usize, bool, Option<tonic::Status>) {
+    let (mut tokens, mut other) = (0, false);
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) if is_token(&m) => tokens += 1,
+            Ok(Some(_)) => other = true,
+            Ok(None) => return (tokens, other, None),
+            Err(status) => return (tokens, other, Some(status)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_request_and_never_starves_others() {
+    let spec = ClusterSpec::new(1, 1).decode_args(&["--cache-tokens", "4096"]).router_args(&[
+        "--stall-timeout-ms",
+        STALL_TIMEOUT_MS,
+        "--queue-wait-ms",
+        "30000",
+    ]);
+    let mut cluster = Cluster::start("stalled-client", spec).await;
+    let channel = connect_stingy(&cluster.router_url()).await.expect("a channel to the router");
+    let mut stingy = GenerationClient::new(channel);
+    let mut stalled =
+        within("Generate to answer", secs(60), stingy.generate(ids_request(&[256, 1, 2, 3], STALLED_TOKENS)))
+            .await
+            .expect("the stalled request is accepted")
+            .into_inner();
+    let held = {
+        let c = &cluster;
+        poll_until(secs(5), async || c.decode_load(0).await.is_ok_and(|l| l.running_sequences == 1)).await
+    };
+    eprintln!("decode-0 reported the stalled request running: {held}");
+
+    // Each needs more than the 5 blocks the stalled request leaves: they wait for its cache.
+    let prompts = test_prompts(3, 11);
+    let mut normal = tokio::task::JoinSet::new();
+    for prompt in prompts.clone() {
+        let mut client = cluster.client().await;
+        normal.spawn(async move { client.generate_unary(ids_request(&prompt, 100)).await });
+    }
+    let replies = within("the normal requests", secs(120), normal.join_all()).await;
+    for (prompt, reply) in prompts.iter().zip(replies) {
+        let reply = reply.unwrap_or_else(|status| {
+            panic!("a normal request failed while a client stalled: {:?}: {}", status.code(), status.message())
+        });
+        assert_eq!(reply.into_inner().generated_ids, cluster_tests::reference(prompt, 100).await);
+    }
+    // The stalled stream is still open, and none of its cache is held.
+    cluster.wait_idle(IDLE_TIMEOUT).await;
+
+    let (tokens, summary, status) = within(
+        "reading the stalled stream",
+        secs(120),
+        read_to_end(&mut stalled, |m| matches!(m.event, Some(Event::Token(_)))),
+    )
+    .await;
+    let status = status
+        .unwrap_or_else(|| panic!("the stalled stream ended without error after {tokens} tokens (summary: {summary})"));
+    expect_code(&status, &[Code::ResourceExhausted]).unwrap_or_else(|e| panic!("the stalled stream's status: {e}"));
+    assert!(status.message().contains("--stall-timeout-ms"), "{}", status.message());
+    assert!(!summary, "a stalled request has no summary");
+    assert!((tokens as u32) < STALLED_TOKENS, "the stalled request ran to its end ({tokens} tokens)");
+    eprintln!("the stalled stream had {tokens} tokens, then {:?}: {}", status.code(), status.message());
+    serves_a_good_request(&cluster).await;
+}
+
+#[tokio::test]
+async fn a_decode_consumer_that_stops_reading_loses_its_sequence() {
+    let spec = ClusterSpec::new(1, 1).decode_args(&["--stall-timeout-ms", STALL_TIMEOUT_MS]);
+    let mut cluster = Cluster::start("stalled-decode-consumer", spec).await;
+    let channel = connect_stingy(&cluster.decode[0].url()).await.expect("a channel to decode-0");
+    let admit = AdmitRequest {
+        request_id: 7,
+        prompt_tokens: 4,
+        sampling: Some(Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 1,
+            max_new_tokens: STALLED_TOKENS,
+            stop_token_ids: Vec::new(),
+        }),
+        local_prefill_prompt_ids: vec![256, 1, 2, 3],
+        prompt_logits_top: 0,
+    };
+    let mut events = within("Admit to answer", secs(60), DecodeClient::new(channel).admit(admit))
+        .await
+        .expect("admitted")
+        .into_inner();
+    // The stream is still open, and the engine has released the sequence.
+    cluster.wait_idle(IDLE_TIMEOUT).await;
+
+    let (tokens, _, status) = within(
+        "reading the stalled sequence's events",
+        secs(120),
+        read_to_end(&mut events, |e| matches!(e.event, Some(decode_event::Event::Token(_)))),
+    )
+    .await;
+    let status = status.unwrap_or_else(|| panic!("the stalled sequence ended without error after {tokens} tokens"));
+    expect_code(&status, &[Code::ResourceExhausted]).unwrap_or_else(|e| panic!("the stalled sequence's status: {e}"));
+    assert!(status.message().contains("--stall-timeout-ms"), "{}", status.message());
+    assert!((tokens as u32) < STALLED_TOKENS, "the stalled sequence ran to its end ({tokens} tokens)");
+    eprintln!("the stalled sequence had {tokens} tokens, then {:?}: {}", status.code(), status.message());
     serves_a_good_request(&cluster).await;
 }

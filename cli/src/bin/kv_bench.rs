@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         block_size: 16,
         max_batch: 64,
         drain_timeout_ms: 1000,
+        stall_timeout_ms: 30_000,
         remote_experts: false,
     };
     let decode = tokio::spawn(decode_worker::run(decode_config, store.clone(), shutdown.clone(), dtx));

@@ -5,7 +5,7 @@
 mod decode;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cluster_core::WorkerId;
 use cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES;
@@ -14,7 +14,7 @@ use proto::internal::{LoadRequest, PrefillReply, WorkerLoad};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine_thread::{EngineHandle, Job};
+use crate::engine_thread::EngineHandle;
 use crate::error::{PrefillError, TransferError};
 use crate::request::{ModelLimits, PrefillOutcome, PrefillRequest};
 
@@ -42,19 +42,7 @@ impl PrefillService {
         let request = to_domain(request)?;
         self.limits.check(&request.prompt, &request.params)?;
         let sink = self.decode.get(&request.decode_addr)?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let queue_wait = tracing::info_span!("queue_wait");
-        self.engine.submit(Job {
-            request,
-            sink,
-            reply,
-            enqueued: Instant::now(),
-            span: tracing::Span::current(),
-            queue_wait,
-        })?;
-        // Dropping this future (the caller cancelled) closes `answer`: a queued job is then
-        // skipped and a running transfer abandoned.
-        answer.await.map_err(|_| PrefillError::ShuttingDown)?
+        self.engine.prefill(request, sink).await
     }
 }
 

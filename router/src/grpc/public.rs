@@ -16,9 +16,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-/// Messages buffered between a request's driver and its client stream.
-const STREAM_BUFFER: usize = 64;
-
 #[derive(Debug)]
 pub struct GenerationService {
     pub driver: Arc<Driver>,
@@ -33,7 +30,7 @@ pub struct GenerationService {
 
 fn status(e: RequestError) -> Status {
     match &e {
-        RequestError::NoCapacity { .. } => Status::resource_exhausted(e.to_string()),
+        RequestError::NoCapacity { .. } | RequestError::Stalled { .. } => Status::resource_exhausted(e.to_string()),
         RequestError::NoWorkers(_) | RequestError::RetriesExhausted { .. } | RequestError::ShuttingDown => {
             Status::unavailable(e.to_string())
         }
@@ -163,7 +160,7 @@ impl GenerationService {
         })?;
         let request_id = model::sampling::random_seed();
         let prompt_ids = job.prompt.clone();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = mpsc::channel(crate::driver::out_capacity(job.params.max_new_tokens));
         let driver = self.driver.clone();
         span.record("request_id", format!("{request_id:016x}"));
         span.record("prompt_tokens", job.prompt.len());
