@@ -10,4 +10,10 @@ args=("$@")
 if [[ ! " ${args[*]-} " =~ " --prompt " ]]; then
   args+=(--prompt "Hello, world" --max-new-tokens 16)
 fi
-exec cargo run --release --locked -p cli --bin expertmesh -- up "${args[@]}"
+# The CUDA engine is compiled in only when a GPU is asked for (`--device cuda:N`): the CPU
+# quickstart does not need it and builds faster without it.
+features=(--no-default-features)
+if [[ " ${args[*]} " =~ " --device cuda" || " ${args[*]} " =~ " --device=cuda" || ${EXPERTMESH_DEVICE:-cpu} == cuda* ]]; then
+  features=()
+fi
+exec cargo run --release --locked -p cli "${features[@]}" --bin expertmesh -- up "${args[@]}"
