@@ -3,8 +3,8 @@
 //! command channel, so a slot never changes while a batch that uses it runs.
 
 use crate::counters::LoadCounters;
-use cluster_core::experts::SlotKey;
 use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
+use placement::SlotKey;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
