@@ -100,7 +100,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 return first_error(&mut tasks).await;
             }
         }
-        let config = controller_config(model.clone())?;
+        let mut config = controller_config(model.clone())?;
+        config.expected_expert_workers = Some(u64::from(args.expert_workers));
         let run = controller::run(config, store.clone(), shutdown.clone());
         tasks.spawn(async move { run.await.context("expert controller failed") });
     }

@@ -5,7 +5,7 @@
 pub mod actor;
 pub mod election;
 pub mod etcd;
-pub mod experts;
+pub mod follow;
 pub mod ids;
 pub mod keys;
 pub mod memory;
@@ -19,8 +19,9 @@ pub mod telemetry;
 pub mod trace;
 
 pub use etcd::EtcdStore;
+pub use follow::{Fold, WatchFollower};
 pub use ids::{Capacity, ClusterName, IdError, Role, WorkerId, WorkerInfo};
 pub use memory::MemoryStore;
 pub use node::StoreConfig;
 pub use registration::{Membership, Registration, register};
-pub use store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent, watch_synced};
+pub use store::{BoxFuture, KeyValue, LeaseId, Store, StoreError, WATCH_CHANNEL_CAPACITY, WatchEvent};

@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::follow::{Fold, WatchFollower};
 use crate::ids::{ClusterName, Role, WorkerId, WorkerInfo};
 use crate::keys;
-use crate::store::{LeaseId, Store, StoreError, WatchEvent, decode_json};
+use crate::store::{LeaseId, Store, StoreError, decode_json};
 
 /// Shortest renewal period, whatever the TTL.
 const MIN_RENEW_PERIOD: Duration = Duration::from_millis(100);
@@ -141,14 +142,9 @@ impl Membership {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
-        let mut initial = WorkerMap::new();
-        let events = crate::store::watch_synced(store, &keys::workers_prefix(cluster), |e| {
-            apply_event(cluster, &mut initial, e)
-        })
-        .await?;
-        let (view_tx, view) = watch::channel(initial);
-        tracker.spawn(follow(cluster.clone(), events, view_tx, shutdown.clone()));
-        Ok(Self { view })
+        let members = Members { cluster: cluster.clone(), map: WorkerMap::new() };
+        let follower = WatchFollower::start(store, &keys::workers_prefix(cluster), members).await?;
+        Ok(Self { view: follower.publish(tracker, shutdown, |m| m.map.clone()) })
     }
 
     /// A copy of the current map.
@@ -170,55 +166,38 @@ impl Membership {
     }
 }
 
-async fn follow(
+/// The workers under the workers prefix. A key that does not parse, or a value that is not a
+/// `WorkerInfo` matching its key, is logged and leaves that worker absent.
+#[derive(Debug)]
+struct Members {
     cluster: ClusterName,
-    mut events: mpsc::Receiver<WatchEvent>,
-    view: watch::Sender<WorkerMap>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(event) = event else { return };
-        if !matches!(event, WatchEvent::Synced) {
-            view.send_modify(|map| apply_event(&cluster, map, event));
-        }
-    }
+    map: WorkerMap,
 }
 
-/// Applies one watch event to the map. A key that does not parse, or a value that is not a
-/// `WorkerInfo` matching its key, is logged and leaves that worker absent.
-fn apply_event(cluster: &ClusterName, map: &mut WorkerMap, event: WatchEvent) {
-    let (key, value) = match event {
-        WatchEvent::Put { key, value } => (key, Some(value)),
-        WatchEvent::Delete { key } => (key, None),
-        WatchEvent::Synced => return,
-    };
-    let (role, id) = match keys::parse_worker_key(cluster, &key) {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            tracing::warn!(%error, "membership_bad_key");
-            return;
+impl Fold for Members {
+    fn apply(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        let (role, id) = match keys::parse_worker_key(&self.cluster, key) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                tracing::warn!(%error, "membership_bad_key");
+                return false;
+            }
+        };
+        let Some(value) = value else { return self.map.remove(&id).is_some() };
+        match decode_json::<WorkerInfo>(key, value) {
+            Ok(info) if info.id == id && info.role == role => {
+                self.map.insert(id, info);
+            }
+            Ok(_) => {
+                tracing::warn!(%key, "membership_value_does_not_match_key");
+                self.map.remove(&id);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "membership_bad_value");
+                self.map.remove(&id);
+            }
         }
-    };
-    let Some(value) = value else {
-        map.remove(&id);
-        return;
-    };
-    match decode_json::<WorkerInfo>(&key, &value) {
-        Ok(info) if info.id == id && info.role == role => {
-            map.insert(id, info);
-        }
-        Ok(_) => {
-            tracing::warn!(%key, "membership_value_does_not_match_key");
-            map.remove(&id);
-        }
-        Err(error) => {
-            tracing::warn!(%error, "membership_bad_value");
-            map.remove(&id);
-        }
+        true
     }
 }
 
@@ -238,39 +217,33 @@ mod tests {
         }
     }
 
-    fn put(cluster: &ClusterName, info: &WorkerInfo) -> WatchEvent {
-        WatchEvent::Put {
-            key: keys::worker_key(cluster, info.role, &info.id),
-            value: serde_json::to_vec(info).expect("serializes"),
-        }
+    fn put(m: &mut Members, info: &WorkerInfo) {
+        let key = keys::worker_key(&m.cluster, info.role, &info.id);
+        m.apply(&key, Some(&serde_json::to_vec(info).expect("serializes")));
     }
 
     #[test]
-    fn apply_event_tracks_puts_deletes_and_ignores_bad_data() {
+    fn apply_tracks_puts_deletes_and_ignores_bad_data() {
         let c = ClusterName::new("c").expect("valid");
-        let mut map = WorkerMap::new();
+        let mut m = Members { cluster: c.clone(), map: WorkerMap::new() };
         let a = info("a", Role::Decode);
-        apply_event(&c, &mut map, put(&c, &a));
-        assert_eq!(map.get(&a.id), Some(&a));
+        put(&mut m, &a);
+        assert_eq!(m.map.get(&a.id), Some(&a));
 
         // Corrupt value for a known worker: it is dropped, not kept stale.
         let key = keys::worker_key(&c, Role::Decode, &a.id);
-        apply_event(&c, &mut map, WatchEvent::Put { key: key.clone(), value: b"{".to_vec() });
-        assert!(map.is_empty());
+        m.apply(&key, Some(b"{"));
+        assert!(m.map.is_empty());
 
         // Value whose id disagrees with its key.
         let b = info("b", Role::Expert);
-        let mismatched = WatchEvent::Put {
-            key: keys::worker_key(&c, Role::Expert, &a.id),
-            value: serde_json::to_vec(&b).expect("serializes"),
-        };
-        apply_event(&c, &mut map, mismatched);
-        assert!(map.is_empty());
+        m.apply(&keys::worker_key(&c, Role::Expert, &a.id), Some(&serde_json::to_vec(&b).expect("serializes")));
+        assert!(m.map.is_empty());
 
-        apply_event(&c, &mut map, put(&c, &a));
-        apply_event(&c, &mut map, WatchEvent::Put { key: "/elsewhere".into(), value: vec![] });
-        assert_eq!(map.len(), 1);
-        apply_event(&c, &mut map, WatchEvent::Delete { key });
-        assert!(map.is_empty());
+        put(&mut m, &a);
+        assert!(!m.apply("/elsewhere", Some(b"")));
+        assert_eq!(m.map.len(), 1);
+        assert!(m.apply(&key, None));
+        assert!(m.map.is_empty());
     }
 }

@@ -131,24 +131,6 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn watch_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<mpsc::Receiver<WatchEvent>, StoreError>>;
 }
 
-/// Starts a watch on `prefix` and hands every event up to the first `Synced` to `apply`, so
-/// the caller's view equals the store's contents when this returns; the receiver then carries
-/// the changes that follow. While the store is unreachable this waits (the watch retries).
-pub async fn watch_synced(
-    store: &dyn Store,
-    prefix: &str,
-    mut apply: impl FnMut(WatchEvent),
-) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
-    let mut events = store.watch_prefix(prefix).await?;
-    loop {
-        match events.recv().await {
-            Some(WatchEvent::Synced) => return Ok(events),
-            Some(event) => apply(event),
-            None => return Err(StoreError::Closed),
-        }
-    }
-}
-
 /// Decodes a JSON value read from `key`, mapping failures to `StoreError::Corrupt`.
 pub fn decode_json<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cluster_core::WorkerId;
-use cluster_core::experts::{PlacementSpec, SlotKey};
+use placement::{PlacementSpec, SlotKey};
 
 /// `spec` with its workers reordered so each chunk of slots goes to the worker of
 /// `previous` already hosting most of it (greedy on the largest overlap; ties to the lower

@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cluster_core::WorkerId;
-use cluster_core::experts::{LoadReport, PlacementSpec};
-use cluster_core::keys::PlacementVersion;
+use placement::{LoadReport, PlacementSpec, PlacementVersion};
 
 /// What the model looks like to the balancer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +39,11 @@ pub struct Policy {
     /// Autoscaling: tokens/s one expert worker serves at full use, and the use to aim for.
     pub worker_tokens_per_s: f64,
     pub target_utilization: f64,
+    /// The first placement waits this long after the first live worker is seen, so workers
+    /// starting together are all in it ...
+    pub initial_settle: Duration,
+    /// ... unless this many workers are live already.
+    pub expected_workers: Option<usize>,
 }
 
 /// Why a placement is made.
@@ -49,9 +53,11 @@ pub enum Reason {
     Initial,
     /// A worker of the current placement is gone: its experts must move now.
     WorkerLeft,
+    /// A live worker is not in the current placement: it takes a share now.
+    WorkerJoined,
     /// The worker max/mean load ratio passed the threshold.
     Skew,
-    /// The rebalance period elapsed (new workers join here).
+    /// The rebalance period elapsed.
     Period,
 }
 
@@ -60,6 +66,7 @@ impl Reason {
         match self {
             Reason::Initial => "initial",
             Reason::WorkerLeft => "worker_left",
+            Reason::WorkerJoined => "worker_joined",
             Reason::Skew => "skew",
             Reason::Period => "period",
         }
@@ -150,7 +157,7 @@ pub fn plan(
         reason: String::new(),
         ratio_before: 1.0,
         ratio_after: 1.0,
-        created_unix_ms: cluster_core::experts::unix_ms(),
+        created_unix_ms: placement::unix_ms(),
     })
 }
 
@@ -162,6 +169,9 @@ pub struct Observed<'a> {
     pub load: &'a [Vec<f64>],
     /// Age of the current placement (`None`: there is none).
     pub since_last: Option<Duration>,
+    /// While there is no placement: how long live workers have been seen (the settle time
+    /// runs from the first).
+    pub settling: Duration,
 }
 
 /// A rebalance to carry out: the new spec (version, reason and ratios filled in).
@@ -172,6 +182,11 @@ pub struct Rebalance {
 }
 
 /// Decides whether to place experts anew. `next` is the version a new placement gets.
+///
+/// Membership changes are acted on whatever the load: the first placement once the settle
+/// time has passed or the expected workers are live, a placement without a worker that left
+/// at once, and one giving a worker that joined a share at once. Every placement after the
+/// first keeps each worker's chunk with the worker already hosting most of it.
 pub fn decide(
     shape: &ModelShape,
     policy: &Policy,
@@ -196,9 +211,18 @@ pub fn decide(
         spec.ratio_before = seen.current.map_or(spec.ratio_after, |c| max_mean_ratio(seen.load, c));
         Ok(Rebalance { reason, spec })
     };
-    let Some(current) = seen.current else { return make(Reason::Initial).map(Some) };
+    let Some(current) = seen.current else {
+        let expected = policy.expected_workers.is_some_and(|n| workers.len() >= n);
+        if !expected && seen.settling < policy.initial_settle {
+            return Ok(None);
+        }
+        return make(Reason::Initial).map(Some);
+    };
     if current.workers.iter().any(|w| !seen.live.contains(w)) {
         return make(Reason::WorkerLeft).map(Some);
+    }
+    if workers.iter().any(|w| !current.workers.contains(w)) {
+        return make(Reason::WorkerJoined).map(Some);
     }
     let total: f64 = seen.load.iter().flatten().sum();
     if total < policy.min_tokens_per_s {
@@ -206,7 +230,6 @@ pub fn decide(
     }
     let ratio = max_mean_ratio(seen.load, current);
     let elapsed = |d: Duration| seen.since_last.is_none_or(|s| s >= d);
-    let joined = workers.len() != current.workers.len();
     let reason = if elapsed(policy.period) {
         Reason::Period
     } else if ratio > policy.skew_threshold && elapsed(policy.min_interval) {
@@ -215,12 +238,7 @@ pub fn decide(
         return Ok(None);
     };
     let candidate = make(reason)?;
-    // A new worker is worth including even at equal ratio; otherwise only a real gain.
-    if joined || candidate.spec.ratio_after <= ratio * (1.0 - policy.min_improvement) {
-        Ok(Some(candidate))
-    } else {
-        Ok(None)
-    }
+    if candidate.spec.ratio_after <= ratio * (1.0 - policy.min_improvement) { Ok(Some(candidate)) } else { Ok(None) }
 }
 
 /// Expert workers the load needs: total tokens/s over what one worker should carry.

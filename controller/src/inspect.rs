@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use cluster_core::experts::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementSpec};
-use cluster_core::keys::{self, PlacementKey};
+use cluster_core::follow::read_once;
+use cluster_core::keys;
 use cluster_core::store::decode_json;
 use cluster_core::{ClusterName, Role, Store, StoreError, WorkerId};
+use placement::{DesiredWorkers, LoadReport, PlacementFold, PlacementSpec};
 use serde::Serialize;
 
 /// One expert worker as the placement and its load report see it.
@@ -52,34 +53,24 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
         .iter()
         .filter_map(|kv| keys::parse_worker_key(cluster, &kv.key).ok().map(|(_, w)| w))
         .collect();
-    let mut current = None;
-    let mut specs = BTreeMap::new();
-    let mut ready: BTreeMap<u64, Vec<WorkerId>> = BTreeMap::new();
-    for kv in store.get_prefix(&keys::placement_prefix(cluster)).await? {
-        match keys::parse_placement_key(cluster, &kv.key) {
-            Some(PlacementKey::Current) => {
-                current = Some(decode_json::<CurrentPlacement>(&kv.key, &kv.value)?.version.0)
-            }
-            Some(PlacementKey::Spec(v)) => {
-                let spec = decode_json::<PlacementSpec>(&kv.key, &kv.value)?;
-                spec.validate().map_err(|e| StoreError::Corrupt { key: kv.key.clone(), reason: e.to_string() })?;
-                specs.insert(v.0, spec);
-            }
-            Some(PlacementKey::Ready(v, w)) => ready.entry(v.0).or_default().push(w),
-            None => {}
-        }
+    let placement =
+        read_once(store, &placement::keys::placement_prefix(cluster), PlacementFold::new(cluster.clone())).await?;
+    if let Some((key, reason)) = placement.rejected().next() {
+        return Err(StoreError::Corrupt { key: key.to_owned(), reason: reason.to_owned() });
     }
     let mut reports = BTreeMap::new();
-    for kv in store.get_prefix(&keys::load_prefix(cluster)).await? {
+    for kv in store.get_prefix(&placement::keys::load_prefix(cluster)).await? {
         let r: LoadReport = decode_json(&kv.key, &kv.value)?;
         reports.insert(r.worker.clone(), r);
     }
-    let desired = match store.get(&keys::desired_expert_workers_key(cluster)).await? {
-        Some(v) => Some(decode_json(&keys::desired_expert_workers_key(cluster), &v)?),
+    let desired_key = placement::keys::desired_expert_workers_key(cluster);
+    let desired = match store.get(&desired_key).await? {
+        Some(v) => Some(decode_json(&desired_key, &v)?),
         None => None,
     };
-    let spec = current.and_then(|v| specs.get(&v));
-    let ready_now = current.and_then(|v| ready.get(&v)).cloned().unwrap_or_default();
+    let current = placement.current();
+    let spec = placement.current_spec().map(|s| s.as_ref());
+    let ready_now: Vec<&WorkerId> = current.map(|v| placement.ready(v).collect()).unwrap_or_default();
     let mut ids: Vec<WorkerId> = live.clone();
     if let Some(s) = spec {
         ids.extend(s.workers.iter().cloned());
@@ -92,7 +83,7 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
             let report = reports.get(&id);
             WorkerView {
                 live: live.contains(&id),
-                ready: ready_now.contains(&id),
+                ready: ready_now.contains(&&id),
                 slots_per_layer: spec.filter(|s| s.workers.contains(&id)).map_or(0, PlacementSpec::slots_per_worker),
                 tokens_per_s: report.map(LoadReport::total_rate),
                 total_tokens: report.map(|r| r.total_tokens),
@@ -106,7 +97,7 @@ pub async fn snapshot(store: &dyn Store, cluster: &ClusterName) -> Result<Placem
     Ok(PlacementView {
         cluster: cluster.to_string(),
         leader,
-        version: current,
+        version: current.map(|v| v.0),
         reason: spec.map(|s| s.reason.clone()),
         ratio_before: spec.map(|s| s.ratio_before),
         ratio_after: spec.map(|s| s.ratio_after),

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_core::election::Leadership;
-use cluster_core::experts::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementSpec, unix_ms};
-use cluster_core::keys::{self, PlacementKey, PlacementVersion};
+use cluster_core::follow::read_once;
 use cluster_core::store::decode_json;
 use cluster_core::{ClusterName, LeaseId, Membership, Role, Store, StoreError, WorkerId};
+use placement::keys::{self, PlacementVersion};
+use placement::{CurrentPlacement, DesiredWorkers, LoadReport, PlacementFold, PlacementSpec, unix_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::decide::{self, ModelShape, Observed, Policy, Rebalance};
@@ -66,6 +67,9 @@ pub struct Leader {
     last_desired: Option<(DesiredWorkers, Instant)>,
     /// The leadership lease writes are fenced with.
     fence: Option<LeaseId>,
+    /// When this leader first saw a live worker while there was no placement (the first
+    /// placement's settle time runs from it).
+    unplaced_since: Option<Instant>,
 }
 
 impl Leader {
@@ -77,12 +81,23 @@ impl Leader {
         policy: Policy,
         timing: Timing,
     ) -> Self {
-        Leader { store, cluster, membership, shape, policy, timing, last_desired: None, fence: None }
+        Leader {
+            store,
+            cluster,
+            membership,
+            shape,
+            policy,
+            timing,
+            last_desired: None,
+            fence: None,
+            unplaced_since: None,
+        }
     }
 
     /// Leads until leadership is lost. Every write is fenced by the election key.
     pub async fn lead(&mut self, leadership: &Leadership) {
         self.fence = Some(leadership.lease());
+        self.unplaced_since = None;
         let lost = &leadership.lost();
         let mut members = self.membership.subscribe();
         loop {
@@ -112,9 +127,16 @@ impl Leader {
         if let Some(current) = &placement.current {
             telemetry::set_placement(current.version, decide::max_mean_ratio(&load, current));
         }
+        let settling = if placement.current.is_none() && !live.is_empty() {
+            self.unplaced_since.get_or_insert_with(Instant::now).elapsed()
+        } else {
+            self.unplaced_since = None;
+            Duration::ZERO
+        };
         let next = PlacementVersion(placement.highest + 1);
         // EPLB runs off the runtime (milliseconds at DeepSeek-V3 scale).
         let (shape, policy, current) = (self.shape.clone(), self.policy.clone(), placement.current.clone());
+        let live_count = live.len();
         let decided = tokio::task::spawn_blocking(move || {
             let seen = Observed {
                 live: &live,
@@ -124,6 +146,7 @@ impl Leader {
                 since_last: current
                     .as_ref()
                     .map(|c| Duration::from_millis(unix_ms().saturating_sub(c.created_unix_ms))),
+                settling,
             };
             decide::decide(&shape, &policy, &seen, next)
         })
@@ -134,7 +157,12 @@ impl Leader {
         };
         let rebalance = match decided {
             Ok(Some(r)) => r,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                if placement.current.is_none() {
+                    tracing::debug!(live = live_count, settling_ms = settling.as_millis() as u64, "placement_settling");
+                }
+                return Ok(());
+            }
             Err(decide::PlanError::NoWorkers) => {
                 tracing::debug!("controller_no_expert_workers");
                 return Ok(());
@@ -150,52 +178,25 @@ impl Leader {
     }
 
     async fn read_placement(&self) -> Result<PlacementState, StoreError> {
-        let kvs = self.store.get_prefix(&keys::placement_prefix(&self.cluster)).await?;
-        let mut state = PlacementState::default();
-        let mut current_version = None;
-        let mut specs = BTreeMap::new();
-        for kv in kvs {
-            match keys::parse_placement_key(&self.cluster, &kv.key) {
-                Some(PlacementKey::Current) => match decode_json::<CurrentPlacement>(&kv.key, &kv.value) {
-                    Ok(c) => current_version = Some(c.version),
-                    Err(error) => tracing::error!(%error, "controller_bad_current_placement"),
-                },
-                Some(PlacementKey::Spec(v)) => {
-                    state.versions.insert(v.0);
-                    specs.insert(v, (kv.key, kv.value));
-                }
-                Some(PlacementKey::Ready(v, _)) => {
-                    state.versions.insert(v.0);
-                }
-                None => {}
+        let shape = self.shape.clone();
+        // A current spec that is unreadable, inconsistent or of another model counts as no
+        // placement: the next decision places anew (`initial`) at a higher version.
+        let fold = PlacementFold::new(self.cluster.clone()).with_check(move |spec| {
+            if spec.layers == shape.layers && spec.num_experts == shape.num_experts {
+                return Ok(());
             }
-        }
-        if let Some(v) = current_version {
-            state.highest = state.highest.max(v.0);
-            // A current spec that is unreadable, inconsistent or of another model counts as no
-            // placement: the next decision places anew (`initial`) at a higher version.
-            if let Some((key, value)) = specs.get(&v) {
-                match decode_json::<PlacementSpec>(key, value).and_then(|spec| self.check_spec(key, spec)) {
-                    Ok(spec) => state.current = Some(spec),
-                    Err(error) => tracing::error!(%error, "controller_bad_current_placement"),
-                }
-            }
-        }
-        state.highest = state.highest.max(state.versions.last().copied().unwrap_or(0));
-        Ok(state)
-    }
-
-    /// `spec` if it is consistent and describes this controller's model.
-    fn check_spec(&self, key: &str, spec: PlacementSpec) -> Result<PlacementSpec, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt { key: key.to_owned(), reason };
-        spec.validate().map_err(|e| corrupt(e.to_string()))?;
-        if spec.layers != self.shape.layers || spec.num_experts != self.shape.num_experts {
-            return Err(corrupt(format!(
+            Err(format!(
                 "placement of {} experts on layers {:?}; the model has {} on {:?}",
-                spec.num_experts, spec.layers, self.shape.num_experts, self.shape.layers
-            )));
+                spec.num_experts, spec.layers, shape.num_experts, shape.layers
+            ))
+        });
+        let fold = read_once(self.store.as_ref(), &keys::placement_prefix(&self.cluster), fold).await?;
+        if let (Some(version), None) = (fold.current(), fold.current_spec()) {
+            tracing::error!(%version, "controller_bad_current_placement");
         }
-        Ok(spec)
+        let versions: BTreeSet<u64> = fold.versions().into_iter().map(|v| v.0).collect();
+        let highest = fold.current().map_or(0, |v| v.0).max(versions.last().copied().unwrap_or(0));
+        Ok(PlacementState { current: fold.current_spec().map(|s| PlacementSpec::clone(s)), highest, versions })
     }
 
     /// Load reports of live workers (stale keys of dead workers vanish with their lease).
@@ -297,17 +298,9 @@ impl Leader {
             if let Some(gone) = spec.workers.iter().find(|w| !live.contains(*w)) {
                 return Err(SwitchError::WorkerLeft(gone.clone()));
             }
-            let ready: BTreeSet<WorkerId> = self
-                .store
-                .get_prefix(&ready_prefix)
-                .await?
-                .into_iter()
-                .filter_map(|kv| match keys::parse_placement_key(&self.cluster, &kv.key) {
-                    Some(PlacementKey::Ready(_, w)) => Some(w),
-                    _ => None,
-                })
-                .collect();
-            let waiting: Vec<WorkerId> = spec.workers.iter().filter(|w| !ready.contains(*w)).cloned().collect();
+            let marks = read_once(self.store.as_ref(), &ready_prefix, PlacementFold::new(self.cluster.clone())).await?;
+            let ready: BTreeSet<&WorkerId> = marks.ready(spec.version).collect();
+            let waiting: Vec<WorkerId> = spec.workers.iter().filter(|w| !ready.contains(w)).cloned().collect();
             if waiting.is_empty() {
                 break;
             }
@@ -330,7 +323,7 @@ impl Leader {
     /// Puts `key` only while this process holds the election key.
     async fn put_as_leader(&self, key: &str, value: Vec<u8>) -> Result<(), SwitchError> {
         let lease = self.fence.ok_or(SwitchError::Lost)?;
-        let guard = keys::controller_leader_key(&self.cluster);
+        let guard = cluster_core::keys::controller_leader_key(&self.cluster);
         match self.store.put_fenced(key, value, &guard, lease).await? {
             true => Ok(()),
             false => Err(SwitchError::Lost),

@@ -70,6 +70,15 @@ pub struct ControllerConfig {
     /// How long the named workers get to load a new placement's slots before it is abandoned.
     #[arg(long, default_value_t = 60_000)]
     pub ready_timeout_ms: u64,
+    /// The first placement waits this long after the first expert worker registers, so
+    /// workers starting together all get slots in it (workers registering later are given
+    /// slots as they join).
+    #[arg(long, default_value_t = 3000)]
+    pub initial_settle_ms: u64,
+    /// Expert workers the cluster is started with: the first placement is made as soon as
+    /// this many are registered, without waiting out the settle time.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub expected_expert_workers: Option<u64>,
     /// Autoscaling: expert tokens/s one expert worker serves at full use.
     #[arg(long, default_value_t = 20_000.0)]
     pub worker_tokens_per_s: f64,
@@ -102,6 +111,12 @@ impl ControllerConfig {
             min_tokens_per_s: self.min_tokens_per_s,
             worker_tokens_per_s: self.worker_tokens_per_s,
             target_utilization: self.target_utilization,
+            initial_settle: Duration::from_millis(self.initial_settle_ms),
+            expected_workers: self
+                .expected_expert_workers
+                .map(usize::try_from)
+                .transpose()
+                .context("--expected-expert-workers")?,
         })
     }
 }

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use cluster_core::keys::PlacementVersion;
 use metrics::{counter, gauge, histogram};
+use placement::PlacementVersion;
 
 pub fn set_leader(leader: bool) {
     gauge!("expertmesh_controller_leader").set(if leader { 1.0 } else { 0.0 });

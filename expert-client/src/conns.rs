@@ -6,9 +6,9 @@
 use crate::plan::{self, Part, Piece, SlotTable};
 use crate::table::PlacementWatch;
 use crate::wire::{self, CallError, Conn};
-use cluster_core::experts::PlacementSpec;
 use cluster_core::registration::WorkerMap;
 use cluster_core::{Membership, Role, WorkerId, WorkerInfo};
+use placement::PlacementSpec;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;

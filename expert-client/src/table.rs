@@ -1,95 +1,55 @@
-//! The placement follower: a watch on `/placement/` keeping the validated specs and the
-//! `current` pointer, and publishing the placement attention workers should use now (the
-//! spec `current` names, once that spec is known). [`PlacementView`] is the plain state
-//! machine; [`PlacementWatch`] runs it on a tracked task.
+//! The placement follower: a watch on `/placement/` (the shared [`PlacementFold`]) and the
+//! placement attention workers should use now (the spec `current` names, once that spec is
+//! known). [`PlacementView`] is the plain state machine; [`PlacementWatch`] publishes it from
+//! a tracked task.
 
-use cluster_core::experts::{CurrentPlacement, PlacementSpec};
-use cluster_core::keys::{self, PlacementKey, PlacementVersion};
-use cluster_core::store::decode_json;
-use cluster_core::{ClusterName, Store, StoreError, WatchEvent};
-use std::collections::BTreeMap;
+use cluster_core::{ClusterName, Fold, Store, StoreError, WatchFollower};
+use placement::keys;
+use placement::{PlacementFold, PlacementSpec};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The placement keys seen so far. Specs older than `current - 1` are dropped.
-#[derive(Debug, Default)]
+/// The placement keys seen so far, and the spec in use.
+#[derive(Debug)]
 pub struct PlacementView {
-    specs: BTreeMap<PlacementVersion, Arc<PlacementSpec>>,
-    current: Option<PlacementVersion>,
-    /// The spec in use: `specs[current]` once both are known; the previous one meanwhile;
-    /// `None` while no placement is current (then slots are discovered with `GetSlots`).
+    fold: PlacementFold,
+    /// The spec in use: the current version's once both are known; the previous one
+    /// meanwhile; `None` while no placement is current (then slots are discovered with
+    /// `GetSlots`).
     effective: Option<Arc<PlacementSpec>>,
 }
 
 impl PlacementView {
-    /// Applies one watch event; returns whether the effective placement changed. Bad keys
-    /// and values are logged and ignored.
-    pub fn apply(&mut self, cluster: &ClusterName, event: WatchEvent) -> bool {
-        let (key, value) = match event {
-            WatchEvent::Put { key, value } => (key, Some(value)),
-            WatchEvent::Delete { key } => (key, None),
-            WatchEvent::Synced => return false,
-        };
-        match (keys::parse_placement_key(cluster, &key), value) {
-            (Some(PlacementKey::Current), Some(value)) => match decode_json::<CurrentPlacement>(&key, &value) {
-                Ok(current) => {
-                    self.current = Some(current.version);
-                    let keep = PlacementVersion(current.version.0.saturating_sub(1));
-                    self.specs.retain(|v, _| *v >= keep);
-                }
-                Err(error) => tracing::warn!(%error, "placement_bad_current"),
-            },
-            (Some(PlacementKey::Current), None) => {
-                self.current = None;
-                let changed = self.effective.take().is_some();
-                if changed {
-                    tracing::info!("placement_cleared");
-                }
-                return changed;
-            }
-            (Some(PlacementKey::Spec(version)), Some(value)) => match decode_spec(&key, version, &value) {
-                Ok(spec) if self.current.is_some_and(|c| version.0.saturating_add(1) < c.0) => {
-                    tracing::debug!(version = spec.version.0, "placement_spec_outdated");
-                }
-                Ok(spec) => {
-                    self.specs.insert(version, Arc::new(spec));
-                }
-                Err(error) => tracing::warn!(%error, "placement_bad_spec"),
-            },
-            (Some(PlacementKey::Spec(version)), None) => {
-                self.specs.remove(&version);
-            }
-            (Some(PlacementKey::Ready(..)), _) => {}
-            (None, _) => tracing::debug!(%key, "placement_unknown_key"),
-        }
-        self.update()
+    pub fn new(cluster: ClusterName) -> Self {
+        PlacementView { fold: PlacementFold::new(cluster), effective: None }
     }
 
     /// The spec in use (see the field).
     pub fn effective(&self) -> Option<&Arc<PlacementSpec>> {
         self.effective.as_ref()
     }
+}
 
-    fn update(&mut self) -> bool {
-        let Some(spec) = self.current.and_then(|c| self.specs.get(&c)) else { return false };
-        if self.effective.as_deref() == Some(spec.as_ref()) {
+impl Fold for PlacementView {
+    /// Applies one key; returns whether the effective placement changed.
+    fn apply(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        self.fold.update(key, value);
+        if self.fold.current().is_none() {
+            let cleared = self.effective.take().is_some();
+            if cleared {
+                tracing::info!("placement_cleared");
+            }
+            return cleared;
+        }
+        let Some(spec) = self.fold.current_spec() else { return false };
+        if self.effective.as_ref() == Some(spec) {
             return false;
         }
         self.effective = Some(spec.clone());
         true
     }
-}
-
-fn decode_spec(key: &str, version: PlacementVersion, value: &[u8]) -> Result<PlacementSpec, StoreError> {
-    let spec: PlacementSpec = decode_json(key, value)?;
-    let corrupt = |reason: String| StoreError::Corrupt { key: key.to_owned(), reason };
-    if spec.version != version {
-        return Err(corrupt(format!("spec of version {} under version {version}", spec.version)));
-    }
-    spec.validate().map_err(|e| corrupt(e.to_string()))?;
-    Ok(spec)
 }
 
 /// The effective placement of a cluster, kept current by a watch on a tracked task.
@@ -108,14 +68,9 @@ impl PlacementWatch {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<Self, StoreError> {
-        let mut view = PlacementView::default();
-        let events = cluster_core::watch_synced(store, &keys::placement_prefix(cluster), |e| {
-            view.apply(cluster, e);
-        })
-        .await?;
-        let (tx, rx) = watch::channel(view.effective().cloned());
-        tracker.spawn(follow(cluster.clone(), events, view, tx, shutdown.clone()));
-        Ok(PlacementWatch { view: rx })
+        let view = PlacementView::new(cluster.clone());
+        let follower = WatchFollower::start(store, &keys::placement_prefix(cluster), view).await?;
+        Ok(PlacementWatch { view: follower.publish(tracker, shutdown, |v| v.effective().cloned()) })
     }
 
     /// A watch that never names a placement: slots are always discovered with `GetSlots`.
@@ -130,29 +85,11 @@ impl PlacementWatch {
     }
 }
 
-async fn follow(
-    cluster: ClusterName,
-    mut events: mpsc::Receiver<WatchEvent>,
-    mut view: PlacementView,
-    tx: watch::Sender<Option<Arc<PlacementSpec>>>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(event) = event else { return };
-        if view.apply(&cluster, event) {
-            tx.send_replace(view.effective().cloned());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use cluster_core::WorkerId;
+    use placement::{CurrentPlacement, PlacementVersion};
 
     fn cluster() -> ClusterName {
         ClusterName::new("c").expect("valid")
@@ -172,17 +109,14 @@ mod tests {
         }
     }
 
-    fn put_spec(spec: &PlacementSpec) -> WatchEvent {
+    fn put_spec(view: &mut PlacementView, spec: &PlacementSpec) -> bool {
         let key = keys::placement_spec_key(&cluster(), spec.version);
-        WatchEvent::Put { key, value: serde_json::to_vec(spec).expect("serializes") }
+        view.apply(&key, Some(&serde_json::to_vec(spec).expect("serializes")))
     }
 
-    fn put_current(version: u64) -> WatchEvent {
+    fn put_current(view: &mut PlacementView, version: u64) -> bool {
         let current = CurrentPlacement { version: PlacementVersion(version) };
-        WatchEvent::Put {
-            key: keys::placement_current_key(&cluster()),
-            value: serde_json::to_vec(&current).expect("serializes"),
-        }
+        view.apply(&keys::placement_current_key(&cluster()), Some(&serde_json::to_vec(&current).expect("serializes")))
     }
 
     fn version(view: &PlacementView) -> Option<u64> {
@@ -192,58 +126,49 @@ mod tests {
     #[test]
     fn current_takes_effect_once_its_spec_is_known() {
         let c = cluster();
-        let mut view = PlacementView::default();
-        assert!(!view.apply(&c, put_current(1)));
+        let mut view = PlacementView::new(c.clone());
+        assert!(!put_current(&mut view, 1));
         assert_eq!(version(&view), None);
-        assert!(view.apply(&c, put_spec(&spec(1))));
+        assert!(put_spec(&mut view, &spec(1)));
         assert_eq!(version(&view), Some(1));
         // The next spec is written before the pointer moves.
-        assert!(!view.apply(&c, put_spec(&spec(2))));
+        assert!(!put_spec(&mut view, &spec(2)));
         assert_eq!(version(&view), Some(1));
-        assert!(view.apply(&c, put_current(2)));
+        assert!(put_current(&mut view, 2));
         assert_eq!(version(&view), Some(2));
         // The same pointer again (a resync) changes nothing.
-        assert!(!view.apply(&c, put_current(2)));
+        assert!(!put_current(&mut view, 2));
         let ready = keys::placement_ready_key(&c, PlacementVersion(2), &WorkerId::new("a").expect("valid"));
-        assert!(!view.apply(&c, WatchEvent::Put { key: ready, value: b"{\"slots\":1}".to_vec() }));
+        assert!(!view.apply(&ready, Some(b"{\"slots\":1}")));
     }
 
     #[test]
-    fn old_specs_are_dropped_and_ignored() {
-        let c = cluster();
-        let mut view = PlacementView::default();
+    fn old_specs_are_dropped_and_the_previous_one_kept_for_a_rollback() {
+        let mut view = PlacementView::new(cluster());
         for v in 1..=3 {
-            view.apply(&c, put_spec(&spec(v)));
+            put_spec(&mut view, &spec(v));
         }
-        view.apply(&c, put_current(3));
-        assert_eq!(view.specs.keys().map(|v| v.0).collect::<Vec<_>>(), vec![2, 3]);
-        view.apply(&c, put_spec(&spec(1)));
-        assert_eq!(view.specs.len(), 2, "a spec older than current - 1 is not kept");
+        put_current(&mut view, 3);
+        assert_eq!(view.fold.specs().keys().map(|v| v.0).collect::<Vec<_>>(), vec![2, 3]);
+        put_spec(&mut view, &spec(1));
+        assert_eq!(view.fold.specs().len(), 2, "a spec older than current - 1 is not kept");
         // Rolling back to the previous version works: its spec is still held.
-        assert!(view.apply(&c, put_current(2)));
+        assert!(put_current(&mut view, 2));
         assert_eq!(version(&view), Some(2));
     }
 
     #[test]
     fn bad_specs_are_ignored_and_deleting_current_falls_back_to_discovery() {
         let c = cluster();
-        let mut view = PlacementView::default();
+        let mut view = PlacementView::new(c.clone());
         let mut bad = spec(1);
         bad.phy2log = vec![vec![0, 0]];
-        view.apply(&c, put_spec(&bad));
-        let mut misfiled = spec(4);
-        misfiled.version = PlacementVersion(1);
-        let value = serde_json::to_vec(&misfiled).expect("serializes");
-        view.apply(&c, WatchEvent::Put { key: keys::placement_spec_key(&c, PlacementVersion(4)), value });
-        view.apply(
-            &c,
-            WatchEvent::Put { key: keys::placement_spec_key(&c, PlacementVersion(5)), value: b"{".to_vec() },
-        );
-        view.apply(&c, WatchEvent::Put { key: keys::placement_current_key(&c), value: b"7".to_vec() });
-        assert!(!view.apply(&c, put_current(1)));
-        assert!(view.specs.is_empty());
-        assert!(view.apply(&c, put_spec(&spec(1))));
-        assert!(view.apply(&c, WatchEvent::Delete { key: keys::placement_current_key(&c) }));
+        put_spec(&mut view, &bad);
+        view.apply(&keys::placement_current_key(&c), Some(b"7"));
+        assert!(!put_current(&mut view, 1));
+        assert!(view.fold.specs().is_empty());
+        assert!(put_spec(&mut view, &spec(1)));
+        assert!(view.apply(&keys::placement_current_key(&c), None));
         assert_eq!(version(&view), None);
     }
 

@@ -3,11 +3,11 @@
 //! the other replicas, "not hosted" answers are retried until the placement moves, and
 //! without placement the slots come from `GetSlots`.
 
-use cluster_core::experts::{CurrentPlacement, PlacementSpec};
-use cluster_core::keys::{self, PlacementVersion};
 use cluster_core::{Capacity, ClusterName, MemoryStore, Role, Store, WorkerId, WorkerInfo};
 use expert_client::{RemoteExperts, RemoteOptions};
 use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
+use placement::keys;
+use placement::{CurrentPlacement, PlacementSpec, PlacementVersion};
 use proto::expert::expert_server::{Expert, ExpertServer};
 use proto::expert::{self as pb, expert_reply};
 use std::collections::BTreeSet;
@@ -143,7 +143,7 @@ impl Harness {
                 model,
                 version,
             };
-            let key = keys::worker_key(&cluster, Role::Expert, &id);
+            let key = cluster_core::keys::worker_key(&cluster, Role::Expert, &id);
             store.put(&key, serde_json::to_vec(&info).expect("serializes")).await.expect("put");
             fakes.push(fake);
         }

@@ -5,8 +5,8 @@
 
 use crate::counters::LoadCounters;
 use cluster_core::actor::{self, ActorError};
-use cluster_core::experts::SlotKey;
 use model::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
+use placement::SlotKey;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::oneshot;

@@ -2,8 +2,8 @@
 //! model (hosted now or not), and requests seen. Written by the compute thread, read by the
 //! gRPC service and the load publisher.
 
-use cluster_core::experts::SlotKey;
 use model::{ExpertGroup, ModelConfig};
+use placement::SlotKey;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug)]

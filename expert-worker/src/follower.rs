@@ -4,16 +4,16 @@
 //! version has been in force for the release delay. Decisions live in `placement.rs`.
 
 use crate::compute::ComputeHandle;
-use crate::placement::{self, ModelShape, PlacementView, Seen, Target};
+use crate::placement::{self, PlacementView, Target};
 use crate::slots::{self, LoadError};
-use cluster_core::experts::{ReadyMark, SlotKey};
-use cluster_core::keys::{self, PlacementVersion};
-use cluster_core::{ClusterName, Registration, Store, WatchEvent, WorkerId};
+use ::placement::keys::{self, PlacementVersion};
+use ::placement::{ReadyMark, SlotKey};
+use cluster_core::{ClusterName, Registration, Store, WatchFollower, WorkerId};
 use model::serving::ExpertCheckpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,7 +30,6 @@ pub struct Follower {
     pub registration: Arc<Registration>,
     pub compute: ComputeHandle,
     pub checkpoint: Arc<ExpertCheckpoint>,
-    pub shape: ModelShape,
     pub release_delay: Duration,
     /// Tells the load publisher which version this worker follows.
     pub version: watch::Sender<Option<PlacementVersion>>,
@@ -41,7 +40,6 @@ pub struct Follower {
 /// The actor's own state besides the view.
 #[derive(Debug, Default)]
 struct State {
-    view: PlacementView,
     /// The target the last loading round was for; a failed load is retried only when the
     /// target changes.
     loaded_for: Option<Target>,
@@ -55,56 +53,53 @@ struct State {
     release: Option<(Instant, PlacementVersion)>,
 }
 
-/// Follows `events` (a watch of the placement prefix) until `cancel` or the watch ends.
-pub async fn follow(f: Follower, mut events: mpsc::Receiver<WatchEvent>, cancel: CancellationToken) {
+/// Follows `placements` (started on the placement prefix, so it holds the store's contents)
+/// until `cancel` or the watch ends. Each batch of changes leads to one decision on the latest
+/// state.
+pub async fn follow(f: Follower, mut placements: WatchFollower<PlacementView>, cancel: CancellationToken) {
     let mut state = State::default();
+    if !f.step(&mut state, placements.fold(), &cancel).await {
+        return;
+    }
     loop {
         let release_at = state.release.map(|(at, _)| at);
         let retry = !state.pending.is_empty();
-        let event = tokio::select! {
+        tokio::select! {
             _ = cancel.cancelled() => return,
-            event = events.recv() => event,
+            changed = placements.next() => {
+                if changed.is_none() {
+                    tracing::warn!("placement_watch_closed");
+                    return;
+                }
+                f.forget_lost_marks(&mut state, placements.fold_mut());
+                if !f.step(&mut state, placements.fold(), &cancel).await {
+                    return;
+                }
+            }
             _ = tokio::time::sleep_until(release_at.unwrap_or_else(Instant::now)), if release_at.is_some() => {
-                f.release(&mut state).await;
-                continue;
+                f.release(&mut state, placements.fold()).await;
             }
-            _ = tokio::time::sleep(MARK_RETRY), if retry => {
-                f.put_marks(&mut state).await;
-                continue;
-            }
-        };
-        let Some(event) = event else {
-            tracing::warn!("placement_watch_closed");
-            return;
-        };
-        // Take every queued event before deciding, so a burst (the initial contents, a
-        // resync) leads to one decision on the latest state.
-        f.apply(&mut state, event);
-        while let Ok(event) = events.try_recv() {
-            f.apply(&mut state, event);
-        }
-        if state.view.synced && !f.step(&mut state, &cancel).await {
-            return;
+            _ = tokio::time::sleep(MARK_RETRY), if retry => f.put_marks(&mut state).await,
         }
     }
 }
 
 impl Follower {
-    fn apply(&self, state: &mut State, event: WatchEvent) {
-        if let Seen::OwnReadyDeleted(version) = state.view.apply(&self.cluster, &self.me, &self.shape, event)
-            && state.marked.remove(&version)
-        {
-            tracing::info!(%version, "placement_ready_mark_lost");
+    fn forget_lost_marks(&self, state: &mut State, view: &mut PlacementView) {
+        for version in view.take_lost_marks() {
+            if state.marked.remove(&version) {
+                tracing::info!(%version, "placement_ready_mark_lost");
+            }
         }
     }
 
     /// Acts on the view: load and install, put due ready marks, follow the current version.
     /// Returns false once cancelled.
-    async fn step(&self, state: &mut State, cancel: &CancellationToken) -> bool {
-        let target = state.view.target();
+    async fn step(&self, state: &mut State, view: &PlacementView, cancel: &CancellationToken) -> bool {
+        let target = view.target();
         if state.loaded_for != Some(target) {
-            state.followed |= state.view.names(&self.me);
-            let missing = placement::slots_to_load(&self.compute.hosted(), &state.view, &self.me);
+            state.followed |= view.names(&self.me);
+            let missing = placement::slots_to_load(&self.compute.hosted(), view, &self.me);
             if !missing.is_empty() && !self.load(target, missing, cancel).await {
                 return false;
             }
@@ -113,7 +108,7 @@ impl Follower {
 
         let mut done = state.marked.clone();
         done.extend(state.pending.keys());
-        let due = placement::marks_due(&self.compute.hosted(), &state.view, &self.me, &done);
+        let due = placement::marks_due(&self.compute.hosted(), view, &self.me, &done);
         state.pending.extend(due);
         if !state.pending.is_empty() {
             self.put_marks(state).await;
@@ -194,9 +189,9 @@ impl Follower {
     }
 
     /// Releases the slots the version in force (and newer specs) no longer give this worker.
-    async fn release(&self, state: &mut State) {
+    async fn release(&self, state: &mut State, view: &PlacementView) {
         let Some((_, version)) = state.release.take() else { return };
-        let slots = placement::slots_to_release(&self.compute.hosted(), &state.view, version, &self.me, state.followed);
+        let slots = placement::slots_to_release(&self.compute.hosted(), view, version, &self.me, state.followed);
         if slots.is_empty() {
             return;
         }

@@ -4,7 +4,8 @@
 use super::*;
 use crate::counters::LoadCounters;
 use crate::load_report::{self, Publisher};
-use cluster_core::experts::{CurrentPlacement, LoadReport, PlacementSpec};
+use crate::placement::ModelShape;
+use ::placement::{CurrentPlacement, LoadReport, PlacementSpec};
 use cluster_core::{Capacity, MemoryStore, Role, WorkerInfo};
 use model::{ExpertGroup, ExpertId, LocalExperts};
 use std::future::Future;
@@ -77,9 +78,11 @@ async fn follows_a_two_phase_switch_and_publishes_load() {
             .await
             .expect("register"),
     );
-    let events = store.watch_prefix(&keys::placement_prefix(&cluster)).await.expect("watch");
-    let (version_tx, version_rx) = watch::channel(None);
     let shape = ModelShape { moe_layers: layers.iter().copied().collect(), num_experts: n as usize };
+    let view = PlacementView::new(cluster.clone(), me.clone(), shape);
+    let placements =
+        WatchFollower::start(store.as_ref(), &keys::placement_prefix(&cluster), view).await.expect("watch");
+    let (version_tx, version_rx) = watch::channel(None);
     let follower = Follower {
         store: store.clone(),
         cluster: cluster.clone(),
@@ -87,12 +90,11 @@ async fn follows_a_two_phase_switch_and_publishes_load() {
         registration: registration.clone(),
         compute: compute.clone(),
         checkpoint: ckpt,
-        shape,
         release_delay: Duration::from_millis(50),
         version: version_tx,
         loads: tracker.clone(),
     };
-    tracker.spawn(follow(follower, events, stop.clone()));
+    tracker.spawn(follow(follower, placements, stop.clone()));
     let publisher = Publisher {
         store: store.clone(),
         cluster: cluster.clone(),

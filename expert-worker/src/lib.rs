@@ -24,7 +24,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
-use cluster_core::{Capacity, Role, StoreConfig, WorkerInfo};
+use cluster_core::{Capacity, Role, StoreConfig, WatchFollower, WorkerInfo};
 use model::serving::ExpertCheckpoint;
 use model::{LocalExperts, WeightDtype};
 use std::path::PathBuf;
@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use cluster_core::experts::SlotKey as Slot;
+pub use ::placement::SlotKey as Slot;
 pub use compute::COMPUTE_QUEUE_CAPACITY;
 pub use grpc::MAX_MESSAGE_BYTES;
 pub use shard::{Shard, ShardError};
@@ -204,13 +204,14 @@ pub async fn run(
     // The placement follower and the load publisher; stopped before deregistering.
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
-    let events =
-        store.watch_prefix(&cluster_core::keys::placement_prefix(&cluster)).await.context("watching the placement")?;
-    let (version_tx, version_rx) = watch::channel(None);
     let shape = placement::ModelShape {
         moe_layers: slots::moe_layers(checkpoint.config()).into_iter().collect(),
         num_experts: checkpoint.config().n_routed_experts,
     };
+    let view = placement::PlacementView::new(cluster.clone(), worker_id.clone(), shape);
+    let prefix = ::placement::keys::placement_prefix(&cluster);
+    let placements = WatchFollower::start(store.as_ref(), &prefix, view).await.context("watching the placement")?;
+    let (version_tx, version_rx) = watch::channel(None);
     let follower = follower::Follower {
         store: store.clone(),
         cluster: cluster.clone(),
@@ -218,12 +219,11 @@ pub async fn run(
         registration: registration.clone(),
         compute,
         checkpoint,
-        shape,
         release_delay: config.release_delay(),
         version: version_tx,
         loads: background.clone(),
     };
-    background.spawn(follower::follow(follower, events, background_stop.clone()));
+    background.spawn(follower::follow(follower, placements, background_stop.clone()));
     let publisher = load_report::Publisher {
         store,
         cluster,

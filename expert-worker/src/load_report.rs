@@ -4,9 +4,9 @@
 //! registration lease so it vanishes with the worker.
 
 use crate::counters::LoadCounters;
-use cluster_core::experts::{LoadReport, unix_ms};
-use cluster_core::keys::{self, PlacementVersion};
 use cluster_core::{ClusterName, Registration, Store, WorkerId};
+use placement::keys::{self, PlacementVersion};
+use placement::{LoadReport, unix_ms};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,12 +1,12 @@
-//! What the placement follower knows and decides, as plain synchronous code: the view of
-//! `/placement/` built from watch events, which slots to load, which ready marks are due and
-//! which slots to release. The actor in `follower.rs` only applies these decisions.
+//! What the placement follower knows and decides, as plain synchronous code: its view of
+//! `/placement/` (the shared [`PlacementFold`] read from the current version on), which slots
+//! to load, which ready marks are due and which slots to release. The actor in `follower.rs`
+//! only applies these decisions.
 
-use cluster_core::experts::{CurrentPlacement, PlacementSpec, ReadyMark, SlotKey};
-use cluster_core::keys::{self, PlacementKey, PlacementVersion};
-use cluster_core::store::decode_json;
-use cluster_core::{ClusterName, WatchEvent, WorkerId};
-use std::collections::{BTreeMap, BTreeSet};
+use ::placement::keys::PlacementVersion;
+use ::placement::{Applied, PlacementFold, PlacementSpec, ReadyMark, SlotKey};
+use cluster_core::{ClusterName, Fold, WorkerId};
+use std::collections::BTreeSet;
 
 /// The routed experts the model has: a spec naming anything else is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,9 +16,8 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Why `spec` cannot be hosted with this model, if it cannot.
+    /// Why a consistent `spec` cannot be hosted with this model, if it cannot.
     pub fn check(&self, spec: &PlacementSpec) -> Result<(), String> {
-        spec.validate().map_err(|e| e.to_string())?;
         if spec.num_experts != self.num_experts {
             return Err(format!("{} experts per layer, the model has {}", spec.num_experts, self.num_experts));
         }
@@ -29,23 +28,14 @@ impl ModelShape {
     }
 }
 
-/// The placement documents seen so far.
-#[derive(Debug, Default)]
+/// The placement documents as this worker sees them: specs the model can host, from the
+/// current version on (older ones no longer matter here).
+#[derive(Debug)]
 pub struct PlacementView {
-    /// Valid specs from the current version on (older ones no longer matter), by version.
-    pub specs: BTreeMap<PlacementVersion, PlacementSpec>,
-    /// The version `/placement/current` names.
-    pub current: Option<PlacementVersion>,
-    /// The initial contents have been delivered (decisions wait for it).
-    pub synced: bool,
-}
-
-/// What an applied event means for the worker beyond the view.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seen {
-    Nothing,
-    /// This worker's ready mark of that version vanished (e.g. its lease was lost).
-    OwnReadyDeleted(PlacementVersion),
+    fold: PlacementFold,
+    me: WorkerId,
+    /// Versions whose ready mark of `me` vanished (e.g. its lease was lost), not yet taken.
+    lost_marks: Vec<PlacementVersion>,
 }
 
 /// The versions whose slots a worker hosts: the current one (once its spec is known) and
@@ -57,66 +47,35 @@ pub struct Target {
 }
 
 impl PlacementView {
-    /// Applies one watch event. Keys of another shape, corrupt values and invalid specs are
-    /// logged and leave the view as if they were absent.
-    pub fn apply(&mut self, cluster: &ClusterName, me: &WorkerId, shape: &ModelShape, event: WatchEvent) -> Seen {
-        let (key, value) = match event {
-            WatchEvent::Synced => {
-                self.synced = true;
-                return Seen::Nothing;
-            }
-            WatchEvent::Put { key, value } => (key, Some(value)),
-            WatchEvent::Delete { key } => (key, None),
-        };
-        match (keys::parse_placement_key(cluster, &key), value) {
-            (None, _) => tracing::debug!(%key, "placement_key_ignored"),
-            (Some(PlacementKey::Current), None) => self.current = None,
-            (Some(PlacementKey::Current), Some(value)) => match decode_json::<CurrentPlacement>(&key, &value) {
-                Ok(c) => self.set_current(c.version),
-                Err(error) => tracing::warn!(%error, "placement_current_invalid"),
-            },
-            (Some(PlacementKey::Spec(version)), None) => {
-                self.specs.remove(&version);
-            }
-            (Some(PlacementKey::Spec(version)), Some(value)) => {
-                self.specs.remove(&version);
-                let spec = decode_json::<PlacementSpec>(&key, &value).map_err(|e| e.to_string()).and_then(|spec| {
-                    if spec.version != version {
-                        return Err(format!("holds version {} under version {version}", spec.version));
-                    }
-                    shape.check(&spec).map(|()| spec)
-                });
-                match spec {
-                    Ok(_) if self.current.is_some_and(|c| version < c) => {
-                        tracing::debug!(%version, "placement_spec_outdated");
-                    }
-                    Ok(spec) => {
-                        self.specs.insert(version, spec);
-                    }
-                    Err(reason) => tracing::warn!(%key, %reason, "placement_spec_invalid"),
-                }
-            }
-            (Some(PlacementKey::Ready(version, worker)), None) if &worker == me => {
-                return Seen::OwnReadyDeleted(version);
-            }
-            (Some(PlacementKey::Ready(..)), _) => {}
-        }
-        Seen::Nothing
+    pub fn new(cluster: ClusterName, me: WorkerId, shape: ModelShape) -> Self {
+        let fold = PlacementFold::new(cluster).with_check(move |spec| shape.check(spec));
+        PlacementView { fold, me, lost_marks: Vec::new() }
     }
 
-    fn set_current(&mut self, version: PlacementVersion) {
-        self.current = Some(version);
-        self.specs.retain(|&v, _| v >= version);
+    /// The version `/placement/current` names.
+    pub fn current(&self) -> Option<PlacementVersion> {
+        self.fold.current()
+    }
+
+    /// Usable specs from the current version on, by version.
+    pub fn specs(&self) -> impl DoubleEndedIterator<Item = &PlacementSpec> {
+        let from = self.current().unwrap_or(PlacementVersion(0));
+        self.fold.specs().range(from..).map(|(_, s)| s.as_ref())
+    }
+
+    /// The spec of `version`, if usable and not older than the current version.
+    pub fn spec(&self, version: PlacementVersion) -> Option<&PlacementSpec> {
+        self.specs().find(|s| s.version == version)
     }
 
     /// The current version's spec, once known.
     pub fn current_spec(&self) -> Option<&PlacementSpec> {
-        self.specs.get(&self.current?)
+        self.spec(self.current()?)
     }
 
     /// The newest spec seen.
     pub fn newest(&self) -> Option<&PlacementSpec> {
-        self.specs.values().next_back()
+        self.specs().next_back()
     }
 
     pub fn target(&self) -> Target {
@@ -126,13 +85,31 @@ impl PlacementView {
     /// Whether any spec seen gives `me` slots (then `me` follows placements, and slots the
     /// placement does not give it are released).
     pub fn names(&self, me: &WorkerId) -> bool {
-        self.specs.values().any(|s| s.workers.contains(me))
+        self.specs().any(|s| s.workers.contains(me))
+    }
+
+    /// Versions whose ready mark of this worker vanished since the last call.
+    pub fn take_lost_marks(&mut self) -> Vec<PlacementVersion> {
+        std::mem::take(&mut self.lost_marks)
     }
 
     /// The specs `me` should host now: the current one and the newest (often the same).
     fn hosted_specs(&self) -> impl Iterator<Item = &PlacementSpec> {
         let newest = self.newest().filter(|n| Some(n.version) != self.current_spec().map(|c| c.version));
         self.current_spec().into_iter().chain(newest)
+    }
+}
+
+impl Fold for PlacementView {
+    fn apply(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        match self.fold.update(key, value) {
+            Applied::Nothing => false,
+            Applied::Ready { version, worker, present: false } if worker == self.me => {
+                self.lost_marks.push(version);
+                true
+            }
+            _ => true,
+        }
     }
 }
 
@@ -171,12 +148,8 @@ pub fn slots_to_release(
     me: &WorkerId,
     followed: bool,
 ) -> Vec<SlotKey> {
-    if !followed || !view.specs.contains_key(&current) {
-        return Vec::new();
-    }
-    let newest = view.specs.last_key_value().map(|(_, s)| s);
-    let keep: BTreeSet<SlotKey> =
-        view.specs.get(&current).into_iter().chain(newest).flat_map(|s| s.slots_of(me)).collect();
+    let Some(in_force) = view.spec(current).filter(|_| followed) else { return Vec::new() };
+    let keep: BTreeSet<SlotKey> = std::iter::once(in_force).chain(view.newest()).flat_map(|s| s.slots_of(me)).collect();
     hosted.difference(&keep).copied().collect()
 }
 

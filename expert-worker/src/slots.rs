@@ -3,9 +3,9 @@
 //! is blocking work: it runs on a blocking thread, never on the runtime or the compute thread.
 
 use crate::shard::Shard;
-use cluster_core::experts::SlotKey;
 use model::serving::ExpertCheckpoint;
 use model::{ExpertId, ExpertWeights, ModelConfig, ModelError};
+use placement::SlotKey;
 use std::collections::BTreeSet;
 use tokio_util::sync::CancellationToken;
 

@@ -5,7 +5,7 @@ use metrics::{counter, gauge};
 
 use crate::counters::LoadCounters;
 use cluster_core::WorkerId;
-use cluster_core::keys::PlacementVersion;
+use placement::PlacementVersion;
 
 /// `counts` is [`LoadCounters::snapshot`] (cumulative, `[layers][experts]` row-major). The
 /// `worker` label keeps the workers of one process (`expertmesh up`) apart.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use cluster_core::experts::{CurrentPlacement, LoadReport, PlacementSpec};
+use placement::{CurrentPlacement, LoadReport, PlacementSpec};
 use proto::expert::expert_client::ExpertClient;
 use proto::expert::{ExpertLoad, ExpertLoadRequest, SlotsRequest};
 use proto::internal::decode_client::DecodeClient;
@@ -65,6 +65,9 @@ pub struct ClusterSpec {
     /// Expert placement controllers (`expert-controller`; one leads, the others stand by).
     pub controllers: usize,
     pub controller_args: Vec<String>,
+    /// Start the controllers, and wait for a leader, before the expert workers (which then
+    /// start together under a running controller); by default they start after them.
+    pub controllers_first: bool,
     pub expert_args: Vec<String>,
     /// Extra router flags (e.g. `--max-retries 3`).
     pub router_args: Vec<String>,
@@ -89,6 +92,7 @@ impl ClusterSpec {
             expert: 0,
             controllers: 0,
             controller_args: Vec::new(),
+            controllers_first: false,
             expert_args: Vec::new(),
             router_args: Vec::new(),
             prefill_args: Vec::new(),
@@ -115,6 +119,12 @@ impl ClusterSpec {
 
     pub fn controller_args(mut self, args: &[&str]) -> ClusterSpec {
         self.controller_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Starts the controllers (and waits for a leader) before the expert workers.
+    pub fn controllers_first(mut self) -> ClusterSpec {
+        self.controllers_first = true;
         self
     }
 
@@ -182,13 +192,22 @@ impl Cluster {
         let env = env(&spec);
         let endpoint = etcd.endpoint();
         let spawn = |role: Role, index: usize| spawn_worker(&name, &endpoint, &spec, &env, dir.path(), role, index);
-        // Expert workers first: attention workers look them up on their first batch.
+        let spawn_controllers = || -> Vec<Process> {
+            (0..spec.controllers).map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i)).collect()
+        };
+        let mut controllers = Vec::new();
+        if spec.controllers_first {
+            controllers = spawn_controllers();
+            wait_for_leader(&etcd, &name, READY_TIMEOUT).await;
+        }
+        // Expert workers before attention workers: those look them up on their first batch.
         let mut expert: Vec<Process> = (0..spec.expert).map(|i| spawn(Role::Expert, i)).collect();
         for p in expert.iter_mut() {
             p.wait_ready(READY_TIMEOUT).await;
         }
-        let controllers: Vec<Process> =
-            (0..spec.controllers).map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i)).collect();
+        if !spec.controllers_first {
+            controllers = spawn_controllers();
+        }
         let mut prefill: Vec<Process> = (0..spec.prefill).map(|i| spawn(Role::Prefill, i)).collect();
         let mut decode: Vec<Process> = (0..spec.decode).map(|i| spawn(Role::Decode, i)).collect();
         for p in prefill.iter_mut().chain(decode.iter_mut()) {
@@ -402,19 +421,12 @@ impl Cluster {
 
     /// The controller holding leadership (the election key's value).
     pub async fn leader(&self) -> Result<Option<String>, String> {
-        let key = format!("/expertmesh/{}/controller/leader", self.name);
-        let kvs = self.etcd.get_prefix(&key).await?;
-        Ok(kvs.into_iter().find(|(k, _)| *k == key).map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+        leader(&self.etcd, &self.name).await
     }
 
     /// Waits until some controller leads; returns its id.
     pub async fn wait_leader(&self, timeout: Duration) -> String {
-        wait_for("a controller to lead", timeout, async || match self.leader().await {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) => Err("no leader key".into()),
-            Err(e) => Err(e),
-        })
-        .await
+        wait_for_leader(&self.etcd, &self.name, timeout).await
     }
 
     /// The current placement spec, if any.
@@ -478,6 +490,21 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+async fn leader(etcd: &Etcd, cluster: &str) -> Result<Option<String>, String> {
+    let key = format!("/expertmesh/{cluster}/controller/leader");
+    let kvs = etcd.get_prefix(&key).await?;
+    Ok(kvs.into_iter().find(|(k, _)| *k == key).map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+}
+
+async fn wait_for_leader(etcd: &Etcd, cluster: &str, timeout: Duration) -> String {
+    wait_for("a controller to lead", timeout, async || match leader(etcd, cluster).await {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err("no leader key".into()),
+        Err(e) => Err(e),
+    })
+    .await
 }
 
 fn env(spec: &ClusterSpec) -> Vec<(String, String)> {

@@ -2,14 +2,15 @@
 //! rebalance that gives the hottest experts more replicas and evens the measured load over
 //! the expert workers, while requests keep flowing with unchanged tokens; a killed
 //! controller leader is replaced by a standby, which re-places a killed expert worker's
-//! experts while every request completes and includes a new expert worker at the next
-//! periodic rebalance.
+//! experts while every request completes and gives a new expert worker a share at once;
+//! expert workers starting together under a running controller all get slots in the first
+//! placement.
 
-use cluster_core::experts::{DesiredWorkers, LoadReport};
 use cluster_tests::binaries::run_cli;
 use cluster_tests::grpc::{Streams, check_all, ids_request};
 use cluster_tests::{Cluster, ClusterSpec, Reference, Role, references, secs};
-use std::collections::BTreeMap;
+use placement::{DesiredWorkers, LoadReport, PlacementSpec};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -167,7 +168,7 @@ async fn skewed_load_rebalances_and_evens_the_expert_workers() {
     }
 
     // Measured again once every report covers a window wholly after the switch.
-    let switch_ms = cluster_core::experts::unix_ms();
+    let switch_ms = placement::unix_ms();
     let after = cluster_tests::wait_for("a full load window under the new placement", secs(120), async || {
         let reports = full_reports(&cluster).await?;
         let fresh = reports.iter().all(|r| {
@@ -246,7 +247,7 @@ async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
 
     workload.wait_waves(1, "a wave after the re-placement").await;
 
-    // A new expert worker is included at the next periodic rebalance.
+    // A new expert worker gets a share at once.
     let added = cluster.add_worker(Role::Expert).await;
     let newcomer = cluster.expert[added].worker_id().to_string();
     let grown = cluster
@@ -254,10 +255,75 @@ async fn standby_controller_takes_over_and_replaces_a_dead_expert_worker() {
             s.workers.iter().any(|w| w.as_str() == newcomer)
         })
         .await;
-    assert_eq!(grown.reason, "period");
+    assert_eq!(grown.reason, "worker_joined");
     eprintln!("v{} ({}) includes {newcomer}: {:?}", grown.version.0, grown.reason, grown.workers);
     workload.wait_waves(1, "a wave on the grown placement").await;
     let served = workload.finish().await.unwrap_or_else(|e| panic!("a request failed or changed: {e}"));
     eprintln!("{served} streams served across the controller and expert worker failures");
     drop(cluster);
+}
+
+/// Worker ids a placement names.
+fn named(spec: &PlacementSpec) -> BTreeSet<String> {
+    spec.workers.iter().map(|w| w.as_str().to_owned()).collect()
+}
+
+/// Waits until expert worker `i` hosts exactly the slots `spec` gives it.
+async fn wait_hosting(cluster: &Cluster, i: usize, spec: &PlacementSpec) {
+    let id = cluster.expert[i].worker_id().to_string();
+    let worker = spec.workers.iter().find(|w| w.as_str() == id).unwrap_or_else(|| panic!("{id} is not placed"));
+    let want: BTreeSet<(u32, u32)> =
+        spec.slots_of(worker).iter().map(|s| (u32::try_from(s.layer).expect("layer"), s.expert)).collect();
+    assert!(!want.is_empty(), "{id} has no slot in v{}", spec.version.0);
+    cluster_tests::wait_for(&format!("{id} to host its slots of v{}", spec.version.0), secs(30), async || {
+        let hosted: BTreeSet<(u32, u32)> = cluster.expert_slots(i).await?.into_iter().collect();
+        if hosted == want {
+            Ok(())
+        } else {
+            Err(format!("hosts {} slots, v{} gives {}", hosted.len(), spec.version.0, want.len()))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expert_workers_starting_together_share_the_first_placement_and_a_late_one_joins_at_once() {
+    const TOGETHER: usize = 2;
+    let prompts = skewed_prompts();
+    let expected = references(&prompts, MAX_NEW).await;
+    // The controller leads before the workers start; the settle time outlasts their start-up
+    // on a busy machine, the period (default ten minutes) any test.
+    let spec = ClusterSpec::new(1, 1)
+        .experts(TOGETHER)
+        .controllers(1, &["--check-period-ms", "250", "--initial-settle-ms", "10000"])
+        .controllers_first()
+        .expert_args(EXPERT_ARGS);
+    let mut cluster = Cluster::start("first-placement", spec).await;
+    let first = cluster.wait_placement("the first placement", secs(60), |_| true).await;
+    assert_eq!(first.reason, "initial", "{first:?}");
+    assert_eq!(named(&first), cluster.worker_ids(Role::Expert), "every worker started together is placed");
+    for i in 0..TOGETHER {
+        wait_hosting(&cluster, i, &first).await;
+    }
+    eprintln!("v{} places experts on {:?}", first.version.0, first.workers);
+
+    // A worker registering later is given slots within seconds, without load or the period.
+    let added = cluster.add_worker(Role::Expert).await;
+    let newcomer = cluster.expert[added].worker_id().to_string();
+    let joined_at = std::time::Instant::now();
+    let grown = cluster
+        .wait_placement("a placement including the new worker", secs(30), |s| named(s).contains(&newcomer))
+        .await;
+    assert_eq!(grown.reason, "worker_joined", "{grown:?}");
+    assert_eq!(named(&grown), cluster.worker_ids(Role::Expert));
+    eprintln!("v{} includes {newcomer} {:?} after it registered", grown.version.0, joined_at.elapsed());
+    for i in 0..=added {
+        wait_hosting(&cluster, i, &grown).await;
+    }
+
+    let results = Streams::start(&cluster.router_url(), prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect())
+        .await
+        .finish(secs(120))
+        .await;
+    check_all(&results, &expected, MAX_NEW).unwrap_or_else(|e| panic!("{e}"));
 }

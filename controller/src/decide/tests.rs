@@ -21,6 +21,8 @@ fn policy() -> Policy {
         min_tokens_per_s: 1.0,
         worker_tokens_per_s: 1000.0,
         target_utilization: 0.5,
+        initial_settle: Duration::from_secs(3),
+        expected_workers: None,
     }
 }
 
@@ -68,7 +70,7 @@ fn slots_round_up_to_the_workers() {
 fn first_placement_is_initial_and_uniform() {
     let live = workers(3);
     let load = vec![vec![0.0; 8]; 2];
-    let seen = Observed { live: &live, current: None, load: &load, since_last: None };
+    let seen = Observed { live: &live, current: None, load: &load, since_last: None, settling: Duration::from_secs(3) };
     let r = decide(&shape(), &policy(), &seen, PlacementVersion(1)).expect("plans").expect("rebalances");
     assert_eq!(r.reason, Reason::Initial);
     r.spec.validate().expect("valid spec");
@@ -86,7 +88,13 @@ fn skew_triggers_a_rebalance_that_replicates_the_hot_expert() {
     let load = skewed();
     let before = max_mean_ratio(&load, &first);
     assert!(before > 1.3, "uniform placement under skew: {before}");
-    let seen = Observed { live: &live, current: Some(&first), load: &load, since_last: Some(Duration::from_secs(60)) };
+    let seen = Observed {
+        live: &live,
+        current: Some(&first),
+        load: &load,
+        since_last: Some(Duration::from_secs(60)),
+        settling: Duration::ZERO,
+    };
     let r = decide(&shape(), &policy(), &seen, PlacementVersion(2)).expect("plans").expect("rebalances");
     assert_eq!(r.reason, Reason::Skew);
     assert!(r.spec.ratio_after < before, "{} !< {before}", r.spec.ratio_after);
@@ -111,7 +119,13 @@ fn a_dead_worker_forces_a_placement_without_it_at_once() {
         .expect("plans");
     let mut left = live.clone();
     left.remove(&w("e1"));
-    let seen = Observed { live: &left, current: Some(&first), load: &idle, since_last: Some(Duration::ZERO) };
+    let seen = Observed {
+        live: &left,
+        current: Some(&first),
+        load: &idle,
+        since_last: Some(Duration::ZERO),
+        settling: Duration::ZERO,
+    };
     let r = decide(&shape(), &policy(), &seen, PlacementVersion(5)).expect("plans").expect("rebalances");
     assert_eq!(r.reason, Reason::WorkerLeft);
     let mut survivors = r.spec.workers.clone();
@@ -129,19 +143,65 @@ fn a_dead_worker_forces_a_placement_without_it_at_once() {
 }
 
 #[test]
-fn a_new_worker_joins_at_the_period_not_before() {
+fn the_first_placement_waits_for_the_settle_time_or_the_expected_workers() {
+    let one = workers(1);
+    let idle = vec![vec![0.0; 8]; 2];
+    let seen = Observed { live: &one, current: None, load: &idle, since_last: None, settling: Duration::from_secs(1) };
+    assert_eq!(decide(&shape(), &policy(), &seen, PlacementVersion(1)).expect("plans"), None, "settling");
+    let expecting_two = Policy { expected_workers: Some(2), ..policy() };
+    assert_eq!(decide(&shape(), &expecting_two, &seen, PlacementVersion(1)).expect("plans"), None);
+
+    // The expected workers are live: no need to wait any longer.
+    let two = workers(2);
+    let both = Observed { live: &two, ..seen };
+    let r = decide(&shape(), &expecting_two, &both, PlacementVersion(1)).expect("plans").expect("places");
+    assert_eq!((r.reason, r.spec.workers.len()), (Reason::Initial, 2));
+
+    // The settle time is over: whoever is live gets the placement.
+    let settled = Observed { settling: Duration::from_secs(3), ..seen };
+    let r = decide(&shape(), &expecting_two, &settled, PlacementVersion(1)).expect("plans").expect("places");
+    assert_eq!((r.reason, r.spec.workers.clone()), (Reason::Initial, vec![w("e0")]));
+    let r = decide(&shape(), &policy(), &settled, PlacementVersion(1)).expect("plans").expect("places");
+    assert_eq!(r.reason, Reason::Initial);
+}
+
+#[test]
+fn a_new_worker_gets_a_share_at_once_and_the_others_keep_theirs() {
     let three = workers(3);
     let idle = vec![vec![0.0; 8]; 2];
     let first = plan(&shape(), &policy(), &idle, &three.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1))
         .expect("plans");
     let four = workers(4);
-    let load = vec![vec![10.0; 8]; 2];
-    let early = Observed { live: &four, current: Some(&first), load: &load, since_last: Some(Duration::from_secs(60)) };
-    assert_eq!(decide(&shape(), &policy(), &early, PlacementVersion(2)).expect("plans"), None);
-    let later = Observed { since_last: Some(Duration::from_secs(601)), ..early };
-    let r = decide(&shape(), &policy(), &later, PlacementVersion(2)).expect("plans").expect("rebalances");
-    assert_eq!(r.reason, Reason::Period);
-    assert_eq!(r.spec.workers.len(), 4);
+    // Idle, young placement: neither load nor the period would move anything.
+    for load in [idle.clone(), vec![vec![10.0; 8]; 2]] {
+        let seen = Observed {
+            live: &four,
+            current: Some(&first),
+            load: &load,
+            since_last: Some(Duration::from_secs(1)),
+            settling: Duration::ZERO,
+        };
+        let r = decide(&shape(), &policy(), &seen, PlacementVersion(2)).expect("plans").expect("rebalances");
+        assert_eq!(r.reason, Reason::WorkerJoined);
+        r.spec.validate().expect("valid spec");
+        let mut named = r.spec.workers.clone();
+        named.sort();
+        assert_eq!(named, four.iter().cloned().collect::<Vec<_>>());
+        assert!(!r.spec.slots_of(&w("e3")).is_empty(), "the new worker hosts experts");
+        // Least movement: no more loads than filling the positions in id order.
+        let in_id_order = PlacementSpec { workers: named, ..r.spec.clone() };
+        let kept = crate::assign::slots_to_load(&r.spec, Some(&first));
+        let naive = crate::assign::slots_to_load(&in_id_order, Some(&first));
+        assert!(kept <= naive, "{kept} loads with reordering, {naive} without");
+    }
+
+    // Once placed, the same membership changes nothing.
+    let idle = vec![vec![0.0; 8]; 2];
+    let joined = plan(&shape(), &policy(), &idle, &four.iter().cloned().collect::<Vec<_>>(), PlacementVersion(2))
+        .expect("plans");
+    let seen =
+        Observed { live: &four, current: Some(&joined), load: &idle, since_last: None, settling: Duration::ZERO };
+    assert_eq!(decide(&shape(), &policy(), &seen, PlacementVersion(3)).expect("plans"), None);
 }
 
 #[test]
@@ -150,10 +210,10 @@ fn idle_clusters_are_left_alone() {
     let idle = vec![vec![0.0; 8]; 2];
     let first = plan(&shape(), &policy(), &idle, &live.iter().cloned().collect::<Vec<_>>(), PlacementVersion(1))
         .expect("plans");
-    let seen = Observed { live: &live, current: Some(&first), load: &idle, since_last: None };
+    let seen = Observed { live: &live, current: Some(&first), load: &idle, since_last: None, settling: Duration::ZERO };
     assert_eq!(decide(&shape(), &policy(), &seen, PlacementVersion(2)).expect("plans"), None);
     let none = BTreeSet::new();
-    let nobody = Observed { live: &none, current: Some(&first), load: &idle, since_last: None };
+    let nobody = Observed { live: &none, ..seen };
     assert!(matches!(decide(&shape(), &policy(), &nobody, PlacementVersion(2)), Err(PlanError::NoWorkers)));
 }
 

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::WorkerId;
+use cluster_core::WorkerId;
+
 use crate::keys::PlacementVersion;
 
 /// A routed expert of one MoE layer: `layer` is the model's layer index.
