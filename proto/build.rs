@@ -7,7 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    // Our codec blames an undecodable request on the caller (INVALID_ARGUMENT).
     tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out.join("expertmesh_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     Ok(())

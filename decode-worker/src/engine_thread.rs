@@ -12,6 +12,7 @@
 
 use cluster_core::actor::{self, ActorError};
 use cluster_core::stall::StallWatch;
+use model::request::finish_reason;
 use model::{Engine, EngineError, FinishReason, SamplingParams, SeqId, StepOutput};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -274,8 +275,11 @@ impl Actor {
                         .engine
                         .add_sequence(id, lp.prompt, params.clone(), lp.prompt_logits_top)
                         .map(|()| SlotState::PrefillPending),
-                    None => params
-                        .validate()
+                    None => self
+                        .engine
+                        .limits()
+                        .check_sized(prompt_tokens, &params, 0)
+                        .map_err(EngineError::from)
                         .and_then(|()| self.engine.reserve_import(id, prompt_tokens + params.max_new_tokens))
                         .map(|()| SlotState::Importing),
                 };
@@ -315,7 +319,7 @@ impl Actor {
         let first = *tokens.last().ok_or_else(|| EngineError::BadCacheImport("no tokens".into()))?;
         self.engine.finish_import(id, tokens, prompt_len, slot.params.clone())?;
         let generated = self.engine.generated(id)?.len();
-        let finish = finish_of(&self.engine, id, first, generated, &slot.params);
+        let finish = finish_reason(&self.engine.model().config.eos_token_ids, &slot.params, first, generated);
         self.emit(StepOutput { seq: id, token: first, finish, prompt_logits_top: top });
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.state = SlotState::Running;
@@ -443,22 +447,6 @@ fn round_robin(ids: &[SeqId], max: usize, start: &mut usize) -> Vec<SeqId> {
     let from = *start % ids.len();
     *start = from + max;
     ids.iter().cycle().skip(from).take(max).copied().collect()
-}
-
-/// Whether the first token (already appended) ends the sequence.
-fn finish_of(engine: &Engine, _id: SeqId, token: u32, generated: usize, p: &SamplingParams) -> Option<FinishReason> {
-    let stop = if p.stop_token_ids.is_empty() {
-        engine.model().config.eos_token_ids.contains(&token)
-    } else {
-        p.stop_token_ids.contains(&token)
-    };
-    if stop {
-        Some(FinishReason::Stop)
-    } else if generated >= p.max_new_tokens {
-        Some(FinishReason::Length)
-    } else {
-        None
-    }
 }
 
 #[cfg(test)]

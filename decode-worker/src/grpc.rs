@@ -3,7 +3,7 @@
 //! to a status here.
 
 use crate::engine_thread::{CallError, EngineHandle, LocalPrefill, Reservation, SeqEvent};
-use model::{CacheLayout, EngineError, FinishReason, SamplingParams, SeqId};
+use model::{CacheLayout, EngineError, FinishReason, RequestLimits, SamplingParams, SeqId};
 use proto::internal::decode_server::Decode;
 use proto::internal::{self as pb, decode_event, kv_chunk};
 use proto::v1 as pub_pb;
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct DecodeService {
     pub engine: EngineHandle,
     pub layout: CacheLayout,
+    pub limits: RequestLimits,
     pub worker_id: String,
     /// Set while draining: new admissions are refused with UNAVAILABLE.
     pub draining: Arc<AtomicBool>,
@@ -150,7 +151,13 @@ impl Decode for DecodeService {
         let r = request.into_inner();
         span.record("request_id", r.request_id);
         let params = sampling(r.sampling)?;
-        params.validate().map_err(status_of)?;
+        let local = &r.local_prefill_prompt_ids;
+        let checked = if local.is_empty() {
+            self.limits.check_sized(r.prompt_tokens as usize, &params, r.prompt_logits_top as usize)
+        } else {
+            self.limits.check(local, &params, r.prompt_logits_top as usize)
+        };
+        checked.map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = SeqId(r.request_id);
         // Decode steps link to this sequence's span.
         let trace = cluster_core::trace::traceparent(&span);
@@ -158,9 +165,6 @@ impl Decode for DecodeService {
             prompt: r.local_prefill_prompt_ids,
             prompt_logits_top: r.prompt_logits_top as usize,
         });
-        if local_prefill.is_none() && r.prompt_tokens == 0 {
-            return Err(Status::invalid_argument("prompt_tokens 0 must be >= 1"));
-        }
         let prompt_tokens = r.prompt_tokens as usize;
         let admission = tracing::info_span!(parent: &span, "admission", prompt_tokens);
         let reservation = Reservation { id, prompt_tokens, params, local_prefill, trace };

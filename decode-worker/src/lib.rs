@@ -132,6 +132,7 @@ pub async fn run(
     .await
     .context("model loading task")??;
     let layout = serving.engine.cache_layout();
+    let limits = serving.engine.limits();
     let model_name = model::serving::model_name(&serving.dir);
     let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
     let worker_id =
@@ -146,6 +147,7 @@ pub async fn run(
     let service = grpc::DecodeService {
         engine: engine.clone(),
         layout,
+        limits,
         worker_id: worker_id.as_str().to_string(),
         draining: draining.clone(),
     };

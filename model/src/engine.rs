@@ -9,6 +9,7 @@ use crate::EngineError;
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
+use crate::request::{RequestLimits, finish_reason};
 use crate::sampling::Sampler;
 use crate::sampling::{SamplingParams, top_logits};
 use std::collections::HashMap;
@@ -177,24 +178,9 @@ impl Engine {
         self.seqs.len()
     }
 
-    /// Checks a request against the model without admitting it.
-    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
-        params.validate()?;
-        let c = &self.model.config;
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::TokenOutOfVocab { id, vocab: c.vocab_size });
-        }
-        if prompt.len() + params.max_new_tokens > c.max_position_embeddings {
-            return Err(EngineError::ContextExceeded {
-                prompt: prompt.len(),
-                max_new: params.max_new_tokens,
-                context: c.max_position_embeddings,
-            });
-        }
-        Ok(())
+    /// What requests are checked against on this engine's model.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits::of(&self.model.config)
     }
 
     /// Admits a sequence, reserving cache for prompt + max_new_tokens. `prompt_logits_top` > 0
@@ -209,7 +195,7 @@ impl Engine {
         if self.seqs.contains_key(&id) {
             return Err(EngineError::DuplicateSequence(id.0));
         }
-        self.validate(&prompt, &params)?;
+        self.limits().check(&prompt, &params, prompt_logits_top)?;
         let needed = self.cache.layout().blocks_for(prompt.len() + params.max_new_tokens);
         let blocks =
             self.cache.allocate(needed).ok_or(EngineError::CacheFull { needed, free: self.cache.free_blocks() })?;
@@ -318,14 +304,12 @@ impl Engine {
             let prompt_logits_top =
                 if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
             s.tokens.push(token);
-            let p = s.sampler.params();
-            let finish = if is_stop(&self.model.config.eos_token_ids, p, token) {
-                Some(FinishReason::Stop)
-            } else if s.tokens.len() - s.prompt_len >= p.max_new_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
+            let finish = finish_reason(
+                &self.model.config.eos_token_ids,
+                s.sampler.params(),
+                token,
+                s.tokens.len() - s.prompt_len,
+            );
             s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
             results.push(StepOutput { seq: *id, token, finish, prompt_logits_top });
         }
@@ -499,9 +483,8 @@ impl Engine {
         // A sequence whose last token was a stop token, or that has all its tokens, is
         // already finished.
         let last = *s.tokens.last().expect("checked: at least one generated token");
-        let p = s.sampler.params();
-        let done =
-            is_stop(&self.model.config.eos_token_ids, p, last) || s.tokens.len() - s.prompt_len >= p.max_new_tokens;
+        let generated = s.tokens.len() - s.prompt_len;
+        let done = finish_reason(&self.model.config.eos_token_ids, s.sampler.params(), last, generated).is_some();
         s.phase = if done { Phase::Finished } else { Phase::Running };
         Ok(())
     }
@@ -526,13 +509,11 @@ impl Engine {
         if cached + 1 != tokens.len() || prompt_len == 0 || prompt_len > cached {
             return bad(format!("{cached} cached tokens do not fit {} tokens (prompt {prompt_len})", tokens.len()));
         }
-        params.validate()?;
+        let limits = self.limits();
+        limits.check(&tokens[..prompt_len], params, 0)?;
         // Generated tokens are embedded by the next decode step and the cache is reserved for
         // prompt + max_new_tokens: both must hold for them too, not only for the prompt.
-        let vocab = self.model.config.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::TokenOutOfVocab { id, vocab });
-        }
+        limits.check_ids("tokens", &tokens[prompt_len..])?;
         if tokens.len() - prompt_len > params.max_new_tokens {
             return bad(format!(
                 "{} tokens already generated exceed max_new_tokens {}",
@@ -542,9 +523,4 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-/// `token` ends generation: one of the request's stop ids, or the model's EOS when it gave none.
-fn is_stop(eos: &[u32], p: &SamplingParams, token: u32) -> bool {
-    if p.stop_token_ids.is_empty() { eos.contains(&token) } else { p.stop_token_ids.contains(&token) }
 }

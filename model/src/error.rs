@@ -39,14 +39,9 @@ pub enum EngineError {
     RepeatedInBatch(u64),
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
-    #[error("empty prompt: at least one token is required")]
-    EmptyPrompt,
-    #[error("prompt of {prompt} tokens plus max_new_tokens {max_new} exceeds the model's context of {context} tokens")]
-    ContextExceeded { prompt: usize, max_new: usize, context: usize },
-    #[error("token id {id} is outside the vocabulary (size {vocab})")]
-    TokenOutOfVocab { id: u32, vocab: usize },
-    #[error("invalid sampling parameter: {0}")]
-    InvalidSampling(String),
+    /// The request itself is invalid (checked by [`crate::RequestLimits::check`]).
+    #[error(transparent)]
+    Invalid(#[from] crate::InvalidRequest),
     #[error("not enough cache: {needed} blocks needed, {free} free")]
     CacheFull { needed: usize, free: usize },
     #[error("sequence {0} is not in the expected state: {1}")]

@@ -1,6 +1,5 @@
 //! Token sampling: greedy, temperature, top-k, top-p, seeded per sequence.
 
-use crate::EngineError;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -30,23 +29,6 @@ impl Default for SamplingParams {
             max_new_tokens: 16,
             stop_token_ids: Vec::new(),
         }
-    }
-}
-
-impl SamplingParams {
-    /// Checks ranges; the error names the parameter.
-    pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |m: String| Err(EngineError::InvalidSampling(m));
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature {} must be >= 0", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
-        }
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens 0 must be >= 1".into());
-        }
-        Ok(())
     }
 }
 
@@ -190,16 +172,6 @@ mod tests {
         // p(0) ≈ 0.88: with top_p 0.5 only token 0 remains.
         let mut s = Sampler::new(params(1.0, 0, 0.5, 3));
         assert!((0..100).all(|_| s.sample(&[3.0, 1.0, 0.0, -1.0]) == 0));
-    }
-
-    #[test]
-    fn validation_names_the_parameter() {
-        let e = params(-1.0, 0, 1.0, 0).validate().unwrap_err().to_string();
-        assert!(e.contains("temperature"), "{e}");
-        let e = params(1.0, 0, 0.0, 0).validate().unwrap_err().to_string();
-        assert!(e.contains("top_p"), "{e}");
-        let e = SamplingParams { max_new_tokens: 0, ..Default::default() }.validate().unwrap_err().to_string();
-        assert!(e.contains("max_new_tokens 0 must be >= 1"), "{e}");
     }
 
     #[test]

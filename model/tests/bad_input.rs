@@ -2,8 +2,8 @@
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
 
 use model::{
-    Engine, EngineError, EngineOptions, LoadOptions, ModelError, SamplingParams, SeqId, SequenceCacheExport,
-    WeightDtype, load_model,
+    Engine, EngineError, EngineOptions, InvalidRequest, LoadOptions, ModelError, SamplingParams, SeqId,
+    SequenceCacheExport, WeightDtype, load_model,
 };
 use safetensors::{Dtype, SafeTensors};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -402,10 +402,16 @@ fn prompt_longer_than_context_is_refused() {
     let mut e = engine(1024);
     let long: Vec<u32> = (0..257).map(|i| i % 128).collect();
     let err = add_err(&mut e, 1, long, greedy(1));
-    assert!(matches!(err, EngineError::ContextExceeded { prompt: 257, max_new: 1, context: 256 }), "{err:?}");
+    assert!(
+        matches!(err, EngineError::Invalid(InvalidRequest::ContextExceeded { prompt: 257, max_new: 1, context: 256 })),
+        "{err:?}"
+    );
     // Prompt fits but prompt + max_new_tokens does not.
     let err = add_err(&mut e, 1, vec![0; 250], greedy(7));
-    assert!(matches!(err, EngineError::ContextExceeded { prompt: 250, max_new: 7, context: 256 }), "{err:?}");
+    assert!(
+        matches!(err, EngineError::Invalid(InvalidRequest::ContextExceeded { prompt: 250, max_new: 7, context: 256 })),
+        "{err:?}"
+    );
     assert_names(&err.to_string(), &["250", "7", "256"]);
     // Exactly the context is fine.
     e.add_sequence(SeqId(1), vec![0; 250], greedy(6), 0).expect("250 + 6 = 256 fits");
@@ -415,11 +421,14 @@ fn prompt_longer_than_context_is_refused() {
 fn bad_prompts_and_sampling_parameters_are_refused() {
     let mut e = engine(256);
     let err = add_err(&mut e, 1, vec![], greedy(4));
-    assert!(matches!(err, EngineError::EmptyPrompt), "{err:?}");
+    assert!(matches!(err, EngineError::Invalid(InvalidRequest::EmptyPrompt)), "{err:?}");
     let err = add_err(&mut e, 1, vec![0, 5, 128, 7], greedy(4));
-    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 128, vocab: 128 }), "{err:?}");
+    assert!(
+        matches!(err, EngineError::Invalid(InvalidRequest::TokenOutOfVocab { id: 128, vocab: 128, .. })),
+        "{err:?}"
+    );
     let err = add_err(&mut e, 1, vec![0, u32::MAX], greedy(4));
-    assert!(matches!(err, EngineError::TokenOutOfVocab { id: u32::MAX, .. }), "{err:?}");
+    assert!(matches!(err, EngineError::Invalid(InvalidRequest::TokenOutOfVocab { id: u32::MAX, .. })), "{err:?}");
     let cases: [(SamplingParams, &str); 7] = [
         (SamplingParams { max_new_tokens: 0, ..greedy(1) }, "max_new_tokens"),
         (SamplingParams { temperature: -0.5, ..greedy(4) }, "temperature"),
@@ -432,7 +441,7 @@ fn bad_prompts_and_sampling_parameters_are_refused() {
     for (params, field) in cases {
         let what = format!("{params:?}");
         let err = add_err(&mut e, 1, vec![0, 5], params);
-        assert!(matches!(err, EngineError::InvalidSampling(_)), "{what}: {err:?}");
+        assert!(matches!(err, EngineError::Invalid(_)), "{what}: {err:?}");
         assert_names(&err.to_string(), &[field]);
     }
     assert_eq!(e.num_sequences(), 0);
@@ -537,14 +546,17 @@ fn bad_cache_imports_are_refused() {
     let mut oov = tokens.clone();
     *oov.last_mut().expect("token") = 128;
     let err = refuse("generated token outside the vocab", oov, n, params.clone(), &export);
-    assert!(matches!(err, EngineError::TokenOutOfVocab { id: 128, .. }), "{err:?}");
+    assert!(
+        matches!(err, EngineError::Invalid(InvalidRequest::TokenOutOfVocab { field: "tokens", id: 128, .. })),
+        "{err:?}"
+    );
     // More tokens already generated than the request's max_new_tokens leaves room for:
     // the prompt's cache was reserved for prompt + max_new_tokens only.
     let err = refuse("generated beyond max_new_tokens", tokens.clone(), 1, greedy(2), &export);
     assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
     assert_names(&err.to_string(), &["max_new_tokens"]);
     let err = refuse("bad sampling", tokens.clone(), n, SamplingParams { top_p: 2.0, ..params.clone() }, &export);
-    assert!(matches!(err, EngineError::InvalidSampling(_)), "{err:?}");
+    assert!(matches!(err, EngineError::Invalid(InvalidRequest::TopP(_))), "{err:?}");
 
     // The good import still works after all that, and finishes with the reference tokens.
     b.import_sequence(SeqId(2), tokens, n, params, &export).expect("good import");

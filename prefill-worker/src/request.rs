@@ -1,9 +1,9 @@
 //! A prefill request and its outcome as domain types, and the admission checks the gRPC
-//! layer runs before queueing (the engine's own checks, done without the engine thread).
+//! layer runs before queueing (the model's request check, done without the engine thread).
 
 use std::time::Duration;
 
-use model::{CacheLayout, Engine, EngineError, SamplingParams};
+use model::{CacheLayout, Engine, EngineError, InvalidRequest, RequestLimits, SamplingParams};
 
 use crate::error::PrefillError;
 
@@ -49,36 +49,20 @@ pub struct PrefillOutcome {
 /// to its thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelLimits {
-    pub vocab_size: usize,
-    /// Context length (`max_position_embeddings`).
-    pub context: usize,
+    pub request: RequestLimits,
     pub layout: CacheLayout,
 }
 
 impl ModelLimits {
     pub fn of(engine: &Engine) -> Self {
-        let c = &engine.model().config;
-        ModelLimits { vocab_size: c.vocab_size, context: c.max_position_embeddings, layout: engine.cache_layout() }
+        ModelLimits { request: engine.limits(), layout: engine.cache_layout() }
     }
 
-    /// `Engine::validate`'s checks (with the request's real `max_new_tokens`, which the
-    /// decode worker will use), plus that the prompt can fit this worker's cache at all, so a
-    /// prompt that never could does not wait forever.
-    pub fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), PrefillError> {
-        params.validate().map_err(invalid_request)?;
-        if prompt.is_empty() {
-            return Err(invalid_request(EngineError::EmptyPrompt));
-        }
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(invalid_request(EngineError::TokenOutOfVocab { id, vocab: self.vocab_size }));
-        }
-        if prompt.len() + params.max_new_tokens > self.context {
-            return Err(invalid_request(EngineError::ContextExceeded {
-                prompt: prompt.len(),
-                max_new: params.max_new_tokens,
-                context: self.context,
-            }));
-        }
+    /// The model's request check (with the request's real `max_new_tokens`, which the decode
+    /// worker will use), plus that the prompt can fit this worker's cache at all, so a prompt
+    /// that never could does not wait forever.
+    pub fn check(&self, prompt: &[u32], params: &SamplingParams, prompt_logits_top: usize) -> Result<(), PrefillError> {
+        self.request.check(prompt, params, prompt_logits_top).map_err(refused)?;
         let needed = self.layout.blocks_for(prompt.len() + 1);
         if needed > self.layout.num_blocks {
             return Err(PrefillError::PromptTooLarge {
@@ -91,19 +75,29 @@ impl ModelLimits {
     }
 }
 
-/// An engine error about a request, naming the request field it concerns. Validation
-/// errors become [`PrefillError::InvalidRequest`]; a duplicate id [`PrefillError::Duplicate`];
-/// anything else is an engine failure.
-pub fn invalid_request(e: EngineError) -> PrefillError {
+/// An invalid request, naming the field of the wire request it concerns.
+fn refused(e: InvalidRequest) -> PrefillError {
     let field = match &e {
-        EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } | EngineError::ContextExceeded { .. } => {
-            "prompt_ids"
-        }
-        EngineError::InvalidSampling(_) => "sampling",
-        EngineError::DuplicateSequence(id) => return PrefillError::Duplicate(*id),
-        _ => return PrefillError::Engine(e.to_string()),
+        InvalidRequest::Prompt(_)
+        | InvalidRequest::EmptyPrompt
+        | InvalidRequest::TextTooLong { .. }
+        | InvalidRequest::TokenOutOfVocab { field: "prompt", .. }
+        | InvalidRequest::ContextExceeded { .. } => "prompt_ids",
+        InvalidRequest::PromptLogitsTop { .. } => "prompt_logits_top",
+        _ => "sampling",
     };
     PrefillError::InvalidRequest { field, reason: e.to_string() }
+}
+
+/// An engine error about a request: a refusal of the request names its field
+/// ([`PrefillError::InvalidRequest`]); a duplicate id is [`PrefillError::Duplicate`];
+/// anything else is an engine failure.
+pub fn invalid_request(e: EngineError) -> PrefillError {
+    match e {
+        EngineError::Invalid(e) => refused(e),
+        EngineError::DuplicateSequence(id) => PrefillError::Duplicate(id),
+        e => PrefillError::Engine(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -112,8 +106,7 @@ mod tests {
 
     fn limits() -> ModelLimits {
         ModelLimits {
-            vocab_size: 10,
-            context: 64,
+            request: RequestLimits { vocab_size: 10, context: 64, max_prompt_logits_top: 1000 },
             layout: CacheLayout { num_layers: 2, latent_dim: 4, block_size: 4, num_blocks: 8 },
         }
     }
@@ -132,11 +125,11 @@ mod tests {
     #[test]
     fn checks_name_the_field() {
         let l = limits();
-        l.check(&[1, 2, 3], &params()).expect("valid");
-        assert_eq!(field(l.check(&[], &params())), "prompt_ids");
-        assert_eq!(field(l.check(&[1, 10], &params())), "prompt_ids");
-        assert_eq!(field(l.check(&[1; 61], &params())), "prompt_ids");
-        let e = l.check(&[1], &SamplingParams { top_p: 0.0, ..params() }).unwrap_err();
+        l.check(&[1, 2, 3], &params(), 0).expect("valid");
+        assert_eq!(field(l.check(&[], &params(), 0)), "prompt_ids");
+        assert_eq!(field(l.check(&[1, 10], &params(), 0)), "prompt_ids");
+        assert_eq!(field(l.check(&[1; 61], &params(), 0)), "prompt_ids");
+        let e = l.check(&[1], &SamplingParams { top_p: 0.0, ..params() }, 0).unwrap_err();
         assert!(matches!(e, PrefillError::InvalidRequest { field: "sampling", .. }));
         assert!(e.to_string().contains("top_p 0 must be in (0, 1]"), "{e}");
     }
@@ -146,8 +139,8 @@ mod tests {
         // 8 blocks of 4 tokens: a prompt of 31 (+1 sampled) fits, 32 does not.
         let l = limits();
         let p = SamplingParams { max_new_tokens: 1, ..params() };
-        l.check(&[1; 31], &p).expect("fits");
-        assert!(matches!(l.check(&[1; 32], &p), Err(PrefillError::PromptTooLarge { needed: 9, total: 8, .. })));
+        l.check(&[1; 31], &p, 0).expect("fits");
+        assert!(matches!(l.check(&[1; 32], &p, 0), Err(PrefillError::PromptTooLarge { needed: 9, total: 8, .. })));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! (served by the router), the internal `Prefill` and `Decode` services, and the `Expert`
 //! service of expert workers. Only the `grpc` module of each service touches these types.
 
+pub mod codec;
+
 /// Generated code, nested as the protobuf packages are (cross-package paths rely on it).
 pub mod expertmesh {
     pub mod v1 {

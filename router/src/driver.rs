@@ -4,6 +4,7 @@
 //! is seeded per request and per token, so the second run draws the same tokens.
 
 use crate::grpc::internal::{self, CallError, DecodeEvent, DecodeEvents};
+use crate::ids::AttemptId;
 use crate::pool::{Picked, Pool};
 use crate::request::Job;
 use crate::schedule;
@@ -153,10 +154,10 @@ impl Driver {
     }
 
     async fn attempt(&self, job: &Job, out: &Out, progress: &mut Progress) -> Result<FinishReason, AttemptError> {
-        let attempt_id = model::sampling::random_seed();
+        let attempt_id = AttemptId::fresh();
         let has_prefill = self.pool.has_role(Role::Prefill);
         let local = job.prompt.len() <= self.config.local_prefill_max_tokens || !has_prefill;
-        let admission = tracing::info_span!("admission", attempt = attempt_id, local_prefill = local);
+        let admission = tracing::info_span!("admission", attempt = attempt_id.get(), local_prefill = local);
         let (decode, mut events) =
             tracing::Instrument::instrument(self.reserve(job, attempt_id, local, out), admission).await?;
         let _decode_guard = self.pool.begin(&decode.id);
@@ -266,7 +267,7 @@ impl Driver {
     async fn reserve(
         &self,
         job: &Job,
-        attempt_id: u64,
+        attempt_id: AttemptId,
         local: bool,
         out: &Out,
     ) -> Result<(Picked, DecodeEvents), AttemptError> {
@@ -315,9 +316,7 @@ impl Driver {
     /// Whether the `n`-th token `id` ends the request (then its text carries what the
     /// detokenizer still holds back).
     fn is_last(&self, job: &Job, n: usize, id: u32) -> bool {
-        let p = &job.params;
-        let stops = if p.stop_token_ids.is_empty() { &self.eos_token_ids } else { &p.stop_token_ids };
-        n >= p.max_new_tokens || stops.contains(&id)
+        model::request::finish_reason(&self.eos_token_ids, &job.params, id, n).is_some()
     }
 
     fn pick_prefill(&self) -> Result<Picked, AttemptError> {

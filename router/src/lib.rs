@@ -6,6 +6,7 @@
 
 mod driver;
 mod grpc;
+mod ids;
 mod pool;
 mod request;
 mod schedule;

@@ -4,7 +4,7 @@
 
 use crate::grpc::internal::{self, Load};
 use crate::schedule::Candidate;
-use cluster_core::{Membership, Role};
+use cluster_core::{Membership, Role, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ struct WorkerState {
 /// A worker chosen for one request.
 #[derive(Debug, Clone)]
 pub struct Picked {
-    pub id: String,
+    pub id: WorkerId,
     pub address: String,
     pub channel: Channel,
 }
@@ -38,7 +38,7 @@ pub struct Picked {
 #[derive(Debug)]
 pub struct Pool {
     membership: Membership,
-    workers: Mutex<HashMap<String, WorkerState>>,
+    workers: Mutex<HashMap<WorkerId, WorkerState>>,
 }
 
 impl Pool {
@@ -46,7 +46,7 @@ impl Pool {
         Pool { membership, workers: Mutex::new(HashMap::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkerState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, WorkerState>> {
         // A panic while holding this lock cannot leave the map inconsistent (plain field
         // updates), so a poisoned lock is still usable.
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
@@ -56,15 +56,15 @@ impl Pool {
     fn sync(&self) {
         let live = self.membership.workers();
         let mut w = self.lock();
-        w.retain(|id, s| live.values().any(|i| i.id.as_str() == id && i.address == s.address));
+        w.retain(|id, s| live.values().any(|i| &i.id == id && i.address == s.address));
         for info in live.values() {
-            if !matches!(info.role, Role::Prefill | Role::Decode) || w.contains_key(info.id.as_str()) {
+            if !matches!(info.role, Role::Prefill | Role::Decode) || w.contains_key(&info.id) {
                 continue;
             }
             match cluster_core::serve::channel(&info.address, CONNECT_TIMEOUT) {
                 Ok(channel) => {
                     w.insert(
-                        info.id.as_str().to_string(),
+                        info.id.clone(),
                         WorkerState {
                             role: info.role,
                             address: info.address.clone(),
@@ -110,20 +110,20 @@ impl Pool {
     }
 
     /// Counts a request on `id` until the guard drops.
-    pub fn begin(self: &Arc<Self>, id: &str) -> Outstanding {
+    pub fn begin(self: &Arc<Self>, id: &WorkerId) -> Outstanding {
         if let Some(s) = self.lock().get_mut(id) {
             s.outstanding += 1;
         }
-        Outstanding { pool: self.clone(), id: id.to_string() }
+        Outstanding { pool: self.clone(), id: id.clone() }
     }
 
-    pub fn mark_failed(&self, id: &str) {
+    pub fn mark_failed(&self, id: &WorkerId) {
         if let Some(s) = self.lock().get_mut(id) {
             s.suspect_until = Some(Instant::now() + SUSPECT_FOR);
         }
     }
 
-    pub fn record_free_blocks(&self, id: &str, free: usize) {
+    pub fn record_free_blocks(&self, id: &WorkerId, free: usize) {
         if let Some(Load { free_blocks, .. }) = self.lock().get_mut(id).and_then(|s| s.load.as_mut()) {
             *free_blocks = free;
         }
@@ -133,7 +133,7 @@ impl Pool {
     pub async fn poll_loads(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
         loop {
             self.sync();
-            let targets: Vec<(String, Role, Channel)> =
+            let targets: Vec<(WorkerId, Role, Channel)> =
                 self.lock().iter().map(|(id, s)| (id.clone(), s.role, s.channel.clone())).collect();
             // Concurrent, so a slow worker does not delay the others' reports; the set
             // aborts its calls if this task is dropped.
@@ -172,7 +172,7 @@ impl Pool {
 #[derive(Debug)]
 pub struct Outstanding {
     pool: Arc<Pool>,
-    id: String,
+    id: WorkerId,
 }
 
 impl Drop for Outstanding {

@@ -1,12 +1,12 @@
-//! A public request turned into a job: prompt resolved to ids, sampling defaults filled in,
-//! and every field validated against the model, each error naming the field.
+//! A public request turned into a job: prompt resolved to ids (a text only as far as the
+//! context allows), sampling defaults filled in, then checked by the model's one request
+//! check ([`RequestLimits::check`]), each refusal naming the field.
 
-use model::{ChatMessage, ModelConfig, SamplingParams, Tokenizer};
+use model::tokenizer::Bounded;
+use model::{ChatMessage, InvalidRequest, RequestLimits, SamplingParams, Tokenizer};
 
 /// Defaults for unset sampling fields.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
-/// Most prompt logits a request may ask for.
-pub const MAX_PROMPT_LOGITS_TOP: usize = 1000;
 
 /// The prompt as the client gave it.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,88 +36,72 @@ pub struct Job {
     pub prompt_logits_top: usize,
 }
 
-/// A request the router refuses; the message names the field.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidRequest(pub String);
-
-fn invalid(m: impl Into<String>) -> InvalidRequest {
-    InvalidRequest(m.into())
+fn prompt_error(m: impl Into<String>) -> InvalidRequest {
+    InvalidRequest::Prompt(m.into())
 }
 
-/// Tokenizes the prompt (text, token ids, or chat messages).
-pub fn prompt_ids(prompt: Option<Prompt>, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, InvalidRequest> {
-    let need_tok = || tokenizer.ok_or_else(|| invalid("prompt: this model has no tokenizer.json; send token_ids"));
-    match prompt.ok_or_else(|| invalid("prompt: one of text, token_ids or chat is required"))? {
-        Prompt::Ids(ids) => Ok(ids),
-        Prompt::Text(text) if text.is_empty() => Err(invalid("prompt: text is empty")),
-        Prompt::Text(text) => need_tok()?.encode(&text).map_err(|e| invalid(format!("prompt: {e}"))),
-        Prompt::Chat(messages) if messages.is_empty() => Err(invalid("prompt: chat has no messages")),
+/// Tokenizes the prompt (text, token ids, or chat messages). A text or chat prompt is
+/// tokenized only until it has more than `max_tokens` ids ([`Tokenizer::encode_bounded`]),
+/// then refused with `too_long(at_least)`; ids are taken as given. Can be long: never call
+/// it on the async runtime.
+pub fn prompt_ids(
+    prompt: Option<Prompt>,
+    tokenizer: Option<&Tokenizer>,
+    max_tokens: usize,
+    too_long: impl FnOnce(usize) -> InvalidRequest,
+) -> Result<Vec<u32>, InvalidRequest> {
+    let need_tok = || tokenizer.ok_or_else(|| prompt_error("this model has no tokenizer.json; send token_ids"));
+    let bounded = match prompt.ok_or_else(|| prompt_error("one of text, token_ids or chat is required"))? {
+        Prompt::Ids(ids) => return Ok(ids),
+        Prompt::Text(text) if text.is_empty() => return Err(prompt_error("text is empty")),
+        Prompt::Text(text) => need_tok()?.encode_bounded(&text, max_tokens),
+        Prompt::Chat(messages) if messages.is_empty() => return Err(prompt_error("chat has no messages")),
         Prompt::Chat(messages) => {
             if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
-                return Err(invalid(format!("prompt: chat role {:?} must be system, user or assistant", m.role)));
+                return Err(prompt_error(format!("chat role {:?} must be system, user or assistant", m.role)));
             }
-            need_tok()?.encode_messages(&messages).map_err(|e| invalid(format!("prompt: {e}")))
+            need_tok()?.encode_messages_bounded(&messages, max_tokens)
         }
+    };
+    match bounded.map_err(|e| prompt_error(e.to_string()))? {
+        Bounded::Ids(ids) => Ok(ids),
+        Bounded::TooLong { at_least } => Err(too_long(at_least)),
     }
 }
 
-/// Checks `prompt` and the sampling fields against the model and fills in defaults.
+/// [`prompt_ids`] for a prompt to run: at most the context is tokenized, and a text found
+/// longer is refused naming the prompt and the context.
+pub fn prompt_to_run(
+    prompt: Option<Prompt>,
+    tokenizer: Option<&Tokenizer>,
+    limits: &RequestLimits,
+) -> Result<Vec<u32>, InvalidRequest> {
+    let context = limits.context;
+    prompt_ids(prompt, tokenizer, context, |at_least| InvalidRequest::TextTooLong { at_least, context })
+}
+
+/// Fills in the unset sampling fields, then checks the request against `limits`.
 pub fn job(
     prompt: Vec<u32>,
     s: SamplingRequest,
     prompt_logits_top: u32,
-    config: &ModelConfig,
+    limits: &RequestLimits,
     fresh_seed: impl FnOnce() -> u64,
 ) -> Result<Job, InvalidRequest> {
-    let context = config.max_position_embeddings;
-    if prompt.is_empty() {
-        return Err(invalid("prompt: empty; at least one token is required"));
-    }
-    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
-        return Err(invalid(format!("prompt: token id {id} is outside the vocabulary (size {})", config.vocab_size)));
-    }
-    if prompt.len() >= context {
-        return Err(invalid(format!(
-            "prompt: {} tokens leave no room in the model's context of {context} tokens",
-            prompt.len()
-        )));
-    }
-    let max_new = s.max_new_tokens.map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize);
-    if max_new == 0 {
-        return Err(invalid("max_new_tokens 0 must be >= 1"));
-    }
-    if prompt.len() + max_new > context {
-        return Err(invalid(format!(
-            "max_new_tokens {max_new}: prompt of {} tokens plus max_new_tokens exceeds the model's context of {context} tokens",
-            prompt.len()
-        )));
-    }
-    let temperature = s.temperature.unwrap_or(0.0);
-    if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(invalid(format!("temperature {temperature} must be >= 0")));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid(format!("top_p {top_p} must be in (0, 1]")));
-    }
-    if let Some(&id) = s.stop_token_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
-        return Err(invalid(format!("stop_token_ids: {id} is outside the vocabulary (size {})", config.vocab_size)));
-    }
-    if prompt_logits_top as usize > MAX_PROMPT_LOGITS_TOP {
-        return Err(invalid(format!("prompt_logits_top {prompt_logits_top} must be <= {MAX_PROMPT_LOGITS_TOP}")));
-    }
+    let params = SamplingParams {
+        temperature: s.temperature.unwrap_or(0.0),
+        top_k: s.top_k as usize,
+        top_p: s.top_p.unwrap_or(1.0),
+        seed: None,
+        max_new_tokens: s.max_new_tokens.map_or(DEFAULT_MAX_NEW_TOKENS, |m| m as usize),
+        stop_token_ids: s.stop_token_ids,
+    };
+    let prompt_logits_top = prompt_logits_top as usize;
+    limits.check(&prompt, &params, prompt_logits_top)?;
     Ok(Job {
         prompt,
-        params: SamplingParams {
-            temperature,
-            top_k: s.top_k as usize,
-            top_p,
-            seed: Some(s.seed.unwrap_or_else(fresh_seed)),
-            max_new_tokens: max_new,
-            stop_token_ids: s.stop_token_ids,
-        },
-        prompt_logits_top: prompt_logits_top as usize,
+        params: SamplingParams { seed: Some(s.seed.unwrap_or_else(fresh_seed)), ..params },
+        prompt_logits_top,
     })
 }
 
@@ -125,13 +109,19 @@ pub fn job(
 mod tests {
     use super::*;
 
-    fn config() -> ModelConfig {
+    fn limits() -> RequestLimits {
         let dir = model::default_model::resolve_dir(None).expect("default model");
-        ModelConfig::from_dir(&dir).expect("config")
+        RequestLimits::of(&model::ModelConfig::from_dir(&dir).expect("config"))
+    }
+
+    fn tokenizer() -> Tokenizer {
+        let dir = model::default_model::resolve_dir(None).expect("default model");
+        let config = model::ModelConfig::from_dir(&dir).expect("config");
+        Tokenizer::from_dir(&dir, &config).expect("tokenizer").expect("the default model has one")
     }
 
     fn err(prompt: Vec<u32>, s: SamplingRequest) -> String {
-        job(prompt, s, 0, &config(), || 1).expect_err("should be refused").0
+        job(prompt, s, 0, &limits(), || 1).expect_err("should be refused").to_string()
     }
 
     #[test]
@@ -151,11 +141,13 @@ mod tests {
         assert!(err(vec![1], s(&|s| s.top_p = Some(0.0))).starts_with("top_p 0"));
         assert!(err(vec![1], s(&|s| s.top_p = Some(1.5))).starts_with("top_p 1.5"));
         assert!(err(vec![1], s(&|s| s.stop_token_ids = vec![5000])).starts_with("stop_token_ids"));
+        let e = job(vec![1], SamplingRequest::default(), 1001, &limits(), || 1).expect_err("too many logits");
+        assert!(e.to_string().starts_with("prompt_logits_top 1001"));
     }
 
     #[test]
     fn defaults_fill_unset_fields_and_seed_is_fixed() {
-        let j = job(vec![1, 2], SamplingRequest::default(), 3, &config(), || 42).expect("valid");
+        let j = job(vec![1, 2], SamplingRequest::default(), 3, &limits(), || 42).expect("valid");
         assert_eq!(j.params.max_new_tokens, DEFAULT_MAX_NEW_TOKENS);
         assert_eq!(j.params.temperature, 0.0);
         assert_eq!(j.params.top_p, 1.0);
@@ -165,9 +157,22 @@ mod tests {
 
     #[test]
     fn prompts_resolve_or_name_the_problem() {
-        assert_eq!(prompt_ids(Some(Prompt::Ids(vec![3])), None), Ok(vec![3]));
-        assert!(prompt_ids(None, None).unwrap_err().0.starts_with("prompt:"));
-        assert!(prompt_ids(Some(Prompt::Text(String::new())), None).unwrap_err().0.contains("empty"));
-        assert!(prompt_ids(Some(Prompt::Text("hi".into())), None).unwrap_err().0.contains("no tokenizer"));
+        let l = limits();
+        let message = |r: Result<Vec<u32>, InvalidRequest>| r.unwrap_err().to_string();
+        assert_eq!(prompt_to_run(Some(Prompt::Ids(vec![3])), None, &l), Ok(vec![3]));
+        assert!(message(prompt_to_run(None, None, &l)).starts_with("prompt:"));
+        assert!(message(prompt_to_run(Some(Prompt::Text(String::new())), None, &l)).contains("empty"));
+        assert!(message(prompt_to_run(Some(Prompt::Text("hi".into())), None, &l)).contains("no tokenizer"));
+    }
+
+    #[test]
+    fn a_text_longer_than_the_context_is_refused_naming_both() {
+        let (t, limits) = (tokenizer(), limits());
+        let fits = "a".repeat(limits.context - 1);
+        assert_eq!(prompt_to_run(Some(Prompt::Text(fits)), Some(&t), &limits).expect("fits").len(), limits.context);
+        let e = prompt_to_run(Some(Prompt::Text("a".repeat(4 << 20))), Some(&t), &limits).expect_err("too long");
+        assert!(matches!(e, InvalidRequest::TextTooLong { at_least, context } if at_least > context), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.starts_with("prompt:") && msg.contains("context of 4096"), "{msg}");
     }
 }

@@ -1,10 +1,12 @@
 //! Which workers a request goes to: pure decisions over a snapshot of the pool, so they can
 //! be tested without a cluster.
 
+use cluster_core::WorkerId;
+
 /// What the router knows of one worker when it schedules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
-    pub id: String,
+    pub id: WorkerId,
     /// Free cache blocks at the last load report (None before the first).
     pub free_blocks: Option<usize>,
     pub block_size: usize,
@@ -53,7 +55,8 @@ mod tests {
     use super::*;
 
     fn c(id: &str, free: Option<usize>, outstanding: usize, suspect: bool) -> Candidate {
-        Candidate { id: id.into(), free_blocks: free, block_size: 16, outstanding, queued_tokens: 0, suspect }
+        let id = WorkerId::new(id).expect("a valid worker id");
+        Candidate { id, free_blocks: free, block_size: 16, outstanding, queued_tokens: 0, suspect }
     }
 
     #[test]

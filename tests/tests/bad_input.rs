@@ -1,13 +1,15 @@
 //! Bad input: every invalid request gets a precise error naming the field (streamed and
 //! unary), oversized and malformed messages get a clear non-OK status (never a hang), and the
-//! router keeps serving; the standard health check answers SERVING.
+//! router keeps serving; the standard health check answers SERVING. A text prompt far longer
+//! than the context is refused without tokenizing it all (the router's peak memory stays
+//! bounded), and an undecodable request is the caller's INVALID_ARGUMENT.
 
 use std::time::Duration;
 
 use cluster_tests::grpc::{expect_code, first_stream_status, ids_request, raw_unary, text_request};
 use cluster_tests::{Cluster, ClusterSpec, secs, within};
-use proto::v1::GenerateRequest;
 use proto::v1::generate_request::Prompt;
+use proto::v1::{Chat, ChatMessage, GenerateRequest, TokenizeRequest, tokenize_request};
 use tonic::{Code, Status};
 
 /// Longest an invalid request may take to be refused.
@@ -150,4 +152,114 @@ async fn health_check_reports_serving() {
     .await
     .expect("Health/Check for expertmesh.v1.Generation");
     assert_eq!(status, ServingStatus::Serving, "expertmesh.v1.Generation's health");
+}
+
+/// A process's resident memory now and at its peak (VmRSS, VmHWM), in MiB.
+fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let kib = |field: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in {status}"));
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    (kib("VmRSS:") / 1024, kib("VmHWM:") / 1024)
+}
+
+/// About `bytes` of prose, code and CJK text: mostly short tokens, many pieces.
+fn long_text(bytes: usize) -> String {
+    let parts = [
+        "The quick brown fox jumps over the lazy dog near the river bank today.\n",
+        "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); }\n",
+        "深度求索是一家专注于人工智能基础技术研究的公司。下一句话，再来一次。\n",
+    ];
+    let mut text = String::with_capacity(bytes + 128);
+    for part in parts.iter().cycle() {
+        if text.len() + part.len() > bytes {
+            break;
+        }
+        text.push_str(part);
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_text_far_beyond_the_context_is_refused_without_tokenizing_it_all() {
+    let cluster = Cluster::start("long-text", ClusterSpec::new(1, 1)).await;
+    let pid = cluster.router.pid();
+    let (rss, before) = memory_mib(pid);
+    eprintln!("router before: rss {rss} MiB, peak {before} MiB");
+    // Just under the 4 MiB message limit: about a million tokens against a context of 4096.
+    let text = long_text((4 << 20) - (64 << 10));
+    let chat = Prompt::Chat(Chat { messages: vec![ChatMessage { role: "user".into(), content: text.clone() }] });
+    let requests = [
+        GenerateRequest { prompt: Some(Prompt::Text(text.clone())), ..text_request("", 8) },
+        GenerateRequest { prompt: Some(chat), ..text_request("", 8) },
+        GenerateRequest { prompt: Some(Prompt::Text(text.clone())), ..text_request("", 8) },
+        GenerateRequest { prompt: Some(Prompt::Text(text.clone())), ..text_request("", 8) },
+    ];
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for r in requests {
+        let url = cluster.router_url();
+        calls.spawn(async move { cluster_tests::grpc::generation_client(&url).await.generate_unary(r).await });
+    }
+    let replies = within("four multi-MiB prompts", REFUSE_TIMEOUT, calls.join_all()).await;
+    eprintln!("four {} MiB prompts refused in {:?}", text.len() >> 20, started.elapsed());
+    let (rss, peak) = memory_mib(pid);
+    eprintln!("router after the prompts: rss {rss} MiB, peak {peak} MiB");
+    for reply in replies {
+        let status = reply.expect_err("a prompt of a million tokens is refused");
+        eprintln!("{:?}: {}", status.code(), status.message());
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        let msg = status.message();
+        assert!(msg.starts_with("prompt:") && msg.contains("context of 4096"), "names prompt and context: {msg}");
+    }
+    // Tokenize takes as much as its reply can hold (far more than the context) and no more.
+    let mut client = cluster.client().await;
+    let tokenize = TokenizeRequest { input: Some(tokenize_request::Input::Text(text.clone())) };
+    let status =
+        within("Tokenize of a multi-MiB text", REFUSE_TIMEOUT, client.tokenize(tokenize)).await.expect_err("refused");
+    eprintln!("Tokenize: {:?}: {}", status.code(), status.message());
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("Tokenize reply"), "{}", status.message());
+    // A text that fits its reply is tokenized whole.
+    let fits = long_text(256 << 10);
+    let tokenize = TokenizeRequest { input: Some(tokenize_request::Input::Text(fits.clone())) };
+    let ids =
+        within("Tokenize of 256 KiB", REFUSE_TIMEOUT, client.tokenize(tokenize)).await.expect("fits").into_inner().ids;
+    assert_eq!(ids.len(), 1 + fits.len(), "BOS and one id per byte (the default model's tokenizer)");
+
+    let (rss, after) = memory_mib(pid);
+    eprintln!("router after: rss {rss} MiB, peak {after} MiB (+{} MiB)", after.saturating_sub(before));
+    // Tokenizing one such prompt whole took about 600 MiB; the messages themselves take a few.
+    assert!(after < before + PEAK_GROWTH_MIB, "the router's peak grew from {before} to {after} MiB");
+    serves_a_good_request(&cluster).await;
+}
+
+/// Bound on the router's peak memory growth over four multi-MiB prompts and the Tokenize calls.
+const PEAK_GROWTH_MIB: u64 = 200;
+
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments_with_the_decode_error() {
+    let cluster = Cluster::start("undecodable", ClusterSpec::new(1, 1)).await;
+    let url = cluster.router_url();
+    // GenerateRequest.text (field 1, length-delimited) and a chat message's content holding
+    // bytes that are not UTF-8; Tokenize's text likewise; then bytes that are not protobuf.
+    let bad_text = vec![0x0a, 0x04, b'h', 0xc3, 0x28, b'i'];
+    let bad_chat = vec![0x1a, 0x08, 0x0a, 0x06, 0x12, 0x04, b'h', 0xff, 0xfe, b'i'];
+    let cases: [(&str, &'static str, Vec<u8>, &str); 5] = [
+        ("text with invalid UTF-8", "/expertmesh.v1.Generation/GenerateUnary", bad_text.clone(), "UTF-8"),
+        ("chat content with invalid UTF-8", "/expertmesh.v1.Generation/GenerateUnary", bad_chat, "UTF-8"),
+        ("Tokenize text with invalid UTF-8", "/expertmesh.v1.Generation/Tokenize", bad_text.clone(), "UTF-8"),
+        ("a streamed request with invalid UTF-8", "/expertmesh.v1.Generation/Generate", bad_text, "UTF-8"),
+        ("garbage", "/expertmesh.v1.Generation/GenerateUnary", vec![0xff, 0xff, 0xff], "decode"),
+    ];
+    for (what, path, body, names) in cases {
+        let reply = within(what, REFUSE_TIMEOUT, raw_unary(&url, path, body)).await;
+        let status = reply.expect_err(what);
+        eprintln!("{what}: {:?}: {}", status.code(), status.message());
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {}", status.message());
+        let msg = status.message();
+        assert!(msg.contains("could not be decoded") && msg.contains(names), "{what}: {msg}");
+    }
+    serves_a_good_request(&cluster).await;
 }

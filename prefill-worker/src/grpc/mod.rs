@@ -40,7 +40,7 @@ impl PrefillService {
     /// Checks, queues and waits for one request.
     async fn prefill_one(&self, request: proto::internal::PrefillRequest) -> Result<PrefillOutcome, PrefillError> {
         let request = to_domain(request)?;
-        self.limits.check(&request.prompt, &request.params)?;
+        self.limits.check(&request.prompt, &request.params, request.prompt_logits_top)?;
         let sink = self.decode.get(&request.decode_addr)?;
         self.engine.prefill(request, sink).await
     }

@@ -1,5 +1,6 @@
 //! Clients of the workers' internal services, speaking domain types.
 
+use crate::ids::AttemptId;
 use crate::request::Job;
 use model::FinishReason;
 use proto::internal::decode_client::DecodeClient;
@@ -93,12 +94,12 @@ impl DecodeEvents {
 /// itself) and returns its event stream once admitted.
 pub async fn admit(
     channel: Channel,
-    attempt: u64,
+    attempt: AttemptId,
     job: &Job,
     local_prefill: bool,
 ) -> Result<(usize, DecodeEvents), CallError> {
     let req = pb::AdmitRequest {
-        request_id: attempt,
+        request_id: attempt.get(),
         prompt_tokens: job.prompt.len() as u32,
         sampling: Some(sampling(job)),
         local_prefill_prompt_ids: if local_prefill { job.prompt.clone() } else { Vec::new() },
@@ -126,9 +127,14 @@ pub struct PrefillDone {
 }
 
 /// Prefills `job` on a prefill worker, which ships the cache to `decode_addr`.
-pub async fn prefill(channel: Channel, attempt: u64, job: &Job, decode_addr: &str) -> Result<PrefillDone, CallError> {
+pub async fn prefill(
+    channel: Channel,
+    attempt: AttemptId,
+    job: &Job,
+    decode_addr: &str,
+) -> Result<PrefillDone, CallError> {
     let req = pb::PrefillRequest {
-        request_id: attempt,
+        request_id: attempt.get(),
         prompt_ids: job.prompt.clone(),
         sampling: Some(sampling(job)),
         prompt_logits_top: job.prompt_logits_top as u32,

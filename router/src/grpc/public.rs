@@ -2,8 +2,9 @@
 //! status codes in one place.
 
 use crate::driver::{Delivery, Driver, Outcome, RequestError};
-use crate::request::{self, InvalidRequest, Prompt, SamplingRequest};
-use model::{ChatMessage, FinishReason, ModelConfig, ModelType, Tokenizer};
+use crate::ids::RequestId;
+use crate::request::{self, Prompt, SamplingRequest};
+use model::{ChatMessage, FinishReason, InvalidRequest, ModelConfig, ModelType, RequestLimits, Tokenizer};
 use proto::v1::generation_server::Generation;
 use proto::v1::{self as pb, generate_request, generate_response, tokenize_request};
 use std::pin::Pin;
@@ -15,6 +16,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
+
+/// Most ids a `Tokenize` reply holds within the encoding limit whatever their values: packed
+/// varints of at most 5 bytes, after a tag and a length of at most 6.
+const MAX_REPLY_IDS: usize = (cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES - 6) / 5;
 
 #[derive(Debug)]
 pub struct GenerationService {
@@ -42,7 +47,7 @@ fn status(e: RequestError) -> Status {
 
 fn invalid(e: InvalidRequest) -> Status {
     crate::telemetry::request_ended(crate::telemetry::RequestOutcome::Invalid);
-    Status::invalid_argument(e.0)
+    Status::invalid_argument(e.to_string())
 }
 
 fn finish_reason(r: FinishReason) -> pb::FinishReason {
@@ -79,7 +84,7 @@ fn deadline<T>(req: &Request<T>) -> Option<Duration> {
 /// What the summary of a started request reports besides its outcome.
 struct Started {
     prompt_ids: Vec<u32>,
-    request_id: u64,
+    request_id: RequestId,
     /// Empty when traces are not exported.
     trace_id: String,
 }
@@ -100,14 +105,14 @@ fn with_trace_id<T>(mut response: Response<T>, trace_id: &str) -> Response<T> {
     response
 }
 
-fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: u64, trace_id: String) -> pb::Summary {
+fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: RequestId, trace_id: String) -> pb::Summary {
     pb::Summary {
         finish_reason: finish_reason(o.reason) as i32,
         prompt_tokens: prompt_ids.len() as u32,
         completion_tokens: o.completion_tokens as u32,
         time_to_first_token_s: o.time_to_first_token.as_secs_f64(),
         total_time_s: o.total.as_secs_f64(),
-        request_id: format!("{request_id:016x}"),
+        request_id: request_id.to_string(),
         prompt_ids,
         retries: o.retries,
         trace_id,
@@ -144,13 +149,14 @@ impl GenerationService {
             stop_token_ids: s.stop_token_ids,
         };
         let tokenizer = self.tokenizer.clone();
+        let limits = RequestLimits::of(&self.config);
         // Tokenizing a long text is compute: keep it off the runtime.
-        let ids = tokio::task::spawn_blocking(move || request::prompt_ids(prompt, tokenizer.as_deref()))
+        let ids = tokio::task::spawn_blocking(move || request::prompt_to_run(prompt, tokenizer.as_deref(), &limits))
             .await
             .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
             .map_err(invalid)?;
-        let job = request::job(ids, sampling, r.prompt_logits_top, &self.config, model::sampling::random_seed)
-            .map_err(invalid)?;
+        let job =
+            request::job(ids, sampling, r.prompt_logits_top, &limits, model::sampling::random_seed).map_err(invalid)?;
         let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
             crate::telemetry::request_ended(crate::telemetry::RequestOutcome::Rejected);
             Status::resource_exhausted(format!(
@@ -158,11 +164,11 @@ impl GenerationService {
                 self.max_inflight
             ))
         })?;
-        let request_id = model::sampling::random_seed();
+        let request_id = RequestId::fresh();
         let prompt_ids = job.prompt.clone();
         let (tx, rx) = mpsc::channel(crate::driver::out_capacity(job.params.max_new_tokens));
         let driver = self.driver.clone();
-        span.record("request_id", format!("{request_id:016x}"));
+        span.record("request_id", request_id.to_string());
         span.record("prompt_tokens", job.prompt.len());
         let trace_id = cluster_core::trace::trace_id(&span).unwrap_or_default();
         self.tracker.spawn(tracing::Instrument::instrument(
@@ -240,10 +246,18 @@ impl Generation for GenerationService {
             tokenize_request::Input::Chat(c) => Prompt::Chat(chat(c)),
         });
         let tokenizer = self.tokenizer.clone();
-        let ids = tokio::task::spawn_blocking(move || request::prompt_ids(prompt, tokenizer.as_deref()))
-            .await
-            .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
-            .map_err(invalid)?;
+        // Only as much text as the reply can hold is tokenized.
+        let too_long = |at_least| {
+            InvalidRequest::Prompt(format!(
+                "the text is at least {at_least} tokens, more than the {MAX_REPLY_IDS} ids a Tokenize reply holds"
+            ))
+        };
+        let ids = tokio::task::spawn_blocking(move || {
+            request::prompt_ids(prompt, tokenizer.as_deref(), MAX_REPLY_IDS, too_long)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
+        .map_err(invalid)?;
         Ok(Response::new(pb::TokenizeResponse { ids }))
     }
 
