@@ -7,7 +7,7 @@
 //! sending never blocks the engine; a sequence whose consumer is gone is released at the next
 //! iteration; every sequence is released exactly once (finish, failure, cancel or release).
 
-use model::{Engine, EngineError, FinishReason, SamplingParams, SeqId, StepOutput};
+use model::{Engine, EngineError, FinishReason, LayerRows, SamplingParams, SeqId, StepOutput};
 use std::collections::{BTreeSet, HashMap};
 use tokio::sync::{mpsc, oneshot};
 
@@ -47,9 +47,7 @@ pub enum Command {
     },
     ImportLayer {
         id: SeqId,
-        layer: usize,
-        num_tokens: usize,
-        rows: Vec<u8>,
+        rows: LayerRows,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Commit {
@@ -180,8 +178,8 @@ impl Actor {
                 });
                 let _ = reply.send(result);
             }
-            Command::ImportLayer { id, layer, num_tokens, rows, reply } => {
-                let _ = reply.send(self.engine.import_layer(id, layer, num_tokens, &rows));
+            Command::ImportLayer { id, rows, reply } => {
+                let _ = reply.send(self.engine.import_layer(id, &rows));
             }
             Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply } => {
                 let _ = reply.send(self.commit(id, tokens, prompt_len, prompt_logits_top));

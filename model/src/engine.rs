@@ -255,7 +255,7 @@ impl Engine {
         &mut self,
         ids: &[SeqId],
         phase: Phase,
-        on_layer: Option<&mut LayerSink<'_>>,
+        on_layer: Option<&mut (dyn FnMut(SeqId, LayerRows) + Send)>,
     ) -> Result<Vec<StepOutput>, EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
