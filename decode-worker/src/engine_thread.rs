@@ -13,7 +13,7 @@
 use cluster_core::actor::{self, ActorError};
 use cluster_core::stall::StallWatch;
 use model::request::finish_reason;
-use model::{Engine, EngineError, FinishReason, SamplingParams, SeqId, StepOutput};
+use model::{Engine, EngineError, FinishReason, LayerRows, SamplingParams, SeqId, StepOutput};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -66,9 +66,7 @@ enum Command {
     },
     ImportLayer {
         id: SeqId,
-        layer: usize,
-        num_tokens: usize,
-        rows: Vec<u8>,
+        rows: LayerRows,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Commit {
@@ -136,14 +134,8 @@ impl EngineHandle {
     }
 
     /// Imports one complete layer of a reserved sequence's cache.
-    pub async fn import_layer(
-        &self,
-        id: SeqId,
-        layer: usize,
-        num_tokens: usize,
-        rows: Vec<u8>,
-    ) -> Result<(), CallError> {
-        Ok(self.actor.try_call(|reply| Command::ImportLayer { id, layer, num_tokens, rows, reply }).await??)
+    pub async fn import_layer(&self, id: SeqId, rows: LayerRows) -> Result<(), CallError> {
+        Ok(self.actor.try_call(|reply| Command::ImportLayer { id, rows, reply }).await??)
     }
 
     /// Finishes an import: the sequence joins the batch with its first token.
@@ -290,8 +282,8 @@ impl Actor {
                 });
                 let _ = reply.send(result);
             }
-            Command::ImportLayer { id, layer, num_tokens, rows, reply } => {
-                let _ = reply.send(self.engine.import_layer(id, layer, num_tokens, &rows));
+            Command::ImportLayer { id, rows, reply } => {
+                let _ = reply.send(self.engine.import_layer(id, &rows));
             }
             Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply } => {
                 let _ = reply.send(self.commit(id, tokens, prompt_len, prompt_logits_top));

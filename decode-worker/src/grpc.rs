@@ -1,8 +1,11 @@
 //! The Decode gRPC service: the only module that touches protobuf types. Admission streams
-//! a sequence's events, PushKv reassembles layers from chunks, and every engine error maps
-//! to a status here.
+//! a sequence's events, PushKv hands its chunks to the import as a [`KvSource`], and every
+//! engine or import error maps to a status here.
 
 use crate::engine_thread::{CallError, EngineHandle, LocalPrefill, Reservation, SeqEvent};
+use crate::import::{ImportError, KvSource};
+use cluster_core::BoxFuture;
+use model::kv::{KvCommit, KvPart, KvShape, LayerChunk};
 use model::{CacheLayout, EngineError, FinishReason, RequestLimits, SamplingParams, SeqId};
 use proto::internal::decode_server::Decode;
 use proto::internal::{self as pb, decode_event, kv_chunk};
@@ -40,6 +43,15 @@ fn call_status(e: CallError) -> Status {
         // Busy: RESOURCE_EXHAUSTED; stopped: UNAVAILABLE.
         CallError::Actor(e) => e.into(),
         CallError::Engine(e) => status_of(e),
+    }
+}
+
+/// A push that breaks the transfer format is the sender's fault: INVALID_ARGUMENT.
+fn import_status(e: ImportError) -> Status {
+    match e {
+        ImportError::Source(status) => status,
+        ImportError::Kv(e) => Status::invalid_argument(e.to_string()),
+        ImportError::Call(e) => call_status(e),
     }
 }
 
@@ -129,13 +141,37 @@ impl Drop for AdmitStream {
     }
 }
 
-/// Partial layers of one incoming cache.
-struct Incoming {
-    id: SeqId,
-    num_tokens: usize,
-    row_bytes: usize,
-    layers: Vec<Vec<u8>>,
-    complete: Vec<bool>,
+/// A PushKv request stream, read part by part by the import.
+struct ChunkSource(Streaming<pb::KvChunk>);
+
+impl KvSource for ChunkSource {
+    fn next_part(&mut self) -> BoxFuture<'_, Result<Option<KvPart>, Status>> {
+        Box::pin(async move {
+            let Some(chunk) = self.0.message().await? else { return Ok(None) };
+            part_of(chunk).map(Some)
+        })
+    }
+}
+
+fn part_of(chunk: pb::KvChunk) -> Result<KvPart, Status> {
+    Ok(match chunk.part.ok_or_else(|| Status::invalid_argument("empty KvChunk"))? {
+        kv_chunk::Part::Header(h) => KvPart::Header {
+            request_id: h.request_id,
+            shape: KvShape {
+                num_tokens: h.num_tokens as usize,
+                latent_dim: h.latent_dim as usize,
+                num_layers: h.num_layers as usize,
+            },
+        },
+        kv_chunk::Part::Layer(l) => {
+            KvPart::Layer(LayerChunk { layer: l.layer as usize, first_token: l.first_token as usize, data: l.data })
+        }
+        kv_chunk::Part::Commit(c) => KvPart::Commit(KvCommit {
+            tokens: c.tokens,
+            prompt_len: c.prompt_len as usize,
+            prompt_logits_top: c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect(),
+        }),
+    })
 }
 
 #[tonic::async_trait]
@@ -180,7 +216,10 @@ impl Decode for DecodeService {
     async fn push_kv(&self, request: Request<Streaming<pb::KvChunk>>) -> Result<Response<pb::PushKvReply>, Status> {
         let span = tracing::info_span!("kv_import", request_id = tracing::field::Empty, bytes = tracing::field::Empty);
         cluster_core::trace::extract_into(request.metadata(), &span);
-        tracing::Instrument::instrument(self.import(request.into_inner(), span.clone()), span).await
+        let mut source = ChunkSource(request.into_inner());
+        let import = crate::import::import(&mut source, self.layout, &self.engine, &span);
+        let bytes_received = tracing::Instrument::instrument(import, span.clone()).await.map_err(import_status)?;
+        Ok(Response::new(pb::PushKvReply { bytes_received }))
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
@@ -200,109 +239,5 @@ impl Decode for DecodeService {
             total_blocks: l.total_blocks as u32,
             block_size: l.block_size as u32,
         }))
-    }
-}
-
-impl DecodeService {
-    fn header(&self, h: pb::KvHeader) -> Result<Incoming, Status> {
-        let l = self.layout;
-        if h.latent_dim as usize != l.latent_dim || h.num_layers as usize != l.num_layers {
-            return Err(Status::invalid_argument(format!(
-                "cache shape {} layers x {} does not match this model's {} x {}",
-                h.num_layers, h.latent_dim, l.num_layers, l.latent_dim
-            )));
-        }
-        if h.num_tokens == 0 {
-            return Err(Status::invalid_argument("num_tokens 0 must be >= 1"));
-        }
-        Ok(Incoming {
-            id: SeqId(h.request_id),
-            num_tokens: h.num_tokens as usize,
-            row_bytes: l.latent_dim * 4,
-            layers: vec![Vec::new(); l.num_layers],
-            complete: vec![false; l.num_layers],
-        })
-    }
-}
-
-impl Incoming {
-    /// Appends a chunk; returns the layer's rows once it is complete.
-    fn add(&mut self, l: pb::KvLayer) -> Result<Option<(usize, Vec<u8>)>, Status> {
-        let layer = l.layer as usize;
-        let bad = |m: String| Err(Status::invalid_argument(m));
-        if layer >= self.layers.len() {
-            return bad(format!("layer {layer} does not exist (the model has {})", self.layers.len()));
-        }
-        if self.complete[layer] {
-            return bad(format!("layer {layer} sent twice"));
-        }
-        let have = self.layers[layer].len() / self.row_bytes;
-        if l.first_token as usize != have {
-            return bad(format!("layer {layer}: chunk starts at token {}, expected {have}", l.first_token));
-        }
-        if !l.data.len().is_multiple_of(self.row_bytes) {
-            return bad(format!(
-                "layer {layer}: {} bytes is not a whole number of {}-byte rows",
-                l.data.len(),
-                self.row_bytes
-            ));
-        }
-        if have + l.data.len() / self.row_bytes > self.num_tokens {
-            return bad(format!("layer {layer}: more than the {} announced tokens", self.num_tokens));
-        }
-        let buf = &mut self.layers[layer];
-        if buf.is_empty() {
-            buf.reserve_exact(self.num_tokens * self.row_bytes);
-        }
-        buf.extend_from_slice(&l.data);
-        if buf.len() == self.num_tokens * self.row_bytes {
-            self.complete[layer] = true;
-            return Ok(Some((layer, std::mem::take(buf))));
-        }
-        Ok(None)
-    }
-}
-
-impl DecodeService {
-    /// One `PushKv` stream: header, layers, commit. `span` gets the request id and bytes.
-    async fn import(
-        &self,
-        mut chunks: Streaming<pb::KvChunk>,
-        span: tracing::Span,
-    ) -> Result<Response<pb::PushKvReply>, Status> {
-        let mut incoming: Option<Incoming> = None;
-        let mut received = 0u64;
-        while let Some(chunk) = chunks.message().await? {
-            match (chunk.part, incoming.as_mut()) {
-                (Some(kv_chunk::Part::Header(h)), None) => {
-                    span.record("request_id", h.request_id);
-                    incoming = Some(self.header(h)?);
-                }
-                (Some(kv_chunk::Part::Header(_)), Some(_)) => {
-                    return Err(Status::invalid_argument("second KvHeader in one stream"));
-                }
-                (Some(kv_chunk::Part::Layer(l)), Some(inc)) => {
-                    received += l.data.len() as u64;
-                    if let Some((layer, rows)) = inc.add(l)? {
-                        let (id, num_tokens) = (inc.id, inc.num_tokens);
-                        self.engine.import_layer(id, layer, num_tokens, rows).await.map_err(call_status)?;
-                    }
-                }
-                (Some(kv_chunk::Part::Commit(c)), Some(inc)) => {
-                    if let Some(l) = inc.complete.iter().position(|c| !c) {
-                        return Err(Status::invalid_argument(format!("KvCommit before layer {l} was complete")));
-                    }
-                    let id = inc.id;
-                    let top = c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect();
-                    let (tokens, prompt_len) = (c.tokens, c.prompt_len as usize);
-                    self.engine.commit(id, tokens, prompt_len, top).await.map_err(call_status)?;
-                    span.record("bytes", received);
-                    return Ok(Response::new(pb::PushKvReply { bytes_received: received }));
-                }
-                (Some(_), None) => return Err(Status::invalid_argument("the stream must start with a KvHeader")),
-                (None, _) => return Err(Status::invalid_argument("empty KvChunk")),
-            }
-        }
-        Err(Status::invalid_argument("stream ended before KvCommit"))
     }
 }

@@ -7,6 +7,7 @@
 
 mod engine_thread;
 mod grpc;
+mod import;
 mod telemetry;
 
 use anyhow::Context;

@@ -4,6 +4,7 @@
 //! Invariant: a block belongs to at most one sequence; blocks return to the free list only
 //! through [`LatentCache::free`], called once when a sequence is released.
 
+use crate::kv::{LayerRows, VALUE_BYTES};
 use kernels::cpu::mla::PagedLatent;
 
 /// Cache geometry.
@@ -22,9 +23,9 @@ impl CacheLayout {
         num_tokens.div_ceil(self.block_size)
     }
 
-    /// Bytes of one token's cache across all layers as exported (f32).
+    /// Bytes of one token's cache across all layers in the transfer format.
     pub fn bytes_per_token(&self) -> usize {
-        self.latent_dim * self.num_layers * 4
+        self.latent_dim * self.num_layers * VALUE_BYTES
     }
 }
 
@@ -36,13 +37,13 @@ pub struct LatentCache {
     free: Vec<u32>,
 }
 
-/// One sequence's cache, layer by layer, as little-endian f32 rows (the transfer format).
+/// One sequence's cache, layer by layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequenceCacheExport {
     pub num_tokens: usize,
     pub latent_dim: usize,
-    /// `layers[l]` holds `num_tokens * latent_dim` f32 values as bytes.
-    pub layers: Vec<Vec<u8>>,
+    /// `layers[l]` holds layer `l`'s `num_tokens` rows.
+    pub layers: Vec<LayerRows>,
 }
 
 impl LatentCache {
@@ -98,25 +99,21 @@ impl LatentCache {
         self.layers[layer][r].copy_from_slice(row);
     }
 
-    /// Copies one layer of tokens `[0, num_tokens)` out as bytes.
-    pub fn export_layer(&self, layer: usize, table: &[u32], num_tokens: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(num_tokens * self.layout.latent_dim * 4);
+    /// Copies one layer of tokens `[0, num_tokens)` out.
+    pub fn export_layer(&self, layer: usize, table: &[u32], num_tokens: usize) -> LayerRows {
+        let mut out = Vec::with_capacity(num_tokens * self.layout.latent_dim);
         for t in 0..num_tokens {
-            for v in &self.layers[layer][self.row_range(table, t)] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+            out.extend_from_slice(&self.layers[layer][self.row_range(table, t)]);
         }
-        out
+        LayerRows::new(layer, self.layout.latent_dim, out).expect("the cache holds whole rows")
     }
 
-    /// Writes one exported layer into the sequence's blocks. `bytes` must hold whole rows.
-    pub fn import_layer(&mut self, layer: usize, table: &[u32], bytes: &[u8]) {
-        let row_bytes = self.layout.latent_dim * 4;
-        for (t, chunk) in bytes.chunks_exact(row_bytes).enumerate() {
+    /// Writes `rows` (of this cache's width) into the sequence's blocks, which must hold them.
+    pub fn import_layer(&mut self, table: &[u32], rows: &LayerRows) {
+        debug_assert_eq!(rows.latent_dim(), self.layout.latent_dim);
+        for (t, row) in rows.data().chunks_exact(self.layout.latent_dim).enumerate() {
             let r = self.row_range(table, t);
-            for (dst, b) in self.layers[layer][r].iter_mut().zip(chunk.chunks_exact(4)) {
-                *dst = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+            self.layers[rows.layer()][r].copy_from_slice(row);
         }
     }
 }
@@ -135,11 +132,11 @@ mod tests {
         for t in 0..5 {
             c.write_row(1, &a, t, &[t as f32, 1.0, 2.0]);
         }
-        let bytes = c.export_layer(1, &a, 5);
-        assert_eq!(bytes.len(), 5 * 3 * 4);
+        let rows = c.export_layer(1, &a, 5);
+        assert_eq!((rows.layer(), rows.num_tokens(), rows.data()[3]), (1, 5, 1.0));
         c.free(&a);
         let b = c.allocate(3).unwrap();
-        c.import_layer(0, &b, &bytes);
-        assert_eq!(c.export_layer(0, &b, 5), bytes);
+        c.import_layer(&b, &rows);
+        assert_eq!(c.export_layer(1, &b, 5), rows);
     }
 }

@@ -9,6 +9,7 @@ use crate::EngineError;
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
+use crate::kv::LayerRows;
 use crate::request::{RequestLimits, finish_reason};
 use crate::sampling::Sampler;
 use crate::sampling::{SamplingParams, top_logits};
@@ -25,6 +26,9 @@ impl fmt::Display for SeqId {
         self.0.fmt(f)
     }
 }
+
+/// Receives each finished layer of each sequence during [`Engine::prefill_streaming`].
+pub type LayerSink<'a> = dyn FnMut(SeqId, LayerRows) + Send + 'a;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,12 +222,12 @@ impl Engine {
         self.run(ids, Phase::Waiting, None)
     }
 
-    /// [`Engine::prefill`], handing each sequence's finished layer to `on_layer(layer, seq,
-    /// rows)` as soon as the layer is done (rows as in [`SequenceCacheExport::layers`]).
+    /// [`Engine::prefill`], handing each sequence's finished layer to `on_layer(seq, rows)`
+    /// as soon as the layer is done (rows as in [`SequenceCacheExport::layers`]).
     pub fn prefill_streaming(
         &mut self,
         ids: &[SeqId],
-        on_layer: &mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send),
+        on_layer: &mut LayerSink<'_>,
     ) -> Result<Vec<StepOutput>, EngineError> {
         self.run(ids, Phase::Waiting, Some(on_layer))
     }
@@ -237,7 +241,7 @@ impl Engine {
         &mut self,
         ids: &[SeqId],
         phase: Phase,
-        on_layer: Option<&mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send)>,
+        on_layer: Option<&mut (dyn FnMut(SeqId, LayerRows) + Send)>,
     ) -> Result<Vec<StepOutput>, EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
@@ -283,7 +287,7 @@ impl Engine {
             Some(f) => {
                 let mut hook = |layer: usize, cache: &LatentCache| {
                     for &(id, blocks, n) in &tables {
-                        f(layer, id, cache.export_layer(layer, blocks, n));
+                        f(id, cache.export_layer(layer, blocks, n));
                     }
                 };
                 self.model.forward_with_layer_hook(&mut self.cache, &segments, self.experts.as_ref(), &mut hook)?
@@ -365,8 +369,8 @@ impl Engine {
         self.check_import(&tokens, prompt_len, &params, export.num_tokens)?;
         self.reserve_import(id, prompt_len + params.max_new_tokens)?;
         let staged = (|| {
-            for (l, bytes) in export.layers.iter().enumerate() {
-                self.import_layer(id, l, export.num_tokens, bytes)?;
+            for rows in &export.layers {
+                self.import_layer(id, rows)?;
             }
             self.finish_import(id, tokens, prompt_len, params)
         })();
@@ -406,22 +410,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes one layer of an importing sequence: `bytes` holds `num_tokens` rows.
-    pub fn import_layer(
-        &mut self,
-        id: SeqId,
-        layer: usize,
-        num_tokens: usize,
-        bytes: &[u8],
-    ) -> Result<(), EngineError> {
+    /// Writes one layer of an importing sequence's prompt rows.
+    pub fn import_layer(&mut self, id: SeqId, rows: &LayerRows) -> Result<(), EngineError> {
         let layout = self.cache.layout();
         let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         let bad = |m: String| Err(EngineError::BadCacheImport(m));
         if s.phase != Phase::Importing {
             return Err(EngineError::WrongState(id.0, "importing"));
         }
+        let (layer, num_tokens) = (rows.layer(), rows.num_tokens());
         if layer >= layout.num_layers {
             return bad(format!("layer {layer} does not exist (the model has {})", layout.num_layers));
+        }
+        if rows.latent_dim() != layout.latent_dim {
+            return bad(format!("layer {layer} has rows of {}, expected {}", rows.latent_dim(), layout.latent_dim));
         }
         if num_tokens > s.blocks.len() * layout.block_size {
             return bad(format!(
@@ -429,17 +431,13 @@ impl Engine {
                 s.blocks.len() * layout.block_size
             ));
         }
-        let row_bytes = layout.latent_dim * 4 * num_tokens;
-        if bytes.len() != row_bytes {
-            return bad(format!("layer {layer} has {} bytes, expected {row_bytes}", bytes.len()));
-        }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = self.gpu.as_mut() {
-            gpu.cache.import_layer(layer, &s.blocks, bytes).map_err(|e| EngineError::Device(e.to_string()))?;
+            gpu.cache.import_layer(&s.blocks, rows).map_err(|e| EngineError::Device(e.to_string()))?;
             s.imported_layers[layer] = Some(num_tokens);
             return Ok(());
         }
-        self.cache.import_layer(layer, &s.blocks, bytes);
+        self.cache.import_layer(&s.blocks, rows);
         s.imported_layers[layer] = Some(num_tokens);
         Ok(())
     }
@@ -490,7 +488,7 @@ impl Engine {
     }
 
     /// One layer of a sequence's rows, from wherever the cache lives.
-    fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<Vec<u8>, EngineError> {
+    fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<LayerRows, EngineError> {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));

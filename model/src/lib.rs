@@ -1,6 +1,7 @@
 //! The DeepSeek-V3/V2 model: reads HuggingFace checkpoints, runs the batched forward pass
 //! over a paged latent (MLA) cache, and exposes the engine API that serving roles build on
-//! (add / prefill / decode / release sequences, export and import a sequence's cache).
+//! (add / prefill / decode / release sequences, export and import a sequence's cache) and
+//! the codec that moves a cache between workers (`kv`).
 //!
 //! Routed experts are reached through [`ExpertBackend`], so they can run in this process
 //! ([`LocalExperts`]) or elsewhere.
@@ -15,6 +16,7 @@ mod engine;
 mod error;
 mod experts;
 mod forward;
+pub mod kv;
 mod load;
 pub mod request;
 pub mod sampling;
@@ -24,12 +26,13 @@ mod weights;
 
 pub use cache::{CacheLayout, LatentCache, SequenceCacheExport};
 pub use config::{ModelConfig, ModelType};
-pub use engine::{Engine, EngineOptions, FinishReason, SeqId, StepOutput};
+pub use engine::{Engine, EngineOptions, FinishReason, LayerSink, SeqId, StepOutput};
 pub use error::{EngineError, ModelError};
 pub use experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId, ExpertWeights, LocalExperts};
 pub use forward::Segment;
 pub use forward::{ForwardOutput, LogitsWanted, Model, RouterTrace};
 pub use kernels::Device;
+pub use kv::{KvError, LayerRows};
 pub use load::Loaded;
 pub use load::{LoadOptions, LoadProgress, load_model};
 pub use request::{InvalidRequest, RequestLimits};

@@ -2,7 +2,7 @@
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
 
 use model::{
-    Engine, EngineError, EngineOptions, InvalidRequest, LoadOptions, ModelError, SamplingParams, SeqId,
+    Engine, EngineError, EngineOptions, InvalidRequest, LayerRows, LoadOptions, ModelError, SamplingParams, SeqId,
     SequenceCacheExport, WeightDtype, load_model,
 };
 use safetensors::{Dtype, SafeTensors};
@@ -530,13 +530,18 @@ fn bad_cache_imports_are_refused() {
     let bad_dim = wrong(&|x| x.latent_dim = 24);
     let err = refuse("latent_dim", tokens.clone(), n, params.clone(), &bad_dim);
     assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
-    let short = wrong(&|x| {
-        let len = x.layers[1].len();
-        x.layers[1].truncate(len - 4);
-    });
+    // Layer 1 one row short.
+    let first_rows = |rows: &LayerRows, n: usize| {
+        LayerRows::new(rows.layer(), rows.latent_dim(), rows.data()[..n * rows.latent_dim()].to_vec()).expect("rows")
+    };
+    let short = wrong(&|x| x.layers[1] = first_rows(&x.layers[1], n - 1));
     let err = refuse("short layer", tokens.clone(), n, params.clone(), &short);
     assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
     assert_names(&err.to_string(), &["layer 1"]);
+    let narrow = wrong(&|x| x.layers[2] = LayerRows::new(2, 20, x.layers[2].data().to_vec()).expect("rows of 20"));
+    let err = refuse("rows of another width", tokens.clone(), n, params.clone(), &narrow);
+    assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
+    assert_names(&err.to_string(), &["layer 2", "rows of 20"]);
     let err = refuse("tokens do not match the cache", case.prompt_ids.clone(), n, params.clone(), &export);
     assert!(matches!(err, EngineError::BadCacheImport(_)), "{err:?}");
     let err = refuse("prompt_len 0", tokens.clone(), 0, params.clone(), &export);
@@ -567,7 +572,7 @@ fn bad_cache_imports_are_refused() {
         greedy(2),
         &wrong(&|x| {
             x.num_tokens = 1;
-            x.layers.iter_mut().for_each(|l| l.truncate(40 * 4));
+            x.layers.iter_mut().for_each(|l| *l = first_rows(l, 1));
         }),
     );
     assert!(matches!(err, Err(EngineError::DuplicateSequence(2))), "{err:?}");

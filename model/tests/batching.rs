@@ -6,7 +6,10 @@
 mod common;
 
 use kernels::cpu::Precision;
-use model::{Engine, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype, load_model};
+use model::kv::{KvCommit, KvPart, KvShape, Reassembly, Received, chunk_layer};
+use model::{
+    Engine, EngineOptions, ExpertBackend, LayerRows, LoadOptions, Model, SamplingParams, SeqId, WeightDtype, load_model,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -255,7 +258,7 @@ fn exported_cache_continues_identically_in_another_engine() {
             // B's export of the imported sequence starts with A's rows.
             let back = b.export_cache(id).expect("export from B");
             for (l, (x, y)) in export.layers.iter().zip(&back.layers).enumerate() {
-                assert_eq!(&y[..x.len()], &x[..], "{what}: layer {l} rows after import");
+                assert_eq!(&y.data()[..x.data().len()], x.data(), "{what}: layer {l} rows after import");
             }
             for e in [&mut a, &mut b] {
                 e.release(id).expect("release");
@@ -307,9 +310,10 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
         for (id, p) in ids.iter().zip(&prompts) {
             a.add_sequence(*id, p.clone(), params.clone(), 0).expect("add");
         }
-        let mut streamed: BTreeMap<(u64, usize), Vec<u8>> = BTreeMap::new();
+        let mut streamed: BTreeMap<(u64, usize), LayerRows> = BTreeMap::new();
         let firsts = a
-            .prefill_streaming(&ids, &mut |layer, seq, rows| {
+            .prefill_streaming(&ids, &mut |seq, rows| {
+                let layer = rows.layer();
                 assert!(streamed.insert((seq.0, layer), rows).is_none(), "{name}: layer {layer} of {seq} sent twice");
             })
             .expect("prefill");
@@ -331,14 +335,29 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
                 e.generated(SeqId(0)).expect("generated").to_vec()
             };
             assert_eq!(firsts[k].token, expected[0], "{name}: first sampled token");
-            // Staged import into B, layer by layer, then decode there.
+            // Through the transfer codec (chunks of 3 rows, the layers last to first) into B,
+            // layer by layer as each is reassembled, then decode there.
             let moved = SeqId(50 + k as u64);
             b.reserve_import(moved, p.len() + params.max_new_tokens).expect("reserve");
-            for l in 0..layers {
-                b.import_layer(moved, l, p.len(), &streamed[&(id.0, l)]).expect("import layer");
-            }
+            let layout = b.cache_layout();
+            let shape = KvShape { num_tokens: p.len(), latent_dim: layout.latent_dim, num_layers: layers };
             let mut tokens = p.clone();
             tokens.push(firsts[k].token);
+            let commit = KvCommit { tokens: tokens.clone(), prompt_len: p.len(), prompt_logits_top: Vec::new() };
+            let mut parts = vec![KvPart::Header { request_id: moved.0, shape }];
+            for l in (0..layers).rev() {
+                parts.extend(chunk_layer(&streamed[&(id.0, l)], 3 * shape.row_bytes()).map(KvPart::Layer));
+            }
+            parts.push(KvPart::Commit(commit.clone()));
+            let mut reassembly = Reassembly::new(layout);
+            for part in parts {
+                match reassembly.accept(part).expect("a well-formed push") {
+                    Received::Layer { rows, .. } => b.import_layer(moved, &rows).expect("import layer"),
+                    Received::Commit { commit: c, .. } => assert_eq!(c, commit),
+                    Received::Header { .. } | Received::Partial => {}
+                }
+            }
+            assert_eq!(reassembly.bytes_received(), shape.total_bytes(), "{name}: every byte once");
             b.finish_import(moved, tokens, p.len(), params.clone()).expect("finish import");
             let mut done = firsts[k].finish.is_some();
             while !done {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use cluster_core::actor::{self, ActorError};
+use model::kv::{KvCommit, KvShape};
 use model::{CacheLayout, Engine, EngineError, SeqId};
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::batch::WaitingLine;
 use crate::error::PrefillError;
 use crate::request::{PrefillOutcome, PrefillRequest, invalid_request};
-use crate::transfer::{self, KvCommit, KvShape, KvSink, SeqEvent, Transfer, TransferSettings};
+use crate::transfer::{self, KvSink, SeqEvent, Transfer, TransferSettings};
 
 const NAME: &str = "prefill engine";
 
@@ -292,9 +293,9 @@ impl EngineActor {
         let started = Instant::now();
         let engine = &mut self.engine;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            engine.prefill_streaming(&ids, &mut |layer, seq, rows| {
+            engine.prefill_streaming(&ids, &mut |seq, rows| {
                 if let Some(tx) = senders.get(&seq) {
-                    forward(tx, SeqEvent::Layer { layer, rows });
+                    forward(tx, SeqEvent::Layer(rows));
                 }
             })
         }));
@@ -306,11 +307,8 @@ impl EngineActor {
                     let Some(a) = by_id.get(&out.seq) else { continue };
                     let mut tokens = a.prompt.clone();
                     tokens.push(out.token);
-                    let commit = KvCommit {
-                        tokens,
-                        prompt_len: u32::try_from(a.prompt.len()).expect("prompts fit the context, far below 2^32"),
-                        prompt_logits_top: out.prompt_logits_top,
-                    };
+                    let commit =
+                        KvCommit { tokens, prompt_len: a.prompt.len(), prompt_logits_top: out.prompt_logits_top };
                     forward(&a.events, SeqEvent::Done { commit, first_token: out.token, compute });
                 }
                 tracing::debug!(compute_s = compute.as_secs_f64(), "prefill_batch_done");

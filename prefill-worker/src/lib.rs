@@ -3,7 +3,8 @@
 //! reservation (`Decode.PushKv`), then answers the router with the first token.
 //!
 //! Public API: [`PrefillConfig`] (the flags), [`run`], and [`Ready`], which `run` sends once
-//! the worker serves and is registered (its address and worker id, for the ready line).
+//! the worker serves and is registered (its address and worker id, for the ready line); the
+//! PushKv client ([`DecodeClients`], [`KvSink`]) for tools that push caches themselves.
 //!
 //! Code map: `grpc` (the only module touching protobuf: the service, the PushKv client,
 //! error-to-status mapping), `engine_thread` (the actor owning the engine), `batch` (batch
@@ -35,6 +36,8 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{ConfigError, DtypeArg, MAX_KV_CHUNK_BYTES, PrecisionArg, PrefillConfig};
 pub use error::{PrefillError, TransferError};
+pub use grpc::DecodeClients;
+pub use transfer::{KvSink, PushFailure};
 
 use engine_thread::EngineSettings;
 use request::ModelLimits;

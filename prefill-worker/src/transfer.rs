@@ -3,7 +3,7 @@
 //! whole rows), then the commit, retrying the whole push after transport failures.
 //!
 //! The wire is behind [`KvSink`] (implemented in `grpc`), so this module sees only domain
-//! types. Invariants: the task answers its caller exactly once unless the caller went away;
+//! types; chunks are cut by the model's KV codec (`model::kv`). Invariants: the task answers its caller exactly once unless the caller went away;
 //! it keeps every layer it received, so a retry resends everything; it never blocks the
 //! engine thread (its event channel holds every event of the sequence).
 
@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_core::BoxFuture;
+use model::LayerRows;
+use model::kv::{KvCommit, KvPart, KvShape, chunk_layer};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -21,33 +23,6 @@ use crate::request::PrefillOutcome;
 
 /// Parts queued towards one push call; small, the network sets the pace.
 const OUTBOUND_PARTS: usize = 4;
-
-/// One message of a cache push, in the order PushKv takes them.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KvPart {
-    Header {
-        request_id: u64,
-        num_tokens: u32,
-        latent_dim: u32,
-        num_layers: u32,
-    },
-    /// Rows `[first_token, first_token + data.len() / row_bytes)` of `layer`.
-    Layer {
-        layer: u32,
-        first_token: u32,
-        data: Vec<u8>,
-    },
-    Commit(KvCommit),
-}
-
-/// What makes the decode worker's copy runnable.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KvCommit {
-    /// The prompt then the token sampled by the prefill.
-    pub tokens: Vec<u32>,
-    pub prompt_len: u32,
-    pub prompt_logits_top: Vec<(u32, f32)>,
-}
 
 /// Why one push call failed.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,8 +45,8 @@ pub trait KvSink: Send + Sync + fmt::Debug {
 /// What the engine thread tells a sequence's transfer task.
 #[derive(Debug)]
 pub enum SeqEvent {
-    /// Layer `layer`'s rows for the whole prompt (little-endian f32).
-    Layer { layer: usize, rows: Vec<u8> },
+    /// One layer's rows for the whole prompt.
+    Layer(LayerRows),
     /// The prefill finished (after every layer): the commit to send.
     Done { commit: KvCommit, first_token: u32, compute: Duration },
     /// The prefill failed: nothing more comes.
@@ -84,24 +59,6 @@ pub fn event_capacity(num_layers: usize) -> usize {
     num_layers + 1
 }
 
-/// Shape of the cache being pushed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KvShape {
-    pub num_tokens: usize,
-    pub latent_dim: usize,
-    pub num_layers: usize,
-}
-
-impl KvShape {
-    pub fn row_bytes(&self) -> usize {
-        self.latent_dim * 4
-    }
-
-    pub fn layer_bytes(&self) -> usize {
-        self.num_tokens * self.row_bytes()
-    }
-}
-
 /// How pushes are sent and retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransferSettings {
@@ -111,13 +68,6 @@ pub struct TransferSettings {
     pub retries: u32,
     /// Wait before the first retry; doubled for each further one.
     pub backoff: Duration,
-}
-
-/// One layer's rows split into chunks of whole rows of at most `max_bytes` (at least one
-/// row each), as `(first_token, bytes)`, in order; together they cover `rows` exactly once.
-pub fn chunks(rows: &[u8], row_bytes: usize, max_bytes: usize) -> impl Iterator<Item = (usize, &[u8])> {
-    let rows_per_chunk = (max_bytes / row_bytes.max(1)).max(1);
-    rows.chunks(rows_per_chunk * row_bytes.max(1)).enumerate().map(move |(i, chunk)| (i * rows_per_chunk, chunk))
 }
 
 /// One sequence's transfer, started by the engine thread when the sequence joins a batch.
@@ -141,7 +91,7 @@ pub struct Transfer {
 /// gone (the decode worker then sees the push cancelled).
 pub async fn run(t: Transfer) {
     let Transfer { request_id, sink, shape, settings, queue, events, mut reply, abort, parent } = t;
-    let span = tracing::info_span!(parent: &parent, "kv_transfer", request_id, bytes = (shape.layer_bytes() * shape.num_layers) as u64);
+    let span = tracing::info_span!(parent: &parent, "kv_transfer", request_id, bytes = shape.total_bytes());
     async move {
         let mut state = PushState::new(shape, events);
         let result = tokio::select! {
@@ -182,7 +132,7 @@ pub async fn run(t: Transfer) {
 struct PushState {
     shape: KvShape,
     events: mpsc::Receiver<SeqEvent>,
-    layers: Vec<Option<Vec<u8>>>,
+    layers: Vec<Option<LayerRows>>,
     received: usize,
     last_layer_at: Option<Instant>,
     done: Option<(KvCommit, u32, Duration)>,
@@ -201,7 +151,7 @@ impl PushState {
     }
 
     fn kv_bytes(&self) -> u64 {
-        self.layers.iter().flatten().map(|l| l.len() as u64).sum()
+        self.layers.iter().flatten().map(|l| l.wire_bytes() as u64).sum()
     }
 }
 
@@ -289,17 +239,9 @@ async fn feed(
     tx: mpsc::Sender<KvPart>,
 ) -> Result<(), FeedError> {
     let shape = state.shape;
-    let header = KvPart::Header {
-        request_id,
-        num_tokens: to_u32(shape.num_tokens),
-        latent_dim: to_u32(shape.latent_dim),
-        num_layers: to_u32(shape.num_layers),
-    };
-    tx.send(header).await.map_err(|_| FeedError::StreamClosed)?;
-    for (layer, rows) in state.layers.iter().enumerate() {
-        if let Some(rows) = rows {
-            send_layer(&tx, layer, rows, shape, settings).await?;
-        }
+    tx.send(KvPart::Header { request_id, shape }).await.map_err(|_| FeedError::StreamClosed)?;
+    for rows in state.layers.iter().flatten() {
+        send_layer(&tx, rows, settings).await?;
     }
     loop {
         if let Some((commit, ..)) = &state.done {
@@ -312,15 +254,13 @@ async fn feed(
             return tx.send(KvPart::Commit(commit.clone())).await.map_err(|_| FeedError::StreamClosed);
         }
         match state.events.recv().await {
-            Some(SeqEvent::Layer { layer, rows }) => {
-                if layer >= shape.num_layers || rows.len() != shape.layer_bytes() {
+            Some(SeqEvent::Layer(rows)) => {
+                if let Err(e) = shape.check(&rows) {
                     return Err(FeedError::Engine(PrefillError::Engine(format!(
-                        "layer {layer} came with {} bytes; expected one of {} layers of {} bytes",
-                        rows.len(),
-                        shape.num_layers,
-                        shape.layer_bytes()
+                        "the engine handed over a bad layer: {e}"
                     ))));
                 }
+                let layer = rows.layer();
                 if state.layers[layer].is_none() {
                     state.received += 1;
                     if state.received == shape.num_layers {
@@ -328,8 +268,8 @@ async fn feed(
                     }
                 }
                 let rows = state.layers[layer].insert(rows);
-                let span = tracing::info_span!("kv_send_layer", layer, bytes = rows.len() as u64);
-                send_layer(&tx, layer, rows, shape, settings).instrument(span).await?;
+                let span = tracing::info_span!("kv_send_layer", layer, bytes = rows.wire_bytes() as u64);
+                send_layer(&tx, rows, settings).instrument(span).await?;
             }
             Some(SeqEvent::Done { commit, first_token, compute }) => state.done = Some((commit, first_token, compute)),
             Some(SeqEvent::Failed(e)) => return Err(FeedError::Engine(e)),
@@ -342,23 +282,11 @@ async fn feed(
     }
 }
 
-async fn send_layer(
-    tx: &mpsc::Sender<KvPart>,
-    layer: usize,
-    rows: &[u8],
-    shape: KvShape,
-    settings: &TransferSettings,
-) -> Result<(), FeedError> {
-    for (first_token, data) in chunks(rows, shape.row_bytes(), settings.chunk_bytes) {
-        let part = KvPart::Layer { layer: to_u32(layer), first_token: to_u32(first_token), data: data.to_vec() };
-        tx.send(part).await.map_err(|_| FeedError::StreamClosed)?;
+async fn send_layer(tx: &mpsc::Sender<KvPart>, rows: &LayerRows, settings: &TransferSettings) -> Result<(), FeedError> {
+    for chunk in chunk_layer(rows, settings.chunk_bytes) {
+        tx.send(KvPart::Layer(chunk)).await.map_err(|_| FeedError::StreamClosed)?;
     }
     Ok(())
-}
-
-/// Layer, token and dimension counts are bounded by the model's config (far below 2^32).
-fn to_u32(n: usize) -> u32 {
-    u32::try_from(n).expect("model sizes fit in 32 bits")
 }
 
 #[cfg(test)]

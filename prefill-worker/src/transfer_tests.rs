@@ -1,31 +1,10 @@
-//! Tests of chunking and of the push/retry logic against a scripted in-memory sink.
+//! Tests of the push/retry logic against a scripted in-memory sink.
 
 use super::*;
+use model::kv::LayerChunk;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::mpsc::error::TrySendError;
-
-#[test]
-fn chunks_are_whole_rows_in_order_covering_every_byte_once() {
-    let row = 12;
-    let rows: Vec<u8> = (0..row * 10).map(|i| i as u8).collect();
-    for max in [1, 11, 12, 13, 24, 35, 36, 119, 120, 1000] {
-        let parts: Vec<(usize, &[u8])> = chunks(&rows, row, max).collect();
-        let per = (max / row).max(1);
-        let mut next_token = 0;
-        let mut joined = Vec::new();
-        for (first, data) in &parts {
-            assert_eq!(*first, next_token, "max {max}");
-            assert_eq!(data.len() % row, 0, "max {max}: whole rows");
-            assert!(data.len() <= (per * row).max(row), "max {max}");
-            next_token += data.len() / row;
-            joined.extend_from_slice(data);
-        }
-        assert_eq!(joined, rows, "max {max}: every byte once, in order");
-        assert_eq!(parts.len(), 10usize.div_ceil(per));
-    }
-    assert_eq!(chunks(&[], 12, 100).count(), 0);
-}
 
 /// What the fake decode worker does on one call.
 #[derive(Debug, Clone)]
@@ -90,7 +69,7 @@ impl KvSink for FakeSink {
             let mut read = 0;
             while read < limit {
                 let Some(part) = parts.recv().await else { break };
-                if let KvPart::Layer { data, .. } = &part {
+                if let KvPart::Layer(LayerChunk { data, .. }) = &part {
                     bytes += data.len() as u64;
                 }
                 calls.lock().unwrap()[index].push(part);
@@ -114,8 +93,14 @@ fn settings(retries: u32) -> TransferSettings {
     TransferSettings { chunk_bytes: 16, retries, backoff: Duration::from_millis(1) }
 }
 
-fn layer_rows(layer: usize) -> Vec<u8> {
-    (0..SHAPE.layer_bytes()).map(|i| (i + 100 * layer) as u8).collect()
+fn layer_rows(layer: usize) -> LayerRows {
+    let data = (0..SHAPE.num_tokens * SHAPE.latent_dim).map(|i| (i + 100 * layer) as f32).collect();
+    LayerRows::new(layer, SHAPE.latent_dim, data).unwrap()
+}
+
+/// The rows as the decode worker must receive them: little-endian f32.
+fn wire(rows: &LayerRows) -> Vec<u8> {
+    rows.data().iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn commit() -> KvCommit {
@@ -149,22 +134,22 @@ fn start(sink: Arc<FakeSink>, settings: TransferSettings) -> Started {
 
 fn send_all(events: &mpsc::Sender<SeqEvent>, order: &[usize]) {
     for &l in order {
-        events.try_send(SeqEvent::Layer { layer: l, rows: layer_rows(l) }).unwrap();
+        events.try_send(SeqEvent::Layer(layer_rows(l))).unwrap();
     }
     events.try_send(SeqEvent::Done { commit: commit(), first_token: 9, compute: Duration::from_millis(7) }).unwrap();
 }
 
 /// Checks one call's parts: header, then per layer (in `order`) whole chunks, then commit.
 fn check_call(parts: &[KvPart], order: &[usize]) {
-    assert_eq!(parts[0], KvPart::Header { request_id: 42, num_tokens: 5, latent_dim: 2, num_layers: 3 });
+    assert_eq!(parts[0], KvPart::Header { request_id: 42, shape: SHAPE });
     let mut rest = &parts[1..];
     for &l in order {
-        let want = layer_rows(l);
+        let want = wire(&layer_rows(l));
         let mut got = Vec::new();
-        for expect_first in [0u32, 2, 4] {
+        for expect_first in [0, 2, 4] {
             match &rest[0] {
-                KvPart::Layer { layer, first_token, data } => {
-                    assert_eq!((*layer as usize, *first_token), (l, expect_first));
+                KvPart::Layer(LayerChunk { layer, first_token, data }) => {
+                    assert_eq!((*layer, *first_token), (l, expect_first));
                     got.extend_from_slice(data);
                 }
                 other => panic!("expected a layer chunk, got {other:?}"),
@@ -199,7 +184,7 @@ async fn header_goes_out_before_any_layer_is_ready() {
         tokio::task::yield_now().await;
     }
     assert_eq!(sink.calls()[0].len(), 1);
-    s.events.try_send(SeqEvent::Layer { layer: 0, rows: layer_rows(0) }).unwrap();
+    s.events.try_send(SeqEvent::Layer(layer_rows(0))).unwrap();
     while sink.calls()[0].len() < 4 {
         tokio::task::yield_now().await;
     }
@@ -258,17 +243,14 @@ async fn a_refusal_is_not_retried() {
     assert_eq!(sink.calls().len(), 1);
     s.task.await.unwrap();
     // Later layers meet a closed channel, which the engine thread ignores.
-    assert!(matches!(
-        s.events.try_send(SeqEvent::Layer { layer: 0, rows: layer_rows(0) }),
-        Err(TrySendError::Closed(_))
-    ));
+    assert!(matches!(s.events.try_send(SeqEvent::Layer(layer_rows(0))), Err(TrySendError::Closed(_))));
 }
 
 #[tokio::test]
 async fn engine_failure_cancels_the_push_and_reaches_the_caller() {
     let sink = FakeSink::new(vec![Behaviour::Accept]);
     let s = start(sink.clone(), settings(3));
-    s.events.try_send(SeqEvent::Layer { layer: 0, rows: layer_rows(0) }).unwrap();
+    s.events.try_send(SeqEvent::Layer(layer_rows(0))).unwrap();
     s.events.try_send(SeqEvent::Failed(PrefillError::Engine("boom".into()))).unwrap();
     assert!(matches!(s.reply.await.unwrap(), Err(PrefillError::Engine(m)) if m == "boom"));
     s.task.await.unwrap();
@@ -296,4 +278,16 @@ async fn abort_answers_shutting_down() {
     send_all(&s.events, &[0, 1, 2]);
     s.abort.cancel();
     assert!(matches!(s.reply.await.unwrap(), Err(PrefillError::ShuttingDown)));
+}
+
+#[tokio::test]
+async fn a_layer_of_the_wrong_shape_fails_the_transfer() {
+    let sink = FakeSink::new(vec![Behaviour::Accept]);
+    let s = start(sink.clone(), settings(3));
+    let short = LayerRows::new(1, SHAPE.latent_dim, vec![0.0; 8]).unwrap();
+    s.events.try_send(SeqEvent::Layer(short)).unwrap();
+    match s.reply.await.unwrap() {
+        Err(PrefillError::Engine(m)) => assert!(m.contains("layer 1 has 4 rows of 2; expected 5 rows"), "{m}"),
+        other => panic!("expected an engine error, got {other:?}"),
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use cluster_core::{MemoryStore, Role, Store, StoreConfig, keys};
 use model::serving::{EngineSetup, open_engine};
-use model::{EngineOptions, SamplingParams, SeqId, SequenceCacheExport, WeightDtype};
+use model::{EngineOptions, LayerRows, SamplingParams, SeqId, SequenceCacheExport, WeightDtype};
 use prefill_worker::{PrefillConfig, Ready};
 use proto::internal::decode_server::{Decode, DecodeServer};
 use proto::internal::prefill_client::PrefillClient;
@@ -245,6 +245,11 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
     .expect("reference thread")
 }
 
+/// The transfer format of a layer: its rows as little-endian f32.
+fn wire(rows: &LayerRows) -> Vec<u8> {
+    rows.data().iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// Reassembles one PushKv call: header fields, each layer's bytes, and the commit.
 struct Received {
     header: proto::internal::KvHeader,
@@ -297,7 +302,7 @@ async fn prefill_matches_the_in_process_engine_and_streams_the_cache() {
         assert_eq!((got.header.latent_dim as usize, got.header.num_layers as usize), (LATENT_DIM, NUM_LAYERS));
         for (l, bytes) in got.layers.iter().enumerate() {
             assert_eq!(bytes.len(), per_layer, "prompt {i} layer {l}");
-            assert_eq!(bytes, &want.cache.layers[l], "prompt {i} layer {l} equals export_cache");
+            assert_eq!(bytes, &wire(&want.cache.layers[l]), "prompt {i} layer {l} equals export_cache");
         }
         let mut tokens = p.clone();
         tokens.push(want.token);
@@ -369,7 +374,7 @@ async fn a_broken_push_is_retried_whole() {
     assert_eq!(calls.len(), 2);
     let got = reassemble(&calls[1], usize::MAX);
     for (l, bytes) in got.layers.iter().enumerate() {
-        assert_eq!(bytes, &want[0].cache.layers[l], "layer {l} resent in full");
+        assert_eq!(bytes, &wire(&want[0].cache.layers[l]), "layer {l} resent in full");
     }
     worker.stop().await;
 }

@@ -5,7 +5,9 @@
 //! 1. prefills prompts of several lengths through the prefill worker, which streams each
 //!    layer's cache to the decode worker, and prints the bytes shipped per token next to
 //!    `(kv_lora_rank + qk_rope_head_dim) x layers x 4` (the cache is f32);
-//! 2. pushes synthetic caches straight into the decode worker's `PushKv` and prints GB/s.
+//! 2. pushes synthetic caches straight into the decode worker's `PushKv` (through the prefill
+//!    worker's client, cut by the model's KV codec) and prints GB/s;
+//! 3. times the codec alone (chunking and reassembly, no network).
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -14,12 +16,13 @@ use anyhow::Context;
 use clap::Parser;
 use cluster_core::node::NodeArgs;
 use cluster_core::{MemoryStore, StoreConfig};
+use model::kv::{KvCommit, KvPart, KvShape, LayerRows, Reassembly, VALUE_BYTES, chunk_layer};
+use proto::internal as pb;
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::prefill_client::PrefillClient;
-use proto::internal::{self as pb, kv_chunk};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -46,6 +49,27 @@ fn node(id: &str) -> NodeArgs {
         worker_id: Some(id.into()),
         lease_ttl_ms: 5000,
     }
+}
+
+/// Chunks of the synthetic pushes, as the prefill worker's default `--kv-chunk-bytes`.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// A whole push of `shape` with made-up (finite) rows, for request `request_id`.
+fn synthetic_push(request_id: u64, shape: KvShape) -> anyhow::Result<Vec<KvPart>> {
+    let values: Vec<f32> = (0..shape.num_tokens * shape.latent_dim).map(|i| (i % 251) as f32 / 256.0).collect();
+    let mut parts = vec![KvPart::Header { request_id, shape }];
+    for layer in 0..shape.num_layers {
+        let rows = LayerRows::new(layer, shape.latent_dim, values.clone())?;
+        parts.extend(chunk_layer(&rows, CHUNK_BYTES).map(KvPart::Layer));
+    }
+    let tokens = (0..=shape.num_tokens).map(|i| (i % 100) as u32).collect();
+    parts.push(KvPart::Commit(KvCommit { tokens, prompt_len: shape.num_tokens, prompt_logits_top: Vec::new() }));
+    Ok(parts)
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn sampling(max_new: u32) -> pb::Sampling {
@@ -97,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let channel = |a: std::net::SocketAddr| cluster_core::serve::channel(&a.to_string(), Duration::from_secs(5));
     let mut dec = DecodeClient::new(channel(d_addr)?);
     let mut pre = PrefillClient::new(channel(p_addr)?);
-    let formula = latent * layers * 4;
+    let formula = latent * layers * VALUE_BYTES;
     println!("model {} : {layers} layers x latent {latent} (kv_lora_rank + qk_rope_head_dim), f32 rows", dir.display());
     println!("expected bytes/token = {latent} x {layers} x 4 = {formula}");
     println!("\n== prefill worker -> decode worker (real prefill, layer-by-layer streaming)");
@@ -139,9 +163,12 @@ async fn main() -> anyhow::Result<()> {
             if r.kv_bytes as usize == n * formula { "" } else { "  MISMATCH" }
         );
     }
-    println!("\n== synthetic PushKv into the decode worker (1 MiB chunks)");
+    println!("\n== synthetic PushKv into the decode worker (1 MiB chunks, the prefill worker's client)");
     println!("{:>8} {:>12} {:>12} {:>10}", "tokens", "bytes", "median_ms", "GB/s");
+    let clients = prefill_worker::DecodeClients::new(Duration::from_secs(5));
+    let sink = clients.get(&d_addr.to_string())?;
     for &n in &args.push_tokens {
+        let shape = KvShape { num_tokens: n, latent_dim: latent, num_layers: layers };
         let mut times = Vec::new();
         for _ in 0..args.reps {
             id += 1;
@@ -153,48 +180,40 @@ async fn main() -> anyhow::Result<()> {
                 prompt_logits_top: 0,
             };
             let events = dec.admit(admit).await?.into_inner();
-            let row = latent * 4;
-            let per_chunk = ((1 << 20) / row).max(1);
-            let layer_bytes: Vec<u8> = (0..n * row).map(|i| (i % 251) as u8 & 0x3f).collect();
-            let mut msgs = vec![pb::KvChunk {
-                part: Some(kv_chunk::Part::Header(pb::KvHeader {
-                    request_id: id,
-                    num_tokens: n as u32,
-                    latent_dim: latent as u32,
-                    num_layers: layers as u32,
-                })),
-            }];
-            for l in 0..layers {
-                for (c, chunk) in layer_bytes.chunks(per_chunk * row).enumerate() {
-                    msgs.push(pb::KvChunk {
-                        part: Some(kv_chunk::Part::Layer(pb::KvLayer {
-                            layer: l as u32,
-                            first_token: (c * per_chunk) as u32,
-                            data: chunk.to_vec(),
-                        })),
-                    });
-                }
+            let parts = synthetic_push(id, shape)?;
+            // Every part queued before the clock starts: the push alone is timed.
+            let (tx, rx) = mpsc::channel(parts.len());
+            for part in parts {
+                tx.try_send(part).map_err(|_| anyhow::anyhow!("the channel holds every part"))?;
             }
-            let tokens: Vec<u32> = (0..=n).map(|i| (i % 100) as u32).collect();
-            msgs.push(pb::KvChunk {
-                part: Some(kv_chunk::Part::Commit(pb::KvCommit {
-                    tokens,
-                    prompt_len: n as u32,
-                    prompt_logits_top: vec![],
-                })),
-            });
+            drop(tx);
             let t = Instant::now();
-            let r = dec.push_kv(tokio_stream::iter(msgs)).await?.into_inner();
+            let acked = sink.push(rx).await.map_err(|f| anyhow::anyhow!("PushKv failed: {f:?}"))?;
             times.push(t.elapsed().as_secs_f64());
-            anyhow::ensure!(
-                r.bytes_received as usize == n * formula,
-                "decode worker received {} bytes",
-                r.bytes_received
-            );
+            anyhow::ensure!(acked == shape.total_bytes(), "decode worker received {acked} bytes");
             drop(events);
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let median = median(times);
+        let bytes = n * formula;
+        println!("{n:>8} {bytes:>12} {:>12.2} {:>10.3}", median * 1e3, bytes as f64 / median / 1e9);
+    }
+    println!("\n== the codec alone: chunk and reassemble in this process (1 MiB chunks)");
+    println!("{:>8} {:>12} {:>12} {:>10}", "tokens", "bytes", "median_ms", "GB/s");
+    for &n in &args.push_tokens {
+        let shape = KvShape { num_tokens: n, latent_dim: latent, num_layers: layers };
+        let cache = model::CacheLayout { num_layers: layers, latent_dim: latent, block_size: 1, num_blocks: n };
+        let mut times = Vec::new();
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            let mut reassembly = Reassembly::new(cache);
+            for part in synthetic_push(1, shape)? {
+                reassembly.accept(part)?;
+            }
+            let bytes = reassembly.finish()?;
+            times.push(t.elapsed().as_secs_f64());
+            anyhow::ensure!(bytes == shape.total_bytes(), "reassembled {bytes} bytes");
+        }
+        let median = median(times);
         let bytes = n * formula;
         println!("{n:>8} {bytes:>12} {:>12.2} {:>10.3}", median * 1e3, bytes as f64 / median / 1e9);
     }

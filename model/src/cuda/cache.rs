@@ -1,8 +1,9 @@
 //! The paged latent cache in device memory: per layer `[num_blocks * block_size, latent_dim]`
 //! f32, the block allocator staying on the host (`crate::cache::LatentCache`). Export and
-//! import move one sequence's rows in the little-endian f32 transfer format.
+//! import move one sequence's rows of one layer as [`LayerRows`].
 
 use crate::cache::CacheLayout;
+use crate::kv::LayerRows;
 use kernels::KernelError;
 use kernels::cuda::{DeviceBuf, Gpu};
 use std::sync::Arc;
@@ -34,24 +35,28 @@ impl GpuCache {
         (0..num_tokens).map(|t| slot(table, self.layout.block_size, t)).collect()
     }
 
-    /// Tokens `[0, num_tokens)` of one layer as bytes.
-    pub(crate) fn export_layer(&self, layer: usize, table: &[u32], num_tokens: usize) -> Result<Vec<u8>, KernelError> {
+    /// Tokens `[0, num_tokens)` of one layer.
+    pub(crate) fn export_layer(
+        &self,
+        layer: usize,
+        table: &[u32],
+        num_tokens: usize,
+    ) -> Result<LayerRows, KernelError> {
         let width = self.layout.latent_dim;
         let slots = self.gpu.upload(&self.slots(table, num_tokens))?;
         let rows = self.gpu.scratch::<f32>(num_tokens * width)?;
         self.gpu.gather_cache_rows(self.layers[layer].dev(), slots.dev(), rows.dev(), width)?;
         let values = self.gpu.read(rows.dev())?;
-        Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Ok(LayerRows::new(layer, width, values).expect("the gather wrote whole rows"))
     }
 
-    /// Writes whole rows (`bytes` as exported) into the sequence's blocks.
-    pub(crate) fn import_layer(&mut self, layer: usize, table: &[u32], bytes: &[u8]) -> Result<(), KernelError> {
+    /// Writes `rows` (of this cache's width) into the sequence's blocks, which must hold them.
+    pub(crate) fn import_layer(&mut self, table: &[u32], rows: &LayerRows) -> Result<(), KernelError> {
         let width = self.layout.latent_dim;
-        let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let num_tokens = values.len() / width.max(1);
-        let slots = self.gpu.upload(&self.slots(table, num_tokens))?;
-        let rows = self.gpu.upload(&values[..num_tokens * width])?;
-        self.gpu.scatter_rows(self.layers[layer].dev(), slots.dev(), rows.dev(), width, width)?;
+        debug_assert_eq!(rows.latent_dim(), width);
+        let slots = self.gpu.upload(&self.slots(table, rows.num_tokens()))?;
+        let values = self.gpu.upload(rows.data())?;
+        self.gpu.scatter_rows(self.layers[rows.layer()].dev(), slots.dev(), values.dev(), width, width)?;
         self.gpu.synchronize()
     }
 }

@@ -56,8 +56,7 @@ impl GpuModel {
 }
 
 /// What a forward pass exports per layer: `(sequence, block table, tokens)` and the sink.
-pub(crate) type LayerExports<'a, 'b> =
-    (&'a [(crate::SeqId, &'a [u32], usize)], &'b mut (dyn FnMut(usize, crate::SeqId, Vec<u8>) + Send));
+pub(crate) type LayerExports<'a, 'b> = (&'a [(crate::SeqId, &'a [u32], usize)], &'b mut crate::engine::LayerSink<'b>);
 
 impl GpuModel {
     /// [`crate::forward::Model::forward`] on the GPU; with `exports`, each layer's rows of the
@@ -75,7 +74,7 @@ impl GpuModel {
             Some((tables, sink)) => {
                 let mut hook = |layer: usize, cache: &GpuCache| -> Result<(), KernelError> {
                     for &(id, blocks, n) in tables {
-                        sink(layer, id, cache.export_layer(layer, blocks, n)?);
+                        sink(id, cache.export_layer(layer, blocks, n)?);
                     }
                     Ok(())
                 };

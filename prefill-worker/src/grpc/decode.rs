@@ -16,7 +16,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::PrefillError;
-use crate::transfer::{KvPart, KvSink, PushFailure};
+use crate::transfer::{KvSink, PushFailure};
+use model::kv::{KvPart, LayerChunk};
 
 /// Most decode addresses with a cached channel; beyond it one is evicted (decode workers
 /// are far fewer; this only bounds a caller sending many bogus addresses).
@@ -103,13 +104,18 @@ fn classify(status: &Status) -> PushFailure {
 
 fn to_chunk(part: KvPart) -> KvChunk {
     let part = match part {
-        KvPart::Header { request_id, num_tokens, latent_dim, num_layers } => {
-            kv_chunk::Part::Header(KvHeader { request_id, num_tokens, latent_dim, num_layers })
+        KvPart::Header { request_id, shape } => kv_chunk::Part::Header(KvHeader {
+            request_id,
+            num_tokens: to_u32(shape.num_tokens),
+            latent_dim: to_u32(shape.latent_dim),
+            num_layers: to_u32(shape.num_layers),
+        }),
+        KvPart::Layer(LayerChunk { layer, first_token, data }) => {
+            kv_chunk::Part::Layer(KvLayer { layer: to_u32(layer), first_token: to_u32(first_token), data })
         }
-        KvPart::Layer { layer, first_token, data } => kv_chunk::Part::Layer(KvLayer { layer, first_token, data }),
         KvPart::Commit(c) => kv_chunk::Part::Commit(proto::internal::KvCommit {
             tokens: c.tokens,
-            prompt_len: c.prompt_len,
+            prompt_len: to_u32(c.prompt_len),
             prompt_logits_top: c
                 .prompt_logits_top
                 .into_iter()
@@ -118,4 +124,9 @@ fn to_chunk(part: KvPart) -> KvChunk {
         }),
     };
     KvChunk { part: Some(part) }
+}
+
+/// Layer, token and dimension counts are bounded by the model's config (far below 2^32).
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("model sizes fit in 32 bits")
 }
