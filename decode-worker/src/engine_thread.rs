@@ -2,7 +2,8 @@
 //! [`Engine`] (compute never runs on the async runtime), takes commands from a bounded
 //! mailbox, and between commands runs one batched step over every running sequence
 //! (continuous batching: sequences join as their caches arrive and leave as they finish).
-//! It publishes its [`Load`] after every step.
+//! It publishes its [`Load`] after every step, and after every command that changes it
+//! before answering that command.
 //!
 //! Invariants: every sequence's events go to its own channel, made by [`EngineHandle::reserve`]
 //! with room for all of them, so sending never blocks the engine; a sequence whose consumer
@@ -160,7 +161,7 @@ impl EngineHandle {
         self.actor.try_send(Command::Release { id, reply: None }).is_ok()
     }
 
-    /// The load published after the engine's last step.
+    /// The load the engine last published.
     pub fn load(&self) -> Load {
         self.actor.load()
     }
@@ -199,14 +200,25 @@ enum SlotState {
 
 /// Starts the actor on its own thread. The thread ends when every handle is dropped.
 pub fn spawn_engine(engine: Engine, settings: EngineSettings) -> std::io::Result<(EngineHandle, actor::Thread)> {
-    let actor = Actor {
-        engine,
-        slots: HashMap::new(),
-        max_batch: settings.max_batch.max(1),
-        stall_timeout: settings.stall_timeout,
-        next_start: 0,
+    let layout = engine.cache_layout();
+    let idle = Load {
+        running: 0,
+        waiting: 0,
+        free_blocks: engine.free_blocks(),
+        total_blocks: layout.num_blocks,
+        block_size: layout.block_size,
     };
-    let (handle, thread) = actor::spawn(NAME, MAILBOX_CAPACITY, actor.load(), move |rx, load| actor.run(rx, load))?;
+    let (handle, thread) = actor::spawn(NAME, MAILBOX_CAPACITY, idle, move |rx, load| {
+        let actor = Actor {
+            engine,
+            slots: HashMap::new(),
+            max_batch: settings.max_batch.max(1),
+            stall_timeout: settings.stall_timeout,
+            next_start: 0,
+            load,
+        };
+        actor.run(rx);
+    })?;
     Ok((EngineHandle { actor: handle }, thread))
 }
 
@@ -218,10 +230,13 @@ struct Actor {
     stall_timeout: Duration,
     /// Round-robin start when more sequences run than fit one batch.
     next_start: usize,
+    /// Published after every change, before the command that made it is answered: a load
+    /// read after a reply reflects it.
+    load: watch::Sender<Load>,
 }
 
 impl Actor {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>, load: watch::Sender<Load>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             let busy = self.slots.values().any(|s| s.state != SlotState::Importing);
             if !busy {
@@ -241,21 +256,21 @@ impl Actor {
             self.drop_stalled();
             self.prefill_pending();
             self.decode_step();
-            let now = self.load();
-            load.send_if_modified(|published| std::mem::replace(published, now) != now);
+            self.publish();
         }
     }
 
-    fn load(&self) -> Load {
+    fn publish(&self) {
         let layout = self.engine.cache_layout();
         let running = self.slots.values().filter(|s| s.state == SlotState::Running).count();
-        Load {
+        let now = Load {
             running,
             waiting: self.slots.len() - running,
             free_blocks: self.engine.free_blocks(),
             total_blocks: layout.num_blocks,
             block_size: layout.block_size,
-        }
+        };
+        self.load.send_if_modified(|published| std::mem::replace(published, now) != now);
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -280,16 +295,20 @@ impl Actor {
                     self.slots.insert(id, Slot { events, stall, params, state, trace });
                     self.engine.free_blocks()
                 });
+                self.publish();
                 let _ = reply.send(result);
             }
             Command::ImportLayer { id, rows, reply } => {
                 let _ = reply.send(self.engine.import_layer(id, &rows));
             }
             Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply } => {
-                let _ = reply.send(self.commit(id, tokens, prompt_len, prompt_logits_top));
+                let committed = self.commit(id, tokens, prompt_len, prompt_logits_top);
+                self.publish();
+                let _ = reply.send(committed);
             }
             Command::Release { id, reply } => {
                 let released = self.release(id);
+                self.publish();
                 if let Some(reply) = reply {
                     let _ = reply.send(released);
                 }

@@ -41,14 +41,21 @@ pub async fn connect(url: &str) -> Result<Channel, Status> {
 /// pings (a client that stopped reading); reading it later reopens the window a byte at a
 /// time.
 pub async fn connect_stingy(url: &str) -> Result<Channel, Status> {
-    Endpoint::from_shared(url.to_string())
+    let channel = Endpoint::from_shared(url.to_string())
         .map_err(|e| Status::invalid_argument(format!("bad url {url}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .initial_stream_window_size(1)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {url}: {e}")))
+        .map_err(|e| Status::unavailable(format!("cannot connect to {url}: {e}")))?;
+    // A server applies the client's window setting when it acknowledges it; a stream opened
+    // before that may be granted the default window. Once one call has completed on the
+    // connection, the setting is in force for every later stream.
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await?;
+    Ok(channel)
 }
 
 /// A `Generation` client on `url`.
