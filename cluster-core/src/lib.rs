@@ -1,5 +1,6 @@
 //! Cluster plumbing shared by the services: ids, the membership/config store (trait + etcd +
-//! in-memory), the key layout, and how a process serves gRPC, names itself and shuts down.
+//! in-memory), the key layout, and how a process serves gRPC, names itself and shuts down
+//! (one service lifecycle for every role: `service`).
 
 pub mod election;
 pub mod etcd;
@@ -10,6 +11,7 @@ pub mod memory;
 pub mod node;
 pub mod registration;
 pub mod serve;
+pub mod service;
 pub mod store;
 mod sync;
 pub mod telemetry;
