@@ -2,18 +2,19 @@
 
 use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, WeightDtype, load_model};
+use model::args::ModelArgs;
+use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, load_model};
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (HuggingFace layout). Default: the embedded random-weight model.
-    #[arg(long)]
-    model: Option<PathBuf>,
+    // `--model`, `--dtype`, `--precision`: the engine flags, without the serving cache (the
+    // cache here is sized to the prompt and `--max-new-tokens`).
+    #[command(flatten)]
+    model: ModelArgs,
     /// Prompt text (BOS is prepended).
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -28,41 +29,17 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Dtype weights are kept in.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    dtype: DtypeArg,
-    /// exact: f32 activations (matches transformers); bf16: activations rounded to bf16 for
-    /// AVX-512 BF16 dot products (faster when compute-bound).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
-    precision: PrecisionArg,
     /// Compute device: cpu, or cuda:N (an NVIDIA GPU; GEMM inputs are rounded to bf16 there,
     /// as `--precision bf16` does on the CPU).
     #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum PrecisionArg {
-    Exact,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    Auto,
-    F32,
-    Bf16,
+    device: kernels::Device,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let device: kernels::Device = args.device.parse()?;
+    let device = args.device;
     device.check()?;
-    let dir = crate::model_dir::resolve(args.model.clone())?;
-    let weight_dtype = match args.dtype {
-        DtypeArg::Auto => WeightDtype::Auto,
-        DtypeArg::F32 => WeightDtype::F32,
-        DtypeArg::Bf16 => WeightDtype::Bf16,
-    };
+    let dir = crate::model_dir::resolve(args.model.dir.clone())?;
+    let weight_dtype = args.model.weight_dtype();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} ({elapsed})")
             .expect("static template")
@@ -83,10 +60,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("one of --prompt or --prompt-ids is required"),
     };
-    let precision = match args.precision {
-        PrecisionArg::Exact => kernels::cpu::Precision::Exact,
-        PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
-    };
+    let precision = args.model.precision();
     let experts = loaded.experts.context("local experts were requested")?.with_precision(precision);
     let mut model = loaded.model;
     model.set_precision(precision);

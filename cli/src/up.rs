@@ -1,6 +1,8 @@
 //! `expertmesh up`: the whole cluster in one process (router, prefill and decode workers, and
 //! optionally expert workers, as actors on an in-memory store), on the embedded default
-//! model unless `--model` is given.
+//! model unless `--model` is given. Each role runs its own `run`, so the one-process cluster
+//! goes through the same service lifecycle (`cluster_core::service`) as the separate
+//! binaries; the first role to stop takes the others down.
 
 use crate::client::{self, ClientArgs};
 use crate::sampling_args::SamplingArgs;
@@ -9,6 +11,7 @@ use clap::Args;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
 use cluster_core::{MemoryStore, StoreConfig};
+use model::args::EngineArgs;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -17,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Checkpoint directory; default: the embedded default model (random weights).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    // The engine flags of every prefill and decode worker (`--cache-tokens` sizes the decode
+    // workers' caches; prefill workers keep their default).
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Address of the public gRPC API.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
@@ -31,12 +35,6 @@ pub struct UpArgs {
     /// prefill and decode workers load no routed experts and call these instead.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     expert_workers: u32,
-    /// Latent cache of each decode worker, in tokens.
-    #[arg(long, default_value_t = 32768)]
-    cache_tokens: usize,
-    /// Compute device of the prefill and decode workers: cpu, or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: kernels::Device,
     /// Prompts of at most this many tokens are prefilled on the decode worker.
     #[arg(long, default_value_t = 0)]
     local_prefill_max_tokens: usize,
@@ -76,8 +74,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cluster_core::serve::cancel_on_signal(shutdown.clone());
     let mut roles: Vec<(String, RoleFuture, oneshot::Receiver<Ready>)> = Vec::new();
+    args.engine.validate()?;
     // Resolved once here, so the roles do not all create the default model at once.
-    let model = Some(crate::model_dir::resolve(args.model.clone())?);
+    let model = Some(crate::model_dir::resolve(args.engine.model.dir.clone())?);
+    let mut engine = args.engine.clone();
+    engine.model.dir = model.clone();
     let mut tasks = tokio::task::JoinSet::new();
     let remote_experts = args.expert_workers > 0;
     if remote_experts {
@@ -89,7 +90,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             // No shard: the controller places the experts once the workers registered.
             let mut config: expert_worker::ExpertConfig = defaults()?;
             config.node = node("127.0.0.1:0", format!("expert-{i}"));
-            config.model = model.clone();
+            config.model = engine.model.clone();
             let run = expert_worker::run(config, store.clone(), shutdown.clone(), tx);
             tasks.spawn(async move { run.await.with_context(|| format!("expert-{i} failed")) });
             readies.push(rx);
@@ -108,19 +109,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     eprintln!("starting {} prefill and {} decode workers...", args.prefill_workers, args.decode_workers);
     for i in 0..args.decode_workers {
         let (tx, rx) = oneshot::channel();
-        let config = decode_worker::DecodeConfig {
-            node: node("127.0.0.1:0", format!("decode-{i}")),
-            model: model.clone(),
-            dtype: decode_worker::DtypeArg::Auto,
-            precision: decode_worker::PrecisionArg::Exact,
-            device: args.device,
-            cache_tokens: args.cache_tokens,
-            block_size: 16,
-            max_batch: 64,
-            drain_timeout_ms: 30_000,
-            stall_timeout_ms: 30_000,
-            remote_experts,
-        };
+        let mut config: decode_worker::DecodeConfig = defaults()?;
+        config.node = node("127.0.0.1:0", format!("decode-{i}"));
+        config.engine = engine.clone();
+        config.remote_experts = remote_experts;
         roles.push((
             format!("decode-{i}"),
             Box::pin(decode_worker::run(config, store.clone(), shutdown.clone(), tx)),
@@ -128,47 +120,22 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     for i in 0..args.prefill_workers {
-        let (tx, prefill_ready) = oneshot::channel::<prefill_worker::Ready>();
-        let config = prefill_worker::PrefillConfig {
-            node: node("127.0.0.1:0", format!("prefill-{i}")),
-            model: model.clone(),
-            dtype: prefill_worker::DtypeArg::Auto,
-            precision: prefill_worker::PrecisionArg::Exact,
-            device: args.device,
-            max_batch_tokens: 4096,
-            cache_tokens: 32768,
-            block_size: 16,
-            queue_capacity: 256,
-            kv_chunk_bytes: 1024 * 1024,
-            transfer_retries: 3,
-            remote_experts,
-        };
-        let (ready_tx, rx) = oneshot::channel();
-        let run = prefill_worker::run(config, store.clone(), shutdown.clone(), tx);
-        let fut: RoleFuture = Box::pin(async move {
-            let forward = async {
-                if let Ok(r) = prefill_ready.await {
-                    let _ = ready_tx.send(Ready { addr: r.addr, worker_id: r.worker_id.as_str().to_string() });
-                }
-            };
-            let (result, ()) = tokio::join!(run, forward);
-            result
-        });
-        roles.push((format!("prefill-{i}"), fut, rx));
+        let (tx, rx) = oneshot::channel();
+        let mut config: prefill_worker::PrefillConfig = defaults()?;
+        config.node = node("127.0.0.1:0", format!("prefill-{i}"));
+        config.engine = EngineArgs { cache_tokens: config.engine.cache_tokens, ..engine.clone() };
+        config.remote_experts = remote_experts;
+        roles.push((
+            format!("prefill-{i}"),
+            Box::pin(prefill_worker::run(config, store.clone(), shutdown.clone(), tx)),
+            rx,
+        ));
     }
     let (tx, router_ready) = oneshot::channel();
-    let router_config = router::RouterConfig {
-        node: node(&args.listen, "router-0".into()),
-        model: model.clone(),
-        max_inflight: 256,
-        queue_wait_ms: 10_000,
-        local_prefill_max_tokens: args.local_prefill_max_tokens,
-        max_retries: 3,
-        max_message_bytes: cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES,
-        load_poll_ms: 100,
-        drain_timeout_ms: 30_000,
-        stall_timeout_ms: 30_000,
-    };
+    let mut router_config: router::RouterConfig = defaults()?;
+    router_config.node = node(&args.listen, "router-0".into());
+    router_config.model = model.clone();
+    router_config.local_prefill_max_tokens = args.local_prefill_max_tokens;
     let mut readies = Vec::new();
     for (name, fut, ready) in roles {
         tasks.spawn(async move { fut.await.with_context(|| format!("{name} failed")) });

@@ -1,6 +1,6 @@
 //! Cluster plumbing shared by the services: ids, the membership/config store (trait + etcd +
-//! in-memory), the key layout, how a process serves gRPC, names itself and shuts down, and
-//! the shape of its compute-thread actors.
+//! in-memory), the key layout, how a process serves gRPC, names itself and shuts down (one
+//! service lifecycle for every role: `service`), and the shape of its compute-thread actors.
 
 pub mod actor;
 pub mod election;
@@ -12,6 +12,7 @@ pub mod memory;
 pub mod node;
 pub mod registration;
 pub mod serve;
+pub mod service;
 pub mod stall;
 pub mod store;
 mod sync;

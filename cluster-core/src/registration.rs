@@ -2,7 +2,7 @@
 //! (the live worker map, kept from a watch on the workers prefix).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -30,7 +30,8 @@ pub struct Registration {
     store: Arc<dyn Store>,
     lease: watch::Receiver<LeaseId>,
     cancel: CancellationToken,
-    renewal: Option<JoinHandle<LeaseId>>,
+    /// Taken by the first `deregister`.
+    renewal: Mutex<Option<JoinHandle<LeaseId>>>,
 }
 
 impl Registration {
@@ -49,10 +50,13 @@ impl Registration {
         Ok(*lease)
     }
 
-    /// Stops renewal and revokes the lease, deleting the key now.
-    pub async fn deregister(mut self) -> Result<(), StoreError> {
+    /// Stops renewal and revokes the lease, deleting the key now. It takes `&self` because
+    /// tasks that attach their own records to the lease share the registration: they must
+    /// not keep the worker registered past its shutdown.
+    pub async fn deregister(&self) -> Result<(), StoreError> {
         self.cancel.cancel();
-        let lease = match self.renewal.take() {
+        let renewal = self.renewal.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let lease = match renewal {
             Some(task) => task.await.unwrap_or_else(|_| *self.lease.borrow()),
             None => *self.lease.borrow(),
         };
@@ -83,7 +87,7 @@ pub async fn register(
     let (lease_tx, lease_rx) = watch::channel(lease);
     let cancel = shutdown.child_token();
     let renewal = tracker.spawn(renew(store.clone(), key.clone(), value, ttl, lease_tx, cancel.clone()));
-    Ok(Registration { key, store, lease: lease_rx, cancel, renewal: Some(renewal) })
+    Ok(Registration { key, store, lease: lease_rx, cancel, renewal: Mutex::new(Some(renewal)) })
 }
 
 async fn put_leased(store: &dyn Store, key: &str, value: &[u8], ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -133,14 +133,22 @@ pub fn cancel_on_signal(token: CancellationToken) {
 
 /// The line a process prints on stdout once it serves and is registered, so scripts and the
 /// test harness can wait for it: `{"event":"ready","role":"decode","worker_id":"...","addr":"127.0.0.1:PORT"}`.
-pub fn announce_ready(role: crate::Role, worker_id: &str, addr: SocketAddr) {
-    let line = serde_json::json!({ "event": "ready", "role": role.as_str(), "worker_id": worker_id, "addr": addr.to_string() });
+pub fn announce_ready(ready: &Ready) {
+    let line = serde_json::json!({
+        "event": "ready",
+        "role": ready.role.as_str(),
+        "worker_id": ready.worker_id.as_str(),
+        "addr": ready.addr.to_string(),
+    });
     println!("{line}");
 }
 
 /// What a role's `run` reports once it serves and is registered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
+    pub role: crate::Role,
+    /// The id the worker registered under.
+    pub worker_id: crate::WorkerId,
+    /// The bound gRPC address.
     pub addr: SocketAddr,
-    pub worker_id: String,
 }

@@ -5,9 +5,10 @@
 use crate::engine_thread::{CallError, EngineHandle, LocalPrefill, Reservation, SeqEvent};
 use crate::import::{ImportError, KvSource};
 use cluster_core::BoxFuture;
+use cluster_core::serve::{DEFAULT_MAX_MESSAGE_BYTES, Described};
 use model::kv::{KvCommit, KvPart, KvShape, LayerChunk};
 use model::{CacheLayout, EngineError, FinishReason, RequestLimits, SamplingParams, SeqId};
-use proto::internal::decode_server::Decode;
+use proto::internal::decode_server::{self, Decode};
 use proto::internal::{self as pb, decode_event, kv_chunk};
 use proto::v1 as pub_pb;
 use std::pin::Pin;
@@ -16,7 +17,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
+
+/// What reflection lists for this worker.
+pub const DESCRIBED: Described<'static> =
+    Described { descriptor_set: proto::FILE_DESCRIPTOR_SET, services: &["expertmesh.internal.v1.Decode"] };
+
+/// The worker's gRPC routes, with the cluster's message limits.
+pub fn routes(service: DecodeService) -> Routes {
+    Routes::new(
+        decode_server::DecodeServer::new(service)
+            .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
+    )
+}
 
 #[derive(Debug)]
 pub struct DecodeService {

@@ -68,8 +68,8 @@ pub async fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::EngineError;
     use crate::engine_thread::{Reservation, SeqEvent, spawn_engine};
+    use model::EngineError;
     use model::kv::{KvCommit, KvShape, chunk_layer};
     use model::serving::{EngineSetup, open_engine};
     use model::{Engine, EngineOptions, LayerRows, SamplingParams, WeightDtype};
@@ -131,10 +131,19 @@ mod tests {
 
         let decode = engine();
         let layout = decode.cache_layout();
-        let (handle, thread) = spawn_engine(decode, crate::engine_thread::EngineSettings { max_batch: 8, stall_timeout: std::time::Duration::from_secs(60) }).unwrap();
+        let (handle, thread) = spawn_engine(
+            decode,
+            crate::engine_thread::EngineSettings { max_batch: 8, stall_timeout: std::time::Duration::from_secs(60) },
+        )
+        .unwrap();
         let id = SeqId(9);
-        let reservation =
-            Reservation { id, prompt_tokens: prompt.len(), params: params(), local_prefill: None, trace: String::new() };
+        let reservation = Reservation {
+            id,
+            prompt_tokens: prompt.len(),
+            params: params(),
+            local_prefill: None,
+            trace: String::new(),
+        };
         let (_, mut tokens) = handle.reserve(reservation).await.unwrap();
         // Chunks of three rows, the layers last to first.
         let shape = KvShape { num_tokens: prompt.len(), latent_dim: layout.latent_dim, num_layers: layout.num_layers };
@@ -164,7 +173,11 @@ mod tests {
     async fn a_bad_push_ends_the_import_with_its_fault() {
         let decode = engine();
         let layout = decode.cache_layout();
-        let (handle, thread) = spawn_engine(decode, crate::engine_thread::EngineSettings { max_batch: 8, stall_timeout: std::time::Duration::from_secs(60) }).unwrap();
+        let (handle, thread) = spawn_engine(
+            decode,
+            crate::engine_thread::EngineSettings { max_batch: 8, stall_timeout: std::time::Duration::from_secs(60) },
+        )
+        .unwrap();
         let dim = layout.latent_dim;
         let shape = KvShape { num_tokens: 4, latent_dim: dim, num_layers: layout.num_layers };
         let header = KvPart::Header { request_id: 5, shape };

@@ -1,9 +1,11 @@
 //! The decode worker: receives prefilled latent caches into its paged cache, runs every
 //! admitted sequence in one continuous batch, streams tokens back, and reports its load.
 //!
-//! `run` serves `expertmesh.internal.v1.Decode` (+ health, reflection), registers the worker
-//! in the store under a lease, and on shutdown drains: it stops admitting, deregisters,
-//! lets running sequences finish (up to `--drain-timeout-ms`) and then stops.
+//! `run` loads the model and hands the `expertmesh.internal.v1.Decode` service to the shared
+//! lifecycle (`cluster_core::service`): served with health and reflection, registered under
+//! a lease; on shutdown it deregisters, stops admitting, lets running sequences finish (up
+//! to `--drain-timeout-ms`) and stops. If the engine thread dies, the worker takes the same
+//! path and exits with an error instead of staying registered.
 
 mod engine_thread;
 mod grpc;
@@ -11,13 +13,13 @@ mod import;
 mod telemetry;
 
 use anyhow::Context;
-use clap::ValueEnum;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
-use cluster_core::{Capacity, Role, StoreConfig, WorkerInfo};
-use model::serving::{EngineSetup, ExpertPlacement, open_engine_with};
-use model::{EngineOptions, WeightDtype};
-use std::path::PathBuf;
+use cluster_core::service::{Bound, Service, Watched};
+use cluster_core::{Capacity, Role, StoreConfig};
+use model::ExpertBackend;
+use model::args::EngineArgs;
+use model::serving::{ExpertPlacement, open_engine_with};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,42 +29,15 @@ use tokio_util::task::TaskTracker;
 
 pub use engine_thread::MAILBOX_CAPACITY;
 
-/// Weight storage.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    Auto,
-    F32,
-    Bf16,
-}
-
-/// Activation precision: exact (f32, matches transformers) or bf16 (faster).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PrecisionArg {
-    Exact,
-    Bf16,
-}
+/// How long start-up waits for the store (etcd starting alongside).
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DecodeConfig {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Checkpoint directory; default: the embedded default model.
-    #[arg(long, env = "EXPERTMESH_MODEL")]
-    pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    pub dtype: DtypeArg,
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
-    pub precision: PrecisionArg,
-    /// Compute device: cpu, or cuda:N (an NVIDIA GPU; the CUDA engine rounds GEMM inputs to
-    /// bf16, as `--precision bf16` does on the CPU).
-    #[arg(long, env = "EXPERTMESH_DEVICE", default_value = "cpu")]
-    pub device: kernels::Device,
-    /// Latent cache size in tokens (all sequences together).
-    #[arg(long, env = "EXPERTMESH_CACHE_TOKENS", default_value_t = 32768)]
-    pub cache_tokens: usize,
-    /// Tokens per cache block.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub block_size: u32,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Most sequences in one decode step (more run in turn).
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
@@ -78,28 +53,8 @@ pub struct DecodeConfig {
     pub remote_experts: bool,
 }
 
-impl DecodeConfig {
-    fn setup(&self) -> EngineSetup {
-        EngineSetup {
-            weight_dtype: match self.dtype {
-                DtypeArg::Auto => WeightDtype::Auto,
-                DtypeArg::F32 => WeightDtype::F32,
-                DtypeArg::Bf16 => WeightDtype::Bf16,
-            },
-            precision: match self.precision {
-                PrecisionArg::Exact => kernels::cpu::Precision::Exact,
-                PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
-            },
-            options: EngineOptions {
-                cache_tokens: self.cache_tokens,
-                block_size: self.block_size as usize,
-                device: self.device,
-            },
-        }
-    }
-}
-
-/// Runs the decode worker until `shutdown`, then drains. `ready` fires once it serves and is
+/// Runs the decode worker until `shutdown`, then drains; fails (after the same teardown)
+/// when its engine thread or its server dies. `ready` fires once it serves and is
 /// registered.
 pub async fn run(
     config: DecodeConfig,
@@ -107,37 +62,67 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: oneshot::Sender<Ready>,
 ) -> anyhow::Result<()> {
+    run_with(config, None, store, shutdown, ready).await
+}
+
+/// [`run`] with routed experts on `experts`, whatever `--remote-experts` says: for a process
+/// that embeds the decode worker with an expert backend of its own.
+pub async fn run_with_experts(
+    config: DecodeConfig,
+    experts: Arc<dyn ExpertBackend>,
+    store: StoreConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<Ready>,
+) -> anyhow::Result<()> {
+    run_with(config, Some(experts), store, shutdown, ready).await
+}
+
+async fn run_with(
+    config: DecodeConfig,
+    experts: Option<Arc<dyn ExpertBackend>>,
+    store: StoreConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<Ready>,
+) -> anyhow::Result<()> {
+    config.engine.validate()?;
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
-    let setup = config.setup();
-    let dir = config.model.clone();
     let tracker = TaskTracker::new();
+    // Stops the expert-placement watches and the load sampler: after the drain, or on an
+    // early return.
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
     // One store connection for the expert membership watch and the registration.
-    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
-    let placement = if config.remote_experts {
-        let remote =
-            expert_client::RemoteExperts::from_store(store.as_ref(), &cluster, &tracker, &shutdown, Default::default())
-                .await
-                .context("cannot follow the expert workers")?;
-        ExpertPlacement::Remote(Arc::new(remote))
-    } else {
-        ExpertPlacement::Local
+    let Some(store) = shutdown.run_until_cancelled(store.open(STORE_PATIENCE)).await else { return Ok(()) };
+    let store = store.context("opening the cluster store")?;
+    let placement = match experts {
+        Some(backend) => ExpertPlacement::Remote(backend),
+        None if config.remote_experts => {
+            let remote =
+                expert_client::RemoteExperts::from_store(store.as_ref(), &cluster, &tracker, &stop, Default::default())
+                    .await
+                    .context("cannot follow the expert workers")?;
+            ExpertPlacement::Remote(Arc::new(remote))
+        }
+        None => ExpertPlacement::Local,
     };
+    let (dir, setup) = (config.engine.model.dir.clone(), config.engine.setup());
     tracing::info!(model = ?dir, remote_experts = config.remote_experts, "loading_model");
-    let serving = tokio::task::spawn_blocking(move || {
+    let loading = tokio::task::spawn_blocking(move || {
         open_engine_with(dir, setup, placement, &|p| {
             if p.done == p.total || p.done % (p.total / 10).max(1) == 0 {
                 tracing::info!(done = p.done, total = p.total, "loading_progress");
             }
         })
-    })
-    .await
-    .context("model loading task")??;
+    });
+    let Some(serving) = shutdown.run_until_cancelled(loading).await else {
+        tracing::info!("shutdown_during_model_load");
+        return Ok(());
+    };
+    let serving = serving.context("model loading task")??;
     let layout = serving.engine.cache_layout();
     let limits = serving.engine.limits();
     let model_name = model::serving::model_name(&serving.dir);
-    let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id =
-        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Decode, bound.port())?;
+    let bound = Bound::bind(&config.node, Role::Decode).await?;
     let settings = engine_thread::EngineSettings {
         max_batch: config.max_batch,
         stall_timeout: Duration::from_millis(config.stall_timeout_ms),
@@ -149,65 +134,34 @@ pub async fn run(
         engine: engine.clone(),
         layout,
         limits,
-        worker_id: worker_id.as_str().to_string(),
+        worker_id: bound.worker_id().as_str().to_string(),
         draining: draining.clone(),
     };
-    let server_stop = CancellationToken::new();
-    tracker.spawn(telemetry::sample(engine.loads(), server_stop.clone()));
-    let (reporter_tx, reporter_rx) = oneshot::channel();
-    let routes = tonic::service::Routes::new(
-        proto::internal::decode_server::DecodeServer::new(service)
-            .max_decoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
-    );
-    let server = tracker.spawn(cluster_core::serve::serve(
-        listener,
+    tracker.spawn(telemetry::sample(engine.loads(), stop.clone()));
+    let routes = grpc::routes(service);
+    // Refuse new sequences, let running ones finish.
+    let drain = cluster_core::service::drain(move |deadline| async move {
+        draining.store(true, Ordering::Relaxed);
+        let left = engine.until_idle(deadline).await;
+        tracing::info!(left = left.running + left.waiting, "decode_worker_drained");
+    });
+    let service = Service {
+        store,
         routes,
-        cluster_core::serve::Described {
-            descriptor_set: proto::FILE_DESCRIPTOR_SET,
-            services: &["expertmesh.internal.v1.Decode"],
-        },
-        |r| {
-            let _ = reporter_tx.send(r);
-        },
-        server_stop.clone(),
-    ));
-    let reporter = reporter_rx.await.context("gRPC server did not start")?;
-    type Svc = proto::internal::decode_server::DecodeServer<grpc::DecodeService>;
-    reporter.set_serving::<Svc>().await;
-    let info = WorkerInfo {
-        id: worker_id.clone(),
-        role: Role::Decode,
-        address: config.node.advertised(bound),
+        described: grpc::DESCRIBED,
         capacity: Capacity {
             max_sequences: config.max_batch as u32,
             max_batch_tokens: config.max_batch as u32,
             expert_slots: 0,
         },
         model: model_name,
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        tracker,
+        stop,
+        watched: vec![Watched::thread(engine_thread)],
+        on_registered: None,
+        drain,
+        drain_timeout: Duration::from_millis(config.drain_timeout_ms),
     };
-    let registration =
-        cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
-    tracing::info!(worker_id = %worker_id, addr = %bound, "decode_worker_ready");
-    let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
-
-    shutdown.cancelled().await;
-    // Drain: refuse new sequences, leave routing, let running ones finish.
-    draining.store(true, Ordering::Relaxed);
-    reporter.set_not_serving::<Svc>().await;
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!(error = %e, "deregister_failed");
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.drain_timeout_ms);
-    let left = engine.until_idle(deadline).await;
-    tracing::info!(left = left.running + left.waiting, "decode_worker_drained");
-    server_stop.cancel();
-    tracker.close();
-    let served = server.await.context("server task")?;
-    tracker.wait().await;
-    drop(engine);
-    tokio::task::spawn_blocking(move || engine_thread.join()).await.context("engine thread")??;
-    served?;
+    cluster_core::service::run(bound, service, shutdown, ready).await?;
     Ok(())
 }

@@ -24,6 +24,12 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 pub type Server = ExpertServer<ExpertService>;
 
+/// What reflection lists for this worker.
+pub const DESCRIBED: cluster_core::serve::Described<'static> = cluster_core::serve::Described {
+    descriptor_set: proto::FILE_DESCRIPTOR_SET,
+    services: &["expertmesh.expert.v1.Expert"],
+};
+
 #[derive(Debug)]
 pub struct ExpertService {
     pub compute: ComputeHandle,

@@ -4,11 +4,12 @@
 //! `run` opens the checkpoint once (memory-mapped, for the worker's lifetime), loads the
 //! `--shard` slots if one is given, runs hosted experts on a dedicated compute thread fed by
 //! a bounded command channel, serves the service (+ health, reflection) and registers the
-//! worker in the store under `Role::Expert`. Two tracked tasks then follow the cluster: the
-//! placement follower (loads the slots each placement version gives this worker, marks the
-//! version ready, releases slots no longer placed here) and the load publisher (tokens per
-//! second per layer and expert at `/load/<worker>`). On shutdown it deregisters, stops
-//! serving and joins the compute thread.
+//! worker in the store under `Role::Expert` (the shared lifecycle, `cluster_core::service`).
+//! Two tracked tasks then follow the cluster: the placement follower (loads the slots each
+//! placement version gives this worker, marks the version ready, releases slots no longer
+//! placed here) and the load publisher (tokens per second per layer and expert at
+//! `/load/<worker>`). On shutdown it deregisters, stops those two, stops serving and joins
+//! the compute thread; if the compute thread dies it does the same and fails.
 
 mod compute;
 mod counters;
@@ -21,13 +22,13 @@ mod slots;
 mod telemetry;
 
 use anyhow::Context;
-use clap::ValueEnum;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
-use cluster_core::{Capacity, Role, StoreConfig, WatchFollower, WorkerInfo};
+use cluster_core::service::{Bound, Service, Watched};
+use cluster_core::{Capacity, Role, StoreConfig, WatchFollower};
+use model::LocalExperts;
+use model::args::ModelArgs;
 use model::serving::ExpertCheckpoint;
-use model::{LocalExperts, WeightDtype};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -43,36 +44,18 @@ pub use shard::{Shard, ShardError};
 const STORE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long shutdown waits for the follower and the publisher (an expert being loaded, a
-/// store call in flight) before deregistering anyway.
+/// store call in flight) before stopping the server anyway.
 const BACKGROUND_DRAIN: Duration = Duration::from_secs(5);
-
-/// Weight storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DtypeArg {
-    Auto,
-    F32,
-    Bf16,
-}
-
-/// Activation precision: exact (f32, matches transformers) or bf16 (faster).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PrecisionArg {
-    Exact,
-    Bf16,
-}
 
 /// The expert worker's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExpertConfig {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Checkpoint directory; default: the embedded default model.
-    #[arg(long, env = "EXPERTMESH_MODEL")]
-    pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    pub dtype: DtypeArg,
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
-    pub precision: PrecisionArg,
+    // The engine flags an expert worker takes: it computes on the CPU (no `--device`) and
+    // holds no latent cache (no `--cache-tokens`, `--block-size`).
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Host a fixed shard from the start: expert e of MoE layer l iff
     /// (l * n_routed_experts + e) % N == I; 0/1 hosts all. Without it the worker hosts
     /// nothing until a placement gives it slots.
@@ -100,24 +83,11 @@ impl ExpertConfig {
     pub fn load_report_period(&self) -> Duration {
         Duration::from_millis(self.load_report_ms.max(1))
     }
-
-    fn weight_dtype(&self) -> WeightDtype {
-        match self.dtype {
-            DtypeArg::Auto => WeightDtype::Auto,
-            DtypeArg::F32 => WeightDtype::F32,
-            DtypeArg::Bf16 => WeightDtype::Bf16,
-        }
-    }
-
-    fn precision(&self) -> kernels::cpu::Precision {
-        match self.precision {
-            PrecisionArg::Exact => kernels::cpu::Precision::Exact,
-            PrecisionArg::Bf16 => kernels::cpu::Precision::Bf16Activations,
-        }
-    }
 }
 
-/// Runs the expert worker until `shutdown`. `ready` fires once it serves and is registered.
+/// Runs the expert worker until `shutdown` (through the shared lifecycle,
+/// `cluster_core::service`); fails when its compute thread or server dies. `ready` fires
+/// once it serves and is registered.
 pub async fn run(
     config: ExpertConfig,
     store: StoreConfig,
@@ -125,8 +95,15 @@ pub async fn run(
     ready: oneshot::Sender<Ready>,
 ) -> anyhow::Result<()> {
     let cluster = cluster_core::node::cluster_name(&config.node.cluster)?;
+    let tracker = TaskTracker::new();
+    // Stops the Run streams, the server and (through its child) the placement follower and
+    // the load publisher: after the drain, or on an early return.
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    let Some(store) = shutdown.run_until_cancelled(store.open(STORE_PATIENCE)).await else { return Ok(()) };
+    let store = store.context("opening the cluster store")?;
     let (dir, dtype, precision, shard) =
-        (config.model.clone(), config.weight_dtype(), config.precision(), config.shard);
+        (config.model.dir.clone(), config.model.weight_dtype(), config.model.precision(), config.shard);
     tracing::info!(model = ?dir, shard = shard.map(|s| s.to_string()), "expert_loading");
     let checkpoint = tokio::task::spawn_blocking(move || ExpertCheckpoint::open(dir, dtype))
         .await
@@ -136,8 +113,8 @@ pub async fn run(
     let mut experts = LocalExperts::empty(checkpoint.config(), precision);
     if let Some(shard) = shard {
         let wanted: Vec<Slot> = slots::shard_slots(checkpoint.config(), shard).into_iter().collect();
-        let (ckpt, stop) = (checkpoint.clone(), shutdown.clone());
-        let loaded = tokio::task::spawn_blocking(move || slots::load_slots(&ckpt, &wanted, &stop))
+        let (ckpt, cancel) = (checkpoint.clone(), shutdown.clone());
+        let loaded = tokio::task::spawn_blocking(move || slots::load_slots(&ckpt, &wanted, &cancel))
             .await
             .context("expert loading task")?;
         let weights = match loaded {
@@ -157,53 +134,14 @@ pub async fn run(
     let (compute, compute_thread) =
         compute::spawn_compute(experts, counters.clone()).context("cannot start the compute thread")?;
 
-    let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id =
-        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Expert, bound.port())?;
-    let tracker = TaskTracker::new();
-    let streams_stop = CancellationToken::new();
+    let bound = Bound::bind(&config.node, Role::Expert).await?;
+    let worker_id = bound.worker_id().clone();
     let service = grpc::ExpertService {
         compute: compute.clone(),
         counters: counters.clone(),
         tracker: tracker.clone(),
-        shutdown: streams_stop.clone(),
+        shutdown: stop.clone(),
     };
-    let server_stop = CancellationToken::new();
-    let (reporter_tx, reporter_rx) = oneshot::channel();
-    let server = tracker.spawn(cluster_core::serve::serve(
-        listener,
-        tonic::service::Routes::new(grpc::server(service)),
-        cluster_core::serve::Described {
-            descriptor_set: proto::FILE_DESCRIPTOR_SET,
-            services: &["expertmesh.expert.v1.Expert"],
-        },
-        |r| {
-            let _ = reporter_tx.send(r);
-        },
-        server_stop.clone(),
-    ));
-    let reporter = reporter_rx.await.context("gRPC server did not start")?;
-    reporter.set_serving::<grpc::Server>().await;
-    let store = store.open(STORE_PATIENCE).await.context("opening the cluster store")?;
-    let info = WorkerInfo {
-        id: worker_id.clone(),
-        role: Role::Expert,
-        address: config.node.advertised(bound),
-        capacity: Capacity {
-            max_sequences: 0,
-            max_batch_tokens: 0,
-            expert_slots: u32::try_from(hosted).context("slot count")?,
-        },
-        model: model_name,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let registration = Arc::new(
-        cluster_core::register(store.clone(), &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?,
-    );
-
-    // The placement follower and the load publisher; stopped before deregistering.
-    let background = TaskTracker::new();
-    let background_stop = shutdown.child_token();
     let shape = placement::ModelShape {
         moe_layers: slots::moe_layers(checkpoint.config()).into_iter().collect(),
         num_experts: checkpoint.config().n_routed_experts,
@@ -211,59 +149,67 @@ pub async fn run(
     let view = placement::PlacementView::new(cluster.clone(), worker_id.clone(), shape);
     let prefix = ::placement::keys::placement_prefix(&cluster);
     let placements = WatchFollower::start(store.as_ref(), &prefix, view).await.context("watching the placement")?;
-    let (version_tx, version_rx) = watch::channel(None);
-    let follower = follower::Follower {
-        store: store.clone(),
-        cluster: cluster.clone(),
-        me: worker_id.clone(),
-        registration: registration.clone(),
-        compute,
-        checkpoint,
-        release_delay: config.release_delay(),
-        version: version_tx,
-        loads: background.clone(),
-    };
-    background.spawn(follower::follow(follower, placements, background_stop.clone()));
-    let publisher = load_report::Publisher {
-        store,
-        cluster,
-        me: worker_id.clone(),
-        registration: registration.clone(),
-        counters,
-        version: version_rx,
-        period: config.load_report_period(),
-        window: config.load_window as usize,
-        started,
-    };
-    background.spawn(load_report::publish(publisher, background_stop.clone()));
-    tracing::info!(worker_id = %worker_id, addr = %bound, slots = hosted, "expert_worker_ready");
-    let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
 
-    shutdown.cancelled().await;
-    // Leave membership first so attention workers stop sending here, then stop serving.
-    reporter.set_not_serving::<grpc::Server>().await;
-    background_stop.cancel();
-    background.close();
-    if tokio::time::timeout(BACKGROUND_DRAIN, background.wait()).await.is_err() {
-        tracing::warn!(waited_ms = BACKGROUND_DRAIN.as_millis() as u64, "placement_tasks_slow_to_stop");
-    }
-    match Arc::try_unwrap(registration) {
-        Ok(registration) => {
-            if let Err(e) = registration.deregister().await {
-                tracing::warn!(error = %e, "deregister_failed");
-            }
+    // The placement follower and the load publisher put records on the registration's
+    // lease: they start once it exists, and stop first in the drain.
+    let background = TaskTracker::new();
+    let background_stop = stop.child_token();
+    let on_registered = {
+        let (store, background, background_stop) = (store.clone(), background.clone(), background_stop.clone());
+        move |registration: Arc<cluster_core::Registration>| {
+            let (version_tx, version_rx) = watch::channel(None);
+            let follower = follower::Follower {
+                store: store.clone(),
+                cluster: cluster.clone(),
+                me: worker_id.clone(),
+                registration: registration.clone(),
+                compute,
+                checkpoint,
+                release_delay: config.release_delay(),
+                version: version_tx,
+                loads: background.clone(),
+            };
+            background.spawn(follower::follow(follower, placements, background_stop.clone()));
+            let publisher = load_report::Publisher {
+                store,
+                cluster,
+                me: worker_id,
+                registration,
+                counters,
+                version: version_rx,
+                period: config.load_report_period(),
+                window: config.load_window as usize,
+                started,
+            };
+            background.spawn(load_report::publish(publisher, background_stop));
         }
-        // A background task still holds it: dropping ours lets the key expire within the TTL.
-        Err(_) => tracing::warn!("deregister_skipped"),
-    }
-    streams_stop.cancel();
-    server_stop.cancel();
-    tracker.close();
-    let served = server.await.context("server task")?;
-    tracker.wait().await;
-    // The server and the follower (and with them every compute handle) are gone: the
-    // thread ends.
-    tokio::task::spawn_blocking(move || compute_thread.join()).await.context("compute thread")??;
-    served?;
+    };
+    let drain = cluster_core::service::drain(move |deadline| async move {
+        background_stop.cancel();
+        background.close();
+        if tokio::time::timeout_at(deadline, background.wait()).await.is_err() {
+            tracing::warn!(waited_ms = BACKGROUND_DRAIN.as_millis() as u64, "placement_tasks_slow_to_stop");
+        }
+    });
+    let service = Service {
+        store,
+        routes: tonic::service::Routes::new(grpc::server(service)),
+        described: grpc::DESCRIBED,
+        capacity: Capacity {
+            max_sequences: 0,
+            max_batch_tokens: 0,
+            expert_slots: u32::try_from(hosted).context("slot count")?,
+        },
+        model: model_name,
+        tracker,
+        stop,
+        // The server, the follower and the stream tasks hold the compute handles: once they
+        // are stopped the thread ends and is joined.
+        watched: vec![Watched::thread(compute_thread)],
+        on_registered: Some(Box::new(on_registered)),
+        drain,
+        drain_timeout: BACKGROUND_DRAIN,
+    };
+    cluster_core::service::run(bound, service, shutdown, ready).await?;
     Ok(())
 }

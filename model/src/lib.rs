@@ -6,6 +6,8 @@
 //! Routed experts are reached through [`ExpertBackend`], so they can run in this process
 //! ([`LocalExperts`]) or elsewhere.
 
+#[cfg(feature = "clap")]
+pub mod args;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

@@ -15,7 +15,8 @@ mod telemetry;
 use anyhow::Context;
 use cluster_core::node::NodeArgs;
 use cluster_core::serve::Ready;
-use cluster_core::{Capacity, Membership, Role, StoreConfig, WorkerInfo};
+use cluster_core::service::{Bound, Service};
+use cluster_core::{Capacity, Membership, Role, StoreConfig};
 use driver::{Driver, DriverConfig};
 use model::{ModelConfig, Tokenizer};
 use std::path::PathBuf;
@@ -62,7 +63,11 @@ pub struct RouterConfig {
     pub stall_timeout_ms: u64,
 }
 
-/// Runs the router until `shutdown`, then drains. `ready` fires once it serves.
+/// How long start-up waits for the store (etcd starting alongside) and the membership.
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs the router until `shutdown`, then drains (through the shared lifecycle,
+/// `cluster_core::service`). `ready` fires once it serves and is registered.
 pub async fn run(
     config: RouterConfig,
     store: StoreConfig,
@@ -73,14 +78,18 @@ pub async fn run(
     let dir = model::default_model::resolve_dir(config.model.clone())?;
     let model_config = ModelConfig::from_dir(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir, &model_config)?.map(Arc::new);
-    let store = store.open(Duration::from_secs(30)).await.context("opening the cluster store")?;
     let tracker = TaskTracker::new();
-    let membership =
-        tokio::time::timeout(Duration::from_secs(30), Membership::start(store.as_ref(), &cluster, &tracker, &shutdown))
-            .await
-            .context("timed out loading cluster membership")??;
+    // Stops the membership watch and the load polling: after the drain (requests still in
+    // flight may retry elsewhere), or on an early return.
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    let Some(store) = shutdown.run_until_cancelled(store.open(STORE_PATIENCE)).await else { return Ok(()) };
+    let store = store.context("opening the cluster store")?;
+    let membership = tokio::time::timeout(STORE_PATIENCE, Membership::start(store.as_ref(), &cluster, &tracker, &stop))
+        .await
+        .context("timed out loading cluster membership")??;
     let pool = Arc::new(pool::Pool::new(membership));
-    tracker.spawn(pool.clone().poll_loads(Duration::from_millis(config.load_poll_ms), shutdown.clone()));
+    tracker.spawn(pool.clone().poll_loads(Duration::from_millis(config.load_poll_ms), stop.clone()));
     let driver = Arc::new(Driver {
         pool,
         config: DriverConfig {
@@ -104,58 +113,29 @@ pub async fn run(
         tracker: requests.clone(),
         draining: draining.clone(),
     };
-    type Svc = proto::v1::generation_server::GenerationServer<grpc::public::GenerationService>;
-    let routes = tonic::service::Routes::new(
-        Svc::new(service)
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
-    );
-    let (listener, bound) = cluster_core::serve::bind(&config.node.listen).await?;
-    let worker_id =
-        cluster_core::node::worker_id_or_default(config.node.worker_id.as_deref(), Role::Router, bound.port())?;
-    let server_stop = CancellationToken::new();
-    let (reporter_tx, reporter_rx) = oneshot::channel();
-    let server = tracker.spawn(cluster_core::serve::serve(
-        listener,
+    let routes = grpc::public::routes(service, config.max_message_bytes);
+    let bound = Bound::bind(&config.node, Role::Router).await?;
+    // Refuse new requests, let those in flight finish.
+    let drain = cluster_core::service::drain(move |deadline| async move {
+        draining.store(true, Ordering::Relaxed);
+        requests.close();
+        if tokio::time::timeout_at(deadline, requests.wait()).await.is_err() {
+            tracing::warn!(left = requests.len(), "router_drain_timed_out");
+        }
+    });
+    let service = Service {
+        store,
         routes,
-        cluster_core::serve::Described {
-            descriptor_set: proto::FILE_DESCRIPTOR_SET,
-            services: &["expertmesh.v1.Generation"],
-        },
-        |r| {
-            let _ = reporter_tx.send(r);
-        },
-        server_stop.clone(),
-    ));
-    let reporter = reporter_rx.await.context("gRPC server did not start")?;
-    reporter.set_serving::<Svc>().await;
-    let info = WorkerInfo {
-        id: worker_id.clone(),
-        role: Role::Router,
-        address: config.node.advertised(bound),
+        described: grpc::public::DESCRIBED,
         capacity: Capacity { max_sequences: config.max_inflight, max_batch_tokens: 0, expert_slots: 0 },
         model: model::serving::model_name(&dir),
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        tracker,
+        stop,
+        watched: Vec::new(),
+        on_registered: None,
+        drain,
+        drain_timeout: Duration::from_millis(config.drain_timeout_ms),
     };
-    let registration =
-        cluster_core::register(store, &cluster, info, config.node.lease_ttl(), &tracker, &shutdown).await?;
-    tracing::info!(addr = %bound, "router_ready");
-    let _ = ready.send(Ready { addr: bound, worker_id: worker_id.as_str().to_string() });
-
-    shutdown.cancelled().await;
-    draining.store(true, Ordering::Relaxed);
-    reporter.set_not_serving::<Svc>().await;
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!(error = %e, "deregister_failed");
-    }
-    requests.close();
-    if tokio::time::timeout(Duration::from_millis(config.drain_timeout_ms), requests.wait()).await.is_err() {
-        tracing::warn!(left = requests.len(), "router_drain_timed_out");
-    }
-    server_stop.cancel();
-    tracker.close();
-    let served = server.await.context("server task")?;
-    tracker.wait().await;
-    served?;
+    cluster_core::service::run(bound, service, shutdown, ready).await?;
     Ok(())
 }

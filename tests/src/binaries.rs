@@ -15,6 +15,8 @@ pub const DECODE_WORKER: &str = "decode-worker";
 pub const EXPERT_WORKER: &str = "expert-worker";
 pub const CONTROLLER: &str = "expert-controller";
 pub const CLI: &str = "expertmesh";
+/// The decode worker with routed experts that panic (`src/bin/decode_worker_failing_experts.rs`).
+pub const DECODE_WORKER_FAILING_EXPERTS: &str = "decode-worker-failing-experts";
 
 /// Longest a reference generation may take (it loads the model each time).
 const REFERENCE_TIMEOUT: Duration = Duration::from_secs(120);

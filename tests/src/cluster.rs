@@ -191,7 +191,10 @@ impl Cluster {
         let etcd = Etcd::start().await;
         let env = env(&spec);
         let endpoint = etcd.endpoint();
-        let spawn = |role: Role, index: usize| spawn_worker(&name, &endpoint, &spec, &env, dir.path(), role, index);
+        let spawn = |role: Role, index: usize| {
+            let launch = Launch { role, index, binary: role_binary(role), args: &[] };
+            spawn_worker(&name, &endpoint, &spec, &env, dir.path(), launch)
+        };
         let spawn_controllers = || -> Vec<Process> {
             (0..spec.controllers).map(|i| spawn_controller(&name, &endpoint, &spec, &env, dir.path(), i)).collect()
         };
@@ -239,9 +242,18 @@ impl Cluster {
 
     /// Starts one more worker of `role` and waits for its ready line; returns its index.
     pub async fn add_worker(&mut self, role: Role) -> usize {
+        self.add_worker_from(role, role_binary(role), &[]).await
+    }
+
+    /// Like [`Cluster::add_worker`], from `binary` (the role's binary or a variant that takes
+    /// the same flags) with `args` added to the role's flags.
+    pub async fn add_worker_from(&mut self, role: Role, binary: &str, args: &[&str]) -> usize {
         let index = self.workers(role).len();
         let endpoint = self.etcd.endpoint();
-        let mut p = spawn_worker(&self.name, &endpoint, &self.spec, &env(&self.spec), self.log_dir(), role, index);
+        let (spec, env) = (&self.spec, env(&self.spec));
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let launch = Launch { role, index, binary, args: &args };
+        let mut p = spawn_worker(&self.name, &endpoint, spec, &env, self.log_dir(), launch);
         p.wait_ready(READY_TIMEOUT).await;
         let list = match role {
             Role::Prefill => &mut self.prefill,
@@ -517,25 +529,44 @@ fn common_args(cluster: &str, etcd: &str) -> Vec<String> {
     ["--etcd", etcd, "--cluster", cluster, "--listen", "127.0.0.1:0"].map(String::from).to_vec()
 }
 
-/// Spawns worker `<role>-<index>` (not waited for).
+/// The binary a worker of `role` runs.
+fn role_binary(role: Role) -> &'static str {
+    match role {
+        Role::Prefill => PREFILL_WORKER,
+        Role::Decode => DECODE_WORKER,
+        Role::Expert => EXPERT_WORKER,
+    }
+}
+
+/// Which worker to start: `<role>-<index>`, from `binary`, with `args` after the spec's
+/// flags for the role.
+struct Launch<'a> {
+    role: Role,
+    index: usize,
+    binary: &'a str,
+    args: &'a [String],
+}
+
+/// Spawns a worker (not waited for).
 fn spawn_worker(
     cluster: &str,
     etcd: &str,
     spec: &ClusterSpec,
     env: &[(String, String)],
     log_dir: &Path,
-    role: Role,
-    index: usize,
+    launch: Launch<'_>,
 ) -> Process {
+    let Launch { role, index, binary, args: more } = launch;
     let id = format!("{}-{index}", role.as_str());
     let mut args = common_args(cluster, etcd);
     args.extend(["--worker-id".into(), id.clone(), "--lease-ttl-ms".into(), spec.lease_ttl.as_millis().to_string()]);
-    let (binary, extra) = match role {
-        Role::Prefill => (PREFILL_WORKER, &spec.prefill_args),
-        Role::Decode => (DECODE_WORKER, &spec.decode_args),
-        Role::Expert => (EXPERT_WORKER, &Vec::new()),
+    let extra = match role {
+        Role::Prefill => &spec.prefill_args,
+        Role::Decode => &spec.decode_args,
+        Role::Expert => &Vec::new(),
     };
     args.extend(extra.iter().cloned());
+    args.extend(more.iter().cloned());
     match role {
         Role::Expert => {
             args.extend(spec.expert_args.iter().cloned());

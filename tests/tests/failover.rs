@@ -1,9 +1,11 @@
 //! Failover: a decode worker killed mid-stream, a prefill worker killed with prompts in
-//! flight, a worker frozen (SIGSTOP) until its lease expires. Every request still completes
-//! with exactly the reference tokens: no duplicate, no gap.
+//! flight, a worker frozen (SIGSTOP) until its lease expires, a decode worker whose engine
+//! thread dies. Every request still completes with exactly the reference tokens: no
+//! duplicate, no gap.
 
 use std::time::Duration;
 
+use cluster_tests::binaries::DECODE_WORKER_FAILING_EXPERTS;
 use cluster_tests::grpc::{Streams, check_all, ids_request, retries, test_prompts};
 use cluster_tests::{Cluster, ClusterSpec, Role, poll_until, references, secs, wait_until};
 
@@ -158,4 +160,49 @@ async fn decode_worker_sigterm_drains_under_load() {
     eprintln!("retries per stream: {:?}", retries(&results));
     let decode = &mut cluster.decode[victim];
     assert!(poll_until(secs(60), async || !decode.is_alive()).await, "decode-{victim} did not exit after draining");
+}
+
+/// A decode worker whose engine thread dies (a panic in its forward pass; here its routed
+/// experts panic) leaves the cluster instead of staying registered and SERVING: it
+/// deregisters, stops, and exits with an error naming the thread, while the request it held
+/// completes on the other decode worker.
+#[tokio::test]
+async fn decode_worker_whose_engine_thread_dies_deregisters_and_exits() {
+    let prompts = test_prompts(1, 51);
+    let expected = references(&prompts, 8).await;
+    // Leases far longer than the test: a key that goes away was deregistered, not expired.
+    let mut cluster = Cluster::start("engine-death", ClusterSpec::new(1, 1).lease_ttl(secs(300))).await;
+    // Twice decode-0's cache: the router gives it the next request (the most free blocks).
+    let victim =
+        cluster.add_worker_from(Role::Decode, DECODE_WORKER_FAILING_EXPERTS, &["--cache-tokens", "65536"]).await;
+    let name = format!("decode-{victim}");
+    cluster.wait_registered(Role::Decode, cluster.worker_ids(Role::Decode), secs(30)).await;
+
+    // Requests the router sends elsewhere until it has seen the new worker complete too.
+    let url = cluster.router_url();
+    let process = &mut cluster.decode[victim];
+    let mut sent = 0;
+    wait_until(&format!("{name} to exit after its engine thread died"), secs(120), async || {
+        let results = Streams::start(&url, vec![ids_request(&prompts[0], 8)]).await.finish(secs(60)).await;
+        check_all(&results, &expected, 8).unwrap_or_else(|e| panic!("request {sent}: {e}"));
+        sent += 1;
+        !process.is_alive()
+    })
+    .await;
+    eprintln!("{name} exited after {sent} requests");
+
+    let status = cluster.decode[victim].wait_exit(secs(1)).await;
+    assert_eq!(status.code(), Some(1), "{name} should exit with an error (not a signal): {status}");
+    let registered = cluster.registered(Role::Decode).await.expect("etcd answers");
+    assert!(!registered.contains(&name), "{name} exited but is still registered: {registered:?}");
+    let log = std::fs::read_to_string(cluster.decode[victim].stderr_path()).expect("the worker's log");
+    assert!(
+        log.contains("the decode engine thread panicked: injected fault"),
+        "{name}'s log does not name the dead thread:\n{}",
+        cluster.decode[victim].log_tail(30)
+    );
+
+    // The survivor serves.
+    let results = Streams::start(&url, vec![ids_request(&prompts[0], 8)]).await.finish(secs(60)).await;
+    check_all(&results, &expected, 8).unwrap_or_else(|e| panic!("after {name} exited: {e}"));
 }

@@ -14,23 +14,19 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, ValueEnum};
-use kernels::cpu::Precision;
+use clap::Parser;
+use model::args::ModelArgs;
 use model::{Engine, EngineOptions, LoadOptions, ModelConfig, SamplingParams, SeqId, WeightDtype, load_model};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
 #[command(about = "Engine throughput benchmark")]
 struct Args {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
-    dtype: Dtype,
-    /// exact: f32 activations; bf16: activations rounded to bf16 (AVX-512 BF16 dot products).
-    #[arg(long, value_enum, default_value_t = Prec::Exact)]
-    precision: Prec,
+    // `--model`, `--dtype`, `--precision`: the engine flags; the cache is sized to the
+    // batches measured, not taken from `--cache-tokens`.
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -58,19 +54,6 @@ struct Args {
     /// The GPU's dense bf16 tensor-core peak (H100/H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     peak_bf16_tflops: f64,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Dtype {
-    Auto,
-    F32,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Prec {
-    Exact,
-    Bf16,
 }
 
 /// Weight bytes one decoded token reads: every non-expert weight, `top_k` routed experts
@@ -112,15 +95,8 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let weight_dtype = match args.dtype {
-        Dtype::Auto => WeightDtype::Auto,
-        Dtype::F32 => WeightDtype::F32,
-        Dtype::Bf16 => WeightDtype::Bf16,
-    };
-    let precision = match args.precision {
-        Prec::Exact => Precision::Exact,
-        Prec::Bf16 => Precision::Bf16Activations,
-    };
+    let (weight_dtype, precision) = (args.model.weight_dtype(), args.model.precision());
+    let dir = model::default_model::resolve_dir(args.model.dir.clone())?;
     args.device.check()?;
     let on_gpu = args.device != kernels::Device::Cpu;
     println!("device: {}; threads: {}", args.device, rayon::current_num_threads());
@@ -128,7 +104,7 @@ fn main() -> anyhow::Result<()> {
     let mut bw = if on_gpu { args.hbm_gb_s } else { probe() };
     println!("read bandwidth ({}): {bw:.1} GB/s", if on_gpu { "GPU, as given" } else { "one pass" });
     let t = Instant::now();
-    let loaded = load_model(&args.model, LoadOptions { weight_dtype, local_experts: true }, &|_| {})?;
+    let loaded = load_model(&dir, LoadOptions { weight_dtype, local_experts: true }, &|_| {})?;
     println!("load: {:.1} s", t.elapsed().as_secs_f64());
     let mut m = loaded.model;
     m.set_precision(precision);
@@ -228,7 +204,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let summary = serde_json::json!({
-        "device": args.device.to_string(), "dtype": format!("{:?}", args.dtype), "precision": format!("{:?}", args.precision),
+        "device": args.device.to_string(), "dtype": format!("{:?}", args.model.dtype), "precision": format!("{:?}", args.model.precision),
         "prefill_tflops": prefill_tflops,
         "bandwidth_gb_s": bw, "active_gb_per_token": bytes / 1e9,
         "prefill_tokens_per_s": prefill_tps, "batched_prefill_tokens_per_s": batched_prefill_tps, "decode": decode,

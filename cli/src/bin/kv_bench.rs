@@ -86,14 +86,19 @@ async fn main() -> anyhow::Result<()> {
     let store = StoreConfig::Memory(MemoryStore::new());
     let shutdown = CancellationToken::new();
     let (dtx, drx) = oneshot::channel();
-    let decode_config = decode_worker::DecodeConfig {
-        node: node("decode-0"),
-        model: Some(dir.clone()),
-        dtype: decode_worker::DtypeArg::Auto,
-        precision: decode_worker::PrecisionArg::Exact,
+    let engine = model::args::EngineArgs {
+        model: model::args::ModelArgs {
+            dir: Some(dir.clone()),
+            dtype: model::args::DtypeArg::Auto,
+            precision: model::args::PrecisionArg::Exact,
+        },
         device: kernels::Device::Cpu,
         cache_tokens,
         block_size: 16,
+    };
+    let decode_config = decode_worker::DecodeConfig {
+        node: node("decode-0"),
+        engine: engine.clone(),
         max_batch: 64,
         drain_timeout_ms: 1000,
         stall_timeout_ms: 30_000,
@@ -103,13 +108,8 @@ async fn main() -> anyhow::Result<()> {
     let (ptx, prx) = oneshot::channel();
     let prefill_config = prefill_worker::PrefillConfig {
         node: node("prefill-0"),
-        model: Some(dir.clone()),
-        dtype: prefill_worker::DtypeArg::Auto,
-        precision: prefill_worker::PrecisionArg::Exact,
-        device: kernels::Device::Cpu,
+        engine,
         max_batch_tokens: 8192,
-        cache_tokens,
-        block_size: 16,
         queue_capacity: 16,
         kv_chunk_bytes: 1024 * 1024,
         transfer_retries: 0,

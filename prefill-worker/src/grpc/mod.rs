@@ -46,6 +46,12 @@ impl PrefillService {
     }
 }
 
+/// What reflection lists for this worker.
+pub const DESCRIBED: cluster_core::serve::Described<'static> = cluster_core::serve::Described {
+    descriptor_set: proto::FILE_DESCRIPTOR_SET,
+    services: &["expertmesh.internal.v1.Prefill"],
+};
+
 /// The `Prefill` service with the cluster's message limits, ready to serve.
 pub fn server(service: PrefillService) -> Server {
     PrefillServer::new(service)

@@ -21,6 +21,22 @@ use tonic::{Request, Response, Status};
 /// varints of at most 5 bytes, after a tag and a length of at most 6.
 const MAX_REPLY_IDS: usize = (cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES - 6) / 5;
 
+/// What reflection lists for the router.
+pub const DESCRIBED: cluster_core::serve::Described<'static> = cluster_core::serve::Described {
+    descriptor_set: proto::FILE_DESCRIPTOR_SET,
+    services: &["expertmesh.v1.Generation"],
+};
+
+/// The public service's routes: requests up to `max_request_bytes`, replies up to the
+/// cluster's message limit.
+pub fn routes(service: GenerationService, max_request_bytes: usize) -> tonic::service::Routes {
+    tonic::service::Routes::new(
+        proto::v1::generation_server::GenerationServer::new(service)
+            .max_decoding_message_size(max_request_bytes)
+            .max_encoding_message_size(cluster_core::serve::DEFAULT_MAX_MESSAGE_BYTES),
+    )
+}
+
 #[derive(Debug)]
 pub struct GenerationService {
     pub driver: Arc<Driver>,
