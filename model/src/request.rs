@@ -92,6 +92,19 @@ impl RequestLimits {
         self.check_sized(prompt.len(), params, prompt_logits_top)
     }
 
+    /// [`RequestLimits::check`], and what only the public API refuses: stop ids outside the
+    /// vocabulary, which can never match (the engine's callers use one to mean "run to
+    /// max_new_tokens").
+    pub fn check_public(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        prompt_logits_top: usize,
+    ) -> Result<(), InvalidRequest> {
+        self.check(prompt, params, prompt_logits_top)?;
+        self.check_ids("stop_token_ids", &params.stop_token_ids)
+    }
+
     /// [`RequestLimits::check`] for a sequence whose prompt is elsewhere and only its length
     /// is known (a cache reserved for a prompt prefilled on another worker).
     pub fn check_sized(
@@ -121,7 +134,6 @@ impl RequestLimits {
         if !(params.top_p > 0.0 && params.top_p <= 1.0) {
             return Err(InvalidRequest::TopP(params.top_p));
         }
-        self.check_ids("stop_token_ids", &params.stop_token_ids)?;
         if prompt_logits_top > self.max_prompt_logits_top {
             return Err(InvalidRequest::PromptLogitsTop { got: prompt_logits_top, max: self.max_prompt_logits_top });
         }
@@ -168,13 +180,15 @@ mod tests {
     }
 
     fn refusal(prompt: &[u32], p: SamplingParams, logits_top: usize) -> InvalidRequest {
-        LIMITS.check(prompt, &p, logits_top).expect_err("should be refused")
+        LIMITS.check_public(prompt, &p, logits_top).expect_err("should be refused")
     }
 
     #[test]
     fn every_bad_field_is_named_first() {
         let ok = params(|_| {});
-        LIMITS.check(&[1, 2], &ok, 1000).expect("valid");
+        LIMITS.check_public(&[1, 2], &ok, 1000).expect("valid");
+        let never_stops = params(|p| p.stop_token_ids = vec![260]);
+        LIMITS.check(&[1, 2], &never_stops, 0).expect("a stop id that never matches is fine inside");
         let cases: Vec<(InvalidRequest, &str)> = vec![
             (refusal(&[], ok.clone(), 0), "prompt: empty"),
             (refusal(&[1, 260], ok.clone(), 0), "prompt: token id 260 is outside the vocabulary (size 260)"),

@@ -385,7 +385,7 @@ mod tests {
             "<｜User｜>special tokens inside<｜Assistant｜>and after them<｜end▁of▁sentence｜>text\n",
             "emoji 😀 🚀 ❤️ numbers 1234567 3.14 https://example.com/a?b=c user@example.org\n",
         ];
-        (0..400).map(|i| parts[i % parts.len()]).collect()
+        (0..2000).map(|i| parts[i % parts.len()]).collect()
     }
 
     #[test]
@@ -436,7 +436,7 @@ mod tests {
             Bounded::Ids(_) => panic!("one id over the limit must be refused"),
         }
         let chat = [
-            ChatMessage { role: "system".into(), content: text[..5000].to_string() },
+            ChatMessage { role: "system".into(), content: "You are terse.".into() },
             ChatMessage { role: "user".into(), content: text.clone() },
         ];
         let whole = t.encode_messages(&chat).expect("chat");

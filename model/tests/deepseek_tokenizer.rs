@@ -245,7 +245,7 @@ fn long_text() -> String {
     let texts: Vec<String> = plain_texts().into_iter().chain(special_texts()).collect();
     let glue = ["\n", " ", "", "。", " and ", "\n\n", "。下"];
     let mut long = String::new();
-    for round in 0..12 {
+    for round in 0..30 {
         for (i, t) in texts.iter().enumerate().filter(|(i, _)| (i + round) % 4 != 0) {
             long.push_str(t);
             long.push_str(glue[(i + round) % glue.len()]);
@@ -269,7 +269,8 @@ fn bounded_encoding_in_pieces_gives_exactly_the_whole_texts_ids() {
     };
     for text in plain_texts().iter().chain(&special_texts()).chain([&long]) {
         let whole = tok.encode(text).expect("encode");
-        check(&format!("{:?}", &text[..text.len().min(40)]), whole, &|n| tok.encode_bounded(text, n).expect("bounded"));
+        let name: String = text.chars().take(30).collect();
+        check(&format!("{name:?}"), whole, &|n| tok.encode_bounded(text, n).expect("bounded"));
     }
     let msg = |role: &str, content: &str| model::ChatMessage { role: role.into(), content: content.into() };
     let head = (0..=20_000).rev().find(|&i| long.is_char_boundary(i)).unwrap_or(0);
@@ -281,12 +282,15 @@ fn bounded_encoding_in_pieces_gives_exactly_the_whole_texts_ids() {
 #[test]
 fn a_text_far_beyond_its_limit_costs_about_the_limit() {
     let tok = chat_tokenizer();
-    // About 4 MiB and a million ids; a 4096-id limit reads a few pieces of it, not all.
+    // About 4 MiB and a million ids. A limit of 40000 ids is too many for the bytes alone to
+    // rule out (128 bytes a token at most): the text is read a piece at a time until past it.
     let huge = long_text().repeat(1 + (4 << 20) / long_text().len());
     let started = std::time::Instant::now();
-    match tok.encode_bounded(&huge, 4096).expect("bounded") {
-        Bounded::TooLong { at_least } => assert!((4097..40_000).contains(&at_least), "{at_least}"),
+    match tok.encode_bounded(&huge, 40_000).expect("bounded") {
+        Bounded::TooLong { at_least } => assert!((40_001..80_000).contains(&at_least), "{at_least}"),
         Bounded::Ids(ids) => panic!("{} ids accepted", ids.len()),
     }
-    eprintln!("{} MiB refused for a limit of 4096 in {:?}", huge.len() >> 20, started.elapsed());
+    eprintln!("{} MiB refused for a limit of 40000 in {:?}", huge.len() >> 20, started.elapsed());
+    // Beyond 128 bytes a token for the limit: refused from its length alone.
+    assert!(matches!(tok.encode_bounded(&huge, 4096).expect("bounded"), Bounded::TooLong { .. }));
 }

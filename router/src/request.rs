@@ -1,6 +1,6 @@
 //! A public request turned into a job: prompt resolved to ids (a text only as far as the
 //! context allows), sampling defaults filled in, then checked by the model's one request
-//! check ([`RequestLimits::check`]), each refusal naming the field.
+//! check ([`RequestLimits::check_public`]), each refusal naming the field.
 
 use model::tokenizer::Bounded;
 use model::{ChatMessage, InvalidRequest, RequestLimits, SamplingParams, Tokenizer};
@@ -97,7 +97,7 @@ pub fn job(
         stop_token_ids: s.stop_token_ids,
     };
     let prompt_logits_top = prompt_logits_top as usize;
-    limits.check(&prompt, &params, prompt_logits_top)?;
+    limits.check_public(&prompt, &params, prompt_logits_top)?;
     Ok(Job {
         prompt,
         params: SamplingParams { seed: Some(s.seed.unwrap_or_else(fresh_seed)), ..params },
