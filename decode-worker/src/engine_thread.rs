@@ -463,6 +463,61 @@ fn round_robin(ids: &[SeqId], max: usize, start: &mut usize) -> Vec<SeqId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use model::serving::{EngineSetup, ExpertPlacement, open_engine_with};
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        model::default_model::ensure(dir).expect("the default model");
+        let setup = EngineSetup {
+            weight_dtype: model::WeightDtype::Auto,
+            precision: kernels::cpu::Precision::Exact,
+            options: model::EngineOptions { cache_tokens: 4096, block_size: 16, device: kernels::Device::Cpu },
+        };
+        open_engine_with(Some(dir.to_path_buf()), setup, ExpertPlacement::Local, &|_| {}).expect("open").engine
+    }
+
+    fn local(id: u64, max_new_tokens: usize) -> Reservation {
+        Reservation {
+            id: SeqId(id),
+            prompt_tokens: 4,
+            params: SamplingParams { seed: Some(1), max_new_tokens, ..SamplingParams::default() },
+            local_prefill: Some(LocalPrefill { prompt: vec![256, 1, 2, 3], prompt_logits_top: 0 }),
+            trace: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_stops_taking_loses_its_sequence_and_others_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = EngineSettings { max_batch: 8, stall_timeout: Duration::from_millis(100) };
+        let (handle, mut thread) = spawn_engine(engine(dir.path()), settings).expect("spawn");
+        let (_, mut stalled) = handle.reserve(local(1, 4000)).await.expect("reserved");
+        // The load read after the reply already holds the sequence.
+        assert_eq!(handle.load().running + handle.load().waiting, 1);
+        let (_, mut reader) = handle.reserve(local(2, 50)).await.expect("reserved");
+        let mut read = Vec::new();
+        while let Some(e) = reader.recv().await {
+            read.push(e);
+        }
+        assert_eq!(read.len(), 51, "50 tokens and the finish");
+        assert_eq!(read.last(), Some(&SeqEvent::Finished(FinishReason::Length)));
+        // The stalled sequence is released long before its 4000 tokens.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        assert!(handle.until_idle(deadline).await.is_idle(), "the stalled sequence was not released");
+        assert_eq!(handle.load().free_blocks, handle.load().total_blocks);
+        let mut tokens = 0;
+        let last = loop {
+            match stalled.recv().await.expect("a final event") {
+                SeqEvent::Token { .. } => tokens += 1,
+                other => break other,
+            }
+        };
+        assert!(matches!(last, SeqEvent::Stalled { idle } if idle >= Duration::from_millis(100)), "{last:?}");
+        assert!(tokens < 4000, "all {tokens} tokens were generated");
+        assert!(stalled.recv().await.is_none(), "nothing after the stall");
+        drop(handle);
+        thread.finished().await;
+        thread.join().expect("the engine thread ends cleanly");
+    }
 
     #[test]
     fn round_robin_covers_everyone_in_turn() {
