@@ -3,9 +3,10 @@
 //! whole rows), then the commit, retrying the whole push after transport failures.
 //!
 //! The wire is behind [`KvSink`] (implemented in `grpc`), so this module sees only domain
-//! types; chunks are cut by the model's KV codec (`model::kv`). Invariants: the task answers its caller exactly once unless the caller went away;
-//! it keeps every layer it received, so a retry resends everything; it never blocks the
-//! engine thread (its event channel holds every event of the sequence).
+//! types; the model's KV codec (`model::kv`) cuts the chunks. Invariants: the task answers
+//! its caller exactly once unless the caller went away; it keeps every layer it received,
+//! so a retry resends everything; it never blocks the engine thread (its event channel
+//! holds every event of the sequence).
 
 use std::fmt;
 use std::sync::Arc;
