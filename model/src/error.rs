@@ -17,8 +17,8 @@ pub enum ModelError {
     Safetensors { path: PathBuf, reason: String },
     #[error("tensor `{tensor}` is missing from the checkpoint in {dir}")]
     MissingTensor { dir: PathBuf, tensor: String },
-    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
-    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?} ({fields} in config.json)")]
+    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize>, fields: &'static str },
     #[error(
         "{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)"
     )]
@@ -47,6 +47,8 @@ pub enum EngineError {
     TokenOutOfVocab { id: u32, vocab: usize },
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),
+    #[error("a latent cache of {tokens} tokens cannot be allocated: {reason}")]
+    CacheSize { tokens: usize, reason: String },
     #[error("not enough cache: {needed} blocks needed, {free} free")]
     CacheFull { needed: usize, free: usize },
     #[error("sequence {0} is not in the expected state: {1}")]

@@ -18,6 +18,7 @@ mod forward;
 mod load;
 pub mod sampling;
 pub mod serving;
+mod shapes;
 pub mod tokenizer;
 mod weights;
 

@@ -5,6 +5,7 @@
 
 use crate::ModelError;
 use crate::checkpoint::{Checkpoint, TensorView};
+use crate::shapes::Spec;
 use half::{bf16, f16};
 use kernels::cpu::WeightRef;
 use kernels::cpu::packed::{PackedRef, pack_into, packed_len};
@@ -188,14 +189,38 @@ pub struct WeightReader<'a> {
 }
 
 impl WeightReader<'_> {
-    fn view(&self, name: &str, expected: &[usize]) -> Result<TensorView<'_>, ModelError> {
-        let v = self.ckpt.tensor(name)?;
-        if v.shape != expected {
+    /// The tensor of `spec` if it is present, of its shape and of a dtype this reader takes
+    /// (FP8 matrices with a scale grid of the right shape). Reads only the header.
+    pub(crate) fn checked(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.shaped(spec)?;
+        match v.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(v),
+            Dtype::F8_E4M3 if spec.is_matrix() => {
+                self.float(&self.scale_spec(spec))?;
+                Ok(v)
+            }
+            _ => Err(Self::dtype_err(&v)),
+        }
+    }
+
+    /// The tensor of `spec`, stored as F32, BF16 or F16.
+    fn float(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.shaped(spec)?;
+        match v.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(v),
+            _ => Err(Self::dtype_err(&v)),
+        }
+    }
+
+    fn shaped(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.ckpt.tensor(&spec.name)?;
+        if v.shape != spec.shape {
             return Err(ModelError::Shape {
                 path: v.path.into(),
-                tensor: name.into(),
+                tensor: spec.name.clone(),
                 got: v.shape.to_vec(),
-                expected: expected.to_vec(),
+                expected: spec.shape.clone(),
+                fields: spec.fields,
             });
         }
         Ok(v)
@@ -205,9 +230,10 @@ impl WeightReader<'_> {
         ModelError::Dtype { path: v.path.into(), tensor: v.name.into(), dtype: format!("{:?}", v.dtype) }
     }
 
-    /// A `[rows, cols]` matrix named `name`.
-    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
-        let v = self.view(name, &[rows, cols])?;
+    /// The matrix of `spec` (`[rows, cols]`).
+    pub(crate) fn matrix(&self, spec: &Spec) -> Result<Matrix, ModelError> {
+        let v = self.checked(spec)?;
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
         let want = match (self.dtype, v.dtype) {
             (WeightDtype::Auto, Dtype::BF16 | Dtype::F8_E4M3) => WeightDtype::Bf16,
             (WeightDtype::Auto, _) => WeightDtype::F32,
@@ -221,7 +247,7 @@ impl WeightReader<'_> {
                 MatData::Bf16(Buf::new(to_f32(&v).into_iter().map(bf16::from_f32).collect()))
             }
             (Dtype::F8_E4M3, want) => {
-                let scales = self.fp8_scales(name, rows, cols)?;
+                let scales = self.vector(&self.scale_spec(spec))?;
                 let block = self.fp8_block.unwrap_or((128, 128));
                 match want {
                     WeightDtype::F32 => {
@@ -241,26 +267,21 @@ impl WeightReader<'_> {
         Ok(Matrix { rows, cols, data })
     }
 
-    fn fp8_scales(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
+    /// The `_scale_inv` grid of an FP8 matrix: one f32 per block.
+    fn scale_spec(&self, spec: &Spec) -> Spec {
         let block = self.fp8_block.unwrap_or((128, 128));
-        let scale_name = format!("{name}_scale_inv");
-        if !self.ckpt.contains(&scale_name) {
-            return Err(ModelError::MissingTensor { dir: self.ckpt.dir().into(), tensor: scale_name });
-        }
-        let s = self.view(&scale_name, &[rows.div_ceil(block.0), cols.div_ceil(block.1)])?;
-        match s.dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(to_f32(&s)),
-            _ => Err(Self::dtype_err(&s)),
-        }
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
+        Spec::matrix(
+            format!("{}_scale_inv", spec.name),
+            rows.div_ceil(block.0),
+            cols.div_ceil(block.1),
+            "the weight's shape in quantization_config.weight_block_size blocks",
+        )
     }
 
-    /// A 1-D f32 vector (norm weights, biases).
-    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let v = self.view(name, &[len])?;
-        match v.dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(to_f32(&v)),
-            _ => Err(Self::dtype_err(&v)),
-        }
+    /// Every value of `spec` as f32: norm weights, biases, FP8 scale grids.
+    pub(crate) fn vector(&self, spec: &Spec) -> Result<Vec<f32>, ModelError> {
+        Ok(to_f32(&self.float(spec)?))
     }
 }
 

@@ -1,14 +1,18 @@
 //! Bad checkpoints and bad requests: each gives an error (never a panic) that names the file,
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
+//! Absurd sizes in config.json are refused before anything is allocated from them.
 
+use kernels::cpu::Precision;
+use model::serving::{ExpertCheckpoint, open_experts};
 use model::{
-    Engine, EngineError, EngineOptions, LoadOptions, ModelError, SamplingParams, SeqId, SequenceCacheExport,
+    Engine, EngineError, EngineOptions, ExpertId, LoadOptions, ModelError, SamplingParams, SeqId, SequenceCacheExport,
     WeightDtype, load_model,
 };
 use safetensors::{Dtype, SafeTensors};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 mod common;
 
@@ -367,7 +371,7 @@ fn loaded() -> (Arc<model::Model>, Arc<dyn model::ExpertBackend>) {
 
 fn engine(cache_tokens: usize) -> Engine {
     let (m, x) = loaded();
-    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4, ..Default::default() })
+    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4, ..Default::default() }).expect("engine")
 }
 
 fn expected() -> Expected {
@@ -598,4 +602,130 @@ fn cache_full_is_refused_and_the_engine_keeps_serving() {
     let mut z = engine(0);
     let err = add_err(&mut z, 1, vec![0], greedy(1));
     assert!(matches!(err, EngineError::CacheFull { needed: 1, free: 0 }), "{err:?}");
+}
+
+// ---------------------------------------------------------------- sizes in config.json
+
+/// Sets `field` of `dir/config.json` to `value`.
+fn set_config(dir: &Path, field: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    v[field] = value;
+    std::fs::write(&path, v.to_string()).expect("write");
+}
+
+/// Every way a role opens a checkpoint: `load_model` with and without local experts, an
+/// expert worker's `open_experts` and `ExpertCheckpoint` (slot by slot). Each must fail (no
+/// panic, no abort); the errors are returned with the time each took.
+fn open_errs(dir: &Path) -> Vec<(ModelError, std::time::Duration)> {
+    type Open<'a> = &'a dyn Fn() -> Result<(), ModelError>;
+    let opens: [(&str, Open<'_>); 4] = [
+        ("load_model", &|| load_model(dir, OPTS, &|_| {}).map(drop)),
+        ("load_model without experts", &|| {
+            load_model(dir, LoadOptions { local_experts: false, ..OPTS }, &|_| {}).map(drop)
+        }),
+        ("open_experts", &|| {
+            let all = |_: &model::ModelConfig, _: usize, _: ExpertId| true;
+            open_experts(Some(dir.into()), WeightDtype::Auto, Precision::Exact, &all, &|_| {}).map(drop)
+        }),
+        ("ExpertCheckpoint", &|| {
+            let ckpt = ExpertCheckpoint::open(Some(dir.into()), WeightDtype::Auto)?;
+            let c = ckpt.config();
+            let layer = (0..c.num_hidden_layers).find(|&l| c.is_moe_layer(l)).unwrap_or(0);
+            ckpt.load(layer, ExpertId(0)).map(drop)
+        }),
+    ];
+    opens
+        .into_iter()
+        .map(|(what, open)| {
+            let started = Instant::now();
+            match catch_unwind(AssertUnwindSafe(open)) {
+                Err(_) => panic!("{what} panicked on {} instead of returning an error", dir.display()),
+                Ok(Ok(())) => panic!("{what} accepted the broken checkpoint in {}", dir.display()),
+                Ok(Err(e)) => (e, started.elapsed()),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn absurd_config_sizes_are_refused_naming_the_field_before_anything_is_allocated() {
+    // What the probe found: allocation aborts, or 8 s and 2 GB before failing. Beyond the
+    // bounds, config.json alone is refused; within them, the tensor names are.
+    let cases: [(&str, serde_json::Value); 8] = [
+        ("num_hidden_layers", 10_000_000.into()),
+        ("num_hidden_layers", 1_000_000.into()),
+        ("num_hidden_layers", 4096.into()),
+        ("n_routed_experts", 1_000_000_000.into()),
+        ("n_routed_experts", 65536.into()),
+        ("vocab_size", (1u64 << 40).into()),
+        ("hidden_size", (1u64 << 50).into()),
+        ("max_position_embeddings", u64::MAX.into()),
+    ];
+    for (field, value) in cases {
+        let tmp = copy_fixture("v3_f32");
+        set_config(tmp.path(), field, value.clone());
+        for (e, took) in open_errs(tmp.path()) {
+            // The bound is shown, not asserted (timing depends on the machine).
+            eprintln!("{field} = {value}: refused in {:.2} ms: {e}", took.as_secs_f64() * 1e3);
+            assert!(matches!(&e, ModelError::Config { field: f, .. } if f == field), "{field} = {value}: {e:?}");
+            assert_names(&e.to_string(), &["config.json", field]);
+        }
+    }
+}
+
+#[test]
+fn config_sizes_the_checkpoint_disagrees_with_are_refused_naming_the_field() {
+    // Within the bounds, but not what the tensors hold: each error names the field (and,
+    // for a shape, the tensor and both shapes).
+    let cases: [(&str, serde_json::Value, &[&str]); 18] = [
+        ("num_hidden_layers", 4.into(), &["num_hidden_layers", "holds tensors of 3"]),
+        ("n_routed_experts", 32.into(), &["n_routed_experts", "32 routed experts", "of 16 per layer"]),
+        ("hidden_size", 72.into(), &["model.embed_tokens.weight", "hidden_size", "[128, 64]", "[128, 72]"]),
+        ("vocab_size", 256.into(), &["model.embed_tokens.weight", "vocab_size", "[256, 64]"]),
+        ("num_attention_heads", 8.into(), &["q_b_proj", "num_attention_heads"]),
+        ("kv_lora_rank", 16.into(), &["kv_a_proj_with_mqa", "kv_lora_rank"]),
+        ("q_lora_rank", 24.into(), &["q_a_proj", "q_lora_rank"]),
+        ("q_lora_rank", serde_json::Value::Null, &["q_lora_rank", "q_a_proj"]),
+        ("qk_nope_head_dim", 8.into(), &["q_b_proj", "qk_nope_head_dim"]),
+        ("qk_rope_head_dim", 4.into(), &["q_b_proj", "qk_rope_head_dim"]),
+        ("v_head_dim", 8.into(), &["kv_b_proj", "v_head_dim"]),
+        ("intermediate_size", 64.into(), &["model.layers.0.mlp.gate_proj.weight", "intermediate_size"]),
+        ("moe_intermediate_size", 16.into(), &["shared_experts", "moe_intermediate_size"]),
+        ("n_shared_experts", 2.into(), &["shared_experts", "n_shared_experts"]),
+        ("n_shared_experts", 0.into(), &["n_shared_experts", "shared_experts"]),
+        ("first_k_dense_replace", 0.into(), &["first_k_dense_replace", "layer 0", "dense MLP"]),
+        ("first_k_dense_replace", 2.into(), &["first_k_dense_replace", "layer 1", "MoE router"]),
+        ("moe_layer_freq", 2.into(), &["moe_layer_freq", "layer 1", "MoE router"]),
+    ];
+    for (field, value, parts) in cases {
+        let tmp = copy_fixture("v3_f32");
+        set_config(tmp.path(), field, value.clone());
+        let e = load_err(tmp.path());
+        eprintln!("{field} = {value}: {e}");
+        match &e {
+            ModelError::Config { field: f, .. } => assert_eq!(f, field, "{e}"),
+            ModelError::Shape { fields, .. } => assert!(fields.contains(field), "{e}"),
+            _ => panic!("{field} = {value}: {e:?}"),
+        }
+        assert_names(&e.to_string(), parts);
+    }
+}
+
+#[test]
+fn a_cache_too_large_to_address_or_allocate_is_refused() {
+    let (m, x) = loaded();
+    // Block ids are u32; the size of all layers overflows; the allocation itself fails
+    // (petabytes per layer: beyond any address space).
+    let cases = [(usize::MAX, 16, "2^32 blocks"), (1 << 62, 1 << 31, "overflows"), (1 << 50, 1 << 26, "GiB")];
+    for (cache_tokens, block_size, why) in cases {
+        let opts = EngineOptions { cache_tokens, block_size, ..Default::default() };
+        let r = catch_unwind(AssertUnwindSafe(|| Engine::new(m.clone(), x.clone(), opts)))
+            .unwrap_or_else(|_| panic!("Engine::new panicked on a cache of {cache_tokens} tokens"));
+        let e = r.expect_err("a cache that cannot exist");
+        assert!(matches!(e, EngineError::CacheSize { .. }), "{e:?}");
+        assert_names(&e.to_string(), &["cache", why]);
+        let r = Engine::on_device(m.clone(), x.clone(), opts);
+        assert!(matches!(r, Err(EngineError::CacheSize { .. })), "on_device: {r:?}");
+    }
 }
