@@ -23,6 +23,9 @@ pub enum ModelError {
         "{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)"
     )]
     Dtype { path: PathBuf, tensor: String, dtype: String },
+    /// A weight holds NaN or an infinity (found while it was copied or converted).
+    #[error("{path}: tensor `{tensor}` holds a non-finite value (NaN or infinity) at element {index}")]
+    NonFinite { path: PathBuf, tensor: String, index: usize },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     /// The model loaded but the compute device could not take it.

@@ -1,6 +1,7 @@
 //! Bad checkpoints and bad requests: each gives an error (never a panic) that names the file,
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
-//! Absurd sizes in config.json are refused before anything is allocated from them.
+//! Absurd sizes in config.json are refused before anything is allocated from them, and
+//! weights holding NaN or infinities are refused as they load.
 
 use kernels::cpu::Precision;
 use model::serving::{ExpertCheckpoint, open_experts};
@@ -728,4 +729,79 @@ fn a_cache_too_large_to_address_or_allocate_is_refused() {
         let r = Engine::on_device(m.clone(), x.clone(), opts);
         assert!(matches!(r, Err(EngineError::CacheSize { .. })), "on_device: {r:?}");
     }
+}
+
+// ---------------------------------------------------------------- non-finite weights
+
+/// Writes `value` over element `index` of tensor `name` (F32, BF16 or F16; F8_E4M3 takes a
+/// raw byte, 0x7f being its NaN).
+fn poke(t: &mut [Owned], name: &str, index: usize, value: f32) {
+    let w = find(t, name);
+    match w.dtype {
+        Dtype::F32 => w.data[index * 4..][..4].copy_from_slice(&value.to_le_bytes()),
+        Dtype::BF16 => w.data[index * 2..][..2].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes()),
+        Dtype::F16 => w.data[index * 2..][..2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes()),
+        Dtype::F8_E4M3 => w.data[index] = if value.is_nan() { 0x7f } else { panic!("FP8 has no infinity") },
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    // (fixture, weight dtype asked, tensor, element, value): each copy and conversion path.
+    let cases: [(&str, WeightDtype, &str, usize, f32); 11] = [
+        ("v3_f32", WeightDtype::F32, "model.layers.0.self_attn.o_proj.weight", 100, f32::NAN),
+        ("v3_f32", WeightDtype::Bf16, "model.layers.2.self_attn.kv_b_proj.weight", 7, f32::INFINITY),
+        ("v3_f32", WeightDtype::F32, "model.layers.1.post_attention_layernorm.weight", 3, f32::NEG_INFINITY),
+        ("v3_f32", WeightDtype::Bf16, "model.layers.1.mlp.gate.weight", 5, f32::NAN),
+        ("v3_f32", WeightDtype::F32, "model.layers.2.mlp.gate.e_score_correction_bias", 15, f32::NAN),
+        ("v3_f32", WeightDtype::F32, "model.layers.2.mlp.experts.5.up_proj.weight", 0, f32::NAN),
+        ("v3_bf16", WeightDtype::Auto, "model.layers.0.mlp.down_proj.weight", 31, f32::NAN),
+        ("v3_bf16", WeightDtype::F32, "lm_head.weight", 64 * 127 + 63, f32::INFINITY),
+        ("v3_fp8", WeightDtype::Auto, "model.layers.1.self_attn.o_proj.weight", 161, f32::NAN),
+        ("v3_fp8", WeightDtype::F32, "model.layers.2.mlp.experts.0.down_proj.weight", 2, f32::NAN),
+        ("v3_fp8", WeightDtype::Auto, "model.layers.1.self_attn.o_proj.weight_scale_inv", 1, f32::NAN),
+    ];
+    for (fixture, dtype, name, index, value) in cases {
+        let what = format!("{fixture} as {dtype:?}: {name}[{index}] = {value}");
+        let tmp = copy_fixture(fixture);
+        rewrite(&tmp.path().join("model.safetensors"), |t| poke(t, name, index, value));
+        let opts = LoadOptions { weight_dtype: dtype, local_experts: true };
+        let e = match catch_unwind(AssertUnwindSafe(|| load_model(tmp.path(), opts, &|_| {}))) {
+            Err(_) => panic!("{what}: load_model panicked"),
+            Ok(Ok(_)) => panic!("{what}: loaded"),
+            Ok(Err(e)) => e,
+        };
+        assert!(
+            matches!(&e, ModelError::NonFinite { tensor, index: i, .. } if tensor == name && *i == index),
+            "{what}: {e:?}"
+        );
+        assert_names(&e.to_string(), &["model.safetensors", name, "non-finite", &format!("element {index}")]);
+    }
+}
+
+#[test]
+fn all_nan_embeddings_are_refused_by_every_role() {
+    // The probe's checkpoint: every embedding NaN gave tokens with null logits, exit 0.
+    let tmp = copy_fixture("v3_bf16");
+    let name = "model.embed_tokens.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let w = find(t, name);
+        w.data.chunks_exact_mut(2).for_each(|b| b.copy_from_slice(&half::bf16::NAN.to_le_bytes()));
+    });
+    for opts in [OPTS, LoadOptions { weight_dtype: WeightDtype::Auto, local_experts: false }] {
+        let e = load_model(tmp.path(), opts, &|_| {}).expect_err("NaN embeddings");
+        assert!(matches!(&e, ModelError::NonFinite { tensor, index: 0, .. } if tensor == name), "{e:?}");
+    }
+    // An expert worker loads its experts through the same reader.
+    let expert = "model.layers.1.mlp.experts.9.gate_proj.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| poke(t, expert, 40, f32::NAN));
+    let ckpt = ExpertCheckpoint::open(Some(tmp.path().into()), WeightDtype::Auto).expect("headers are fine");
+    ckpt.load(1, ExpertId(8)).expect("a healthy expert loads");
+    let e = ckpt.load(1, ExpertId(9)).expect_err("a NaN expert");
+    assert!(matches!(&e, ModelError::NonFinite { tensor, index: 40, .. } if tensor == expert), "{e:?}");
+    let all = |_: &model::ModelConfig, _: usize, _: ExpertId| true;
+    let e = open_experts(Some(tmp.path().into()), WeightDtype::Auto, Precision::Exact, &all, &|_| {})
+        .expect_err("a NaN expert");
+    assert!(matches!(&e, ModelError::NonFinite { tensor, .. } if tensor == expert), "{e:?}");
 }
