@@ -4,6 +4,7 @@
 //! Invariant: a block belongs to at most one sequence; blocks return to the free list only
 //! through [`LatentCache::free`], called once when a sequence is released.
 
+use crate::EngineError;
 use crate::kv::{LayerRows, VALUE_BYTES};
 use kernels::cpu::mla::PagedLatent;
 
@@ -27,6 +28,23 @@ impl CacheLayout {
     pub fn bytes_per_token(&self) -> usize {
         self.latent_dim * self.num_layers * VALUE_BYTES
     }
+
+    /// f32 values of one layer's rows. Refused when block ids (u32) cannot name every block,
+    /// or when the size of all layers overflows: checked before anything is allocated.
+    pub fn values_per_layer(&self) -> Result<usize, EngineError> {
+        let tokens = self.num_blocks.saturating_mul(self.block_size);
+        let refuse = |reason: String| Err(EngineError::CacheSize { tokens, reason });
+        if self.num_blocks > u32::MAX as usize {
+            return refuse(format!("{} blocks of {} tokens exceed 2^32 blocks", self.num_blocks, self.block_size));
+        }
+        let per_layer = self.num_blocks.checked_mul(self.block_size).and_then(|t| t.checked_mul(self.latent_dim));
+        match per_layer.filter(|v| v.checked_mul(self.num_layers).and_then(|v| v.checked_mul(4)).is_some()) {
+            Some(v) => Ok(v),
+            None => {
+                refuse(format!("its size ({} layers of {}-value rows) overflows", self.num_layers, self.latent_dim))
+            }
+        }
+    }
 }
 
 /// Cache storage for all layers plus the block allocator.
@@ -47,19 +65,39 @@ pub struct SequenceCacheExport {
 }
 
 impl LatentCache {
-    pub fn new(layout: CacheLayout) -> Self {
-        let per_layer = layout.num_blocks * layout.block_size * layout.latent_dim;
-        LatentCache {
-            layout,
-            layers: (0..layout.num_layers).map(|_| vec![0f32; per_layer]).collect(),
-            // Pop from the end: hand out low block ids first.
-            free: (0..layout.num_blocks as u32).rev().collect(),
+    /// The rows of every layer, zeroed, and the allocator. A layout too large to address or to
+    /// allocate is refused with [`EngineError::CacheSize`], never an allocation abort.
+    pub fn new(layout: CacheLayout) -> Result<Self, EngineError> {
+        let per_layer = layout.values_per_layer()?;
+        let mut layers = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            layers.push(try_zeroed(per_layer).ok_or_else(|| EngineError::CacheSize {
+                tokens: layout.num_blocks * layout.block_size,
+                reason: format!(
+                    "allocating {:.2} GiB for its rows failed",
+                    (per_layer * 4) as f64 * layout.num_layers as f64 / f64::from(1u32 << 30)
+                ),
+            })?);
         }
+        Ok(LatentCache { layout, layers, free: Self::free_list(layout)? })
     }
 
     /// The block allocator alone, for a cache whose rows live elsewhere (GPU memory).
-    pub fn allocator_only(layout: CacheLayout) -> Self {
-        LatentCache { layout, layers: Vec::new(), free: (0..layout.num_blocks as u32).rev().collect() }
+    pub fn allocator_only(layout: CacheLayout) -> Result<Self, EngineError> {
+        layout.values_per_layer()?;
+        Ok(LatentCache { layout, layers: Vec::new(), free: Self::free_list(layout)? })
+    }
+
+    /// Every block id, popped from the end: low ids are handed out first.
+    fn free_list(layout: CacheLayout) -> Result<Vec<u32>, EngineError> {
+        let mut free = Vec::new();
+        free.try_reserve_exact(layout.num_blocks).map_err(|_| EngineError::CacheSize {
+            tokens: layout.num_blocks * layout.block_size,
+            reason: format!("allocating the free list of {} blocks failed", layout.num_blocks),
+        })?;
+        // values_per_layer checked that every id fits a u32.
+        free.extend((0..layout.num_blocks as u32).rev());
+        Ok(free)
     }
 
     pub fn layout(&self) -> CacheLayout {
@@ -118,6 +156,22 @@ impl LatentCache {
     }
 }
 
+/// `n` zeroed f32s, or `None` when the allocator refuses (where `vec![0.0; n]` would abort the
+/// process). Zeroed memory is mapped lazily, as for `vec!`.
+fn try_zeroed(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size. A non-null block from the global allocator with the
+    // layout of `n` f32s, all bits zero (which is 0.0), is what `Vec::from_raw_parts` takes
+    // with length and capacity `n`.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        if p.is_null() { None } else { Some(Vec::from_raw_parts(p, n, n)) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,7 +179,7 @@ mod tests {
     #[test]
     fn allocate_free_and_round_trip_rows() {
         let layout = CacheLayout { num_layers: 2, latent_dim: 3, block_size: 2, num_blocks: 4 };
-        let mut c = LatentCache::new(layout);
+        let mut c = LatentCache::new(layout).unwrap();
         let a = c.allocate(3).unwrap();
         assert_eq!(c.free_blocks(), 1);
         assert!(c.allocate(2).is_none());

@@ -36,6 +36,8 @@ pub struct ModelConfig {
     pub n_shared_experts: usize,
     pub n_routed_experts: usize,
     pub first_k_dense_replace: usize,
+    /// Every `moe_layer_freq`-th layer from `first_k_dense_replace` on is a MoE layer.
+    pub moe_layer_freq: usize,
     pub router: RouterConfig,
     pub q_lora_rank: Option<usize>,
     pub kv_lora_rank: usize,
@@ -67,6 +69,7 @@ struct Raw {
     n_routed_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     first_k_dense_replace: Option<usize>,
+    moe_layer_freq: Option<usize>,
     n_group: Option<usize>,
     topk_group: Option<usize>,
     topk_method: Option<String>,
@@ -116,7 +119,7 @@ impl ModelConfig {
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer >= self.first_k_dense_replace && self.n_routed_experts > 0
+        layer >= self.first_k_dense_replace && self.n_routed_experts > 0 && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     pub fn qk_head_dim(&self) -> usize {
@@ -142,6 +145,23 @@ impl ModelConfig {
     }
 }
 
+/// Upper bounds on sizes: far above any DeepSeek model (V3: hidden 7168, 61 layers, 128 heads,
+/// 256 experts, vocabulary 129280, context 163840), and low enough that no product the model
+/// forms from them overflows. What a checkpoint really holds is checked against its tensors
+/// before any weight is read (`crate::shapes`).
+pub(crate) mod bounds {
+    /// Hidden and intermediate sizes, LoRA ranks, head dimensions, FP8 block sides.
+    pub const WIDTH: usize = 1 << 20;
+    pub const HEADS: usize = 1 << 12;
+    /// Layers, `first_k_dense_replace`, `moe_layer_freq`, MTP layers.
+    pub const LAYERS: usize = 1 << 12;
+    /// Routed experts per layer (and groups, and experts per token).
+    pub const EXPERTS: usize = 1 << 16;
+    pub const SHARED_EXPERTS: usize = 1 << 8;
+    pub const VOCAB: usize = 1 << 24;
+    pub const CONTEXT: usize = 1 << 28;
+}
+
 struct Parser {
     path: PathBuf,
 }
@@ -151,15 +171,40 @@ impl Parser {
         ModelError::Config { path: self.path.clone(), field: field.into(), reason: reason.into() }
     }
 
-    fn req(&self, v: Option<usize>, field: &str) -> Result<usize, ModelError> {
+    /// A required size in `1..=max`.
+    fn req(&self, v: Option<usize>, field: &str, max: usize) -> Result<usize, ModelError> {
         match v {
-            Some(0) => Err(self.err(field, "must be at least 1")),
-            Some(n) => Ok(n),
             None => Err(self.err(field, "is required")),
+            Some(n) => self.in_range(n, field, 1, max),
+        }
+    }
+
+    /// An optional size in `min..=max`, `default` when absent.
+    fn opt(&self, v: Option<usize>, field: &str, default: usize, min: usize, max: usize) -> Result<usize, ModelError> {
+        self.in_range(v.unwrap_or(default), field, min, max)
+    }
+
+    fn in_range(&self, n: usize, field: &str, min: usize, max: usize) -> Result<usize, ModelError> {
+        if n < min {
+            Err(self.err(field, format!("{n} must be at least {min}")))
+        } else if n > max {
+            Err(self.err(field, format!("{n} exceeds the supported maximum of {max}")))
+        } else {
+            Ok(n)
+        }
+    }
+
+    /// A finite number, in `min..` when given.
+    fn finite(&self, v: f64, field: &str, above: Option<f64>) -> Result<f64, ModelError> {
+        match above {
+            _ if !v.is_finite() => Err(self.err(field, format!("{v} must be a finite number"))),
+            Some(min) if v <= min => Err(self.err(field, format!("{v} must be greater than {min}"))),
+            _ => Ok(v),
         }
     }
 
     fn parse(&self, r: Raw) -> Result<ModelConfig, ModelError> {
+        use bounds::*;
         let model_type = match r.model_type.as_deref() {
             Some("deepseek_v3") => ModelType::DeepseekV3,
             Some("deepseek_v2") => ModelType::DeepseekV2,
@@ -168,9 +213,11 @@ impl Parser {
             }
             None => return Err(self.err("model_type", "is required")),
         };
-        let hidden_size = self.req(r.hidden_size, "hidden_size")?;
-        let n_routed_experts = r.n_routed_experts.unwrap_or(0);
-        let top_k = if n_routed_experts > 0 { self.req(r.num_experts_per_tok, "num_experts_per_tok")? } else { 0 };
+        let hidden_size = self.req(r.hidden_size, "hidden_size", WIDTH)?;
+        let num_hidden_layers = self.req(r.num_hidden_layers, "num_hidden_layers", LAYERS)?;
+        let n_routed_experts = self.opt(r.n_routed_experts, "n_routed_experts", 0, 0, EXPERTS)?;
+        let top_k =
+            if n_routed_experts > 0 { self.req(r.num_experts_per_tok, "num_experts_per_tok", EXPERTS)? } else { 0 };
         if top_k > n_routed_experts {
             return Err(self.err("num_experts_per_tok", format!("{top_k} exceeds n_routed_experts {n_routed_experts}")));
         }
@@ -179,6 +226,7 @@ impl Parser {
         if n_routed_experts > 0 && !n_routed_experts.is_multiple_of(n_group) {
             return Err(self.err("n_group", format!("{n_group} does not divide n_routed_experts {n_routed_experts}")));
         }
+        let n_group = self.in_range(n_group, "n_group", 1, EXPERTS)?;
         if topk_group > n_group {
             return Err(self.err("topk_group", format!("{topk_group} exceeds n_group {n_group}")));
         }
@@ -190,6 +238,8 @@ impl Parser {
                 other => return Err(self.err("topk_method", format!("{other:?} is not supported for deepseek_v2"))),
             },
         };
+        let routed_scaling_factor =
+            self.finite(r.routed_scaling_factor.unwrap_or(1.0), "routed_scaling_factor", None)?;
         let router = RouterConfig {
             kind,
             n_experts: n_routed_experts,
@@ -197,39 +247,40 @@ impl Parser {
             n_group,
             topk_group,
             norm_topk_prob: r.norm_topk_prob.unwrap_or(false),
-            routed_scaling_factor: r.routed_scaling_factor.unwrap_or(1.0) as f32,
+            routed_scaling_factor: routed_scaling_factor as f32,
         };
-        let qk_rope_head_dim = self.req(r.qk_rope_head_dim, "qk_rope_head_dim")?;
+        let qk_rope_head_dim = self.req(r.qk_rope_head_dim, "qk_rope_head_dim", WIDTH)?;
         if qk_rope_head_dim % 2 != 0 {
             return Err(self.err("qk_rope_head_dim", "must be even"));
         }
-        let max_position_embeddings = self.req(r.max_position_embeddings, "max_position_embeddings")?;
+        let max_position_embeddings = self.req(r.max_position_embeddings, "max_position_embeddings", CONTEXT)?;
         let (rope_theta, yarn) = self.rope(&r, max_position_embeddings)?;
-        let rms_norm_eps = r.rms_norm_eps.unwrap_or(1e-6);
-        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
-            return Err(self.err("rms_norm_eps", "must be positive"));
-        }
+        let rms_norm_eps = self.finite(r.rms_norm_eps.unwrap_or(1e-6), "rms_norm_eps", Some(0.0))?;
         Ok(ModelConfig {
             model_type,
-            vocab_size: self.req(r.vocab_size, "vocab_size")?,
+            vocab_size: self.req(r.vocab_size, "vocab_size", VOCAB)?,
             hidden_size,
-            intermediate_size: self.req(r.intermediate_size, "intermediate_size")?,
+            intermediate_size: self.req(r.intermediate_size, "intermediate_size", WIDTH)?,
             moe_intermediate_size: if n_routed_experts > 0 {
-                self.req(r.moe_intermediate_size, "moe_intermediate_size")?
+                self.req(r.moe_intermediate_size, "moe_intermediate_size", WIDTH)?
             } else {
                 0
             },
-            num_hidden_layers: self.req(r.num_hidden_layers, "num_hidden_layers")?,
-            num_attention_heads: self.req(r.num_attention_heads, "num_attention_heads")?,
-            n_shared_experts: r.n_shared_experts.unwrap_or(0),
+            num_hidden_layers,
+            num_attention_heads: self.req(r.num_attention_heads, "num_attention_heads", HEADS)?,
+            n_shared_experts: self.opt(r.n_shared_experts, "n_shared_experts", 0, 0, SHARED_EXPERTS)?,
             n_routed_experts,
-            first_k_dense_replace: r.first_k_dense_replace.unwrap_or(0),
+            first_k_dense_replace: self.opt(r.first_k_dense_replace, "first_k_dense_replace", 0, 0, LAYERS)?,
+            moe_layer_freq: self.opt(r.moe_layer_freq, "moe_layer_freq", 1, 1, LAYERS)?,
             router,
-            q_lora_rank: r.q_lora_rank.filter(|&q| q > 0),
-            kv_lora_rank: self.req(r.kv_lora_rank, "kv_lora_rank")?,
-            qk_nope_head_dim: self.req(r.qk_nope_head_dim, "qk_nope_head_dim")?,
+            q_lora_rank: match r.q_lora_rank.filter(|&q| q > 0) {
+                Some(q) => Some(self.req(Some(q), "q_lora_rank", WIDTH)?),
+                None => None,
+            },
+            kv_lora_rank: self.req(r.kv_lora_rank, "kv_lora_rank", WIDTH)?,
+            qk_nope_head_dim: self.req(r.qk_nope_head_dim, "qk_nope_head_dim", WIDTH)?,
             qk_rope_head_dim,
-            v_head_dim: self.req(r.v_head_dim, "v_head_dim")?,
+            v_head_dim: self.req(r.v_head_dim, "v_head_dim", WIDTH)?,
             max_position_embeddings,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
@@ -243,7 +294,7 @@ impl Parser {
             bos_token_id: self.token_ids(r.bos_token_id.as_ref(), "bos_token_id")?.first().copied(),
             eos_token_ids: self.token_ids(r.eos_token_id.as_ref(), "eos_token_id")?,
             fp8: self.fp8(r.quantization_config.as_ref())?,
-            num_nextn_predict_layers: r.num_nextn_predict_layers.unwrap_or(0),
+            num_nextn_predict_layers: self.opt(r.num_nextn_predict_layers, "num_nextn_predict_layers", 0, 0, LAYERS)?,
         })
     }
 
@@ -265,32 +316,48 @@ impl Parser {
             (Some(t), _) | (None, Some(t)) => t,
             (None, None) => 10000.0,
         };
-        if theta.is_nan() || theta <= 1.0 {
-            return Err(self.err("rope_theta", "must be greater than 1"));
-        }
+        let theta = self.finite(theta, "rope_theta", Some(1.0))?;
         let kind = get("rope_type").or_else(|| get("type")).and_then(Value::as_str).unwrap_or("default");
         match kind {
             "default" => Ok((theta, None)),
             "yarn" => {
+                // NaN, infinite or non-positive values would make every rotation NaN.
+                let positive = |k: &str, v: Option<f64>| match v {
+                    Some(v) => self.finite(v, &format!("{field}.{k}"), Some(0.0)).map(Some),
+                    None => Ok(None),
+                };
+                let finite = |k: &str| match num(k)? {
+                    Some(v) => self.finite(v, &format!("{field}.{k}"), None).map(Some),
+                    None => Ok(None),
+                };
+                let original = positive("original_max_position_embeddings", num("original_max_position_embeddings")?)?;
                 let factor = match num("factor")? {
                     Some(f) => f,
-                    None => match num("original_max_position_embeddings")? {
+                    None => match original {
                         Some(o) => max_pos as f64 / o,
                         None => return Err(self.err(&format!("{field}.factor"), "is required for yarn")),
                     },
                 };
-                let original = num("original_max_position_embeddings")?.unwrap_or(max_pos as f64);
+                let factor = self.finite(factor, &format!("{field}.factor"), Some(0.0))?;
                 let nonzero = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d);
                 Ok((
                     theta,
                     Some(Yarn {
                         factor,
-                        original_max_position_embeddings: original,
-                        beta_fast: nonzero(num("beta_fast")?, 32.0),
-                        beta_slow: nonzero(num("beta_slow")?, 1.0),
-                        mscale: num("mscale")?,
-                        mscale_all_dim: num("mscale_all_dim")?,
-                        attention_factor: num("attention_factor")?,
+                        original_max_position_embeddings: original.unwrap_or(max_pos as f64),
+                        beta_fast: self.finite(
+                            nonzero(num("beta_fast")?, 32.0),
+                            &format!("{field}.beta_fast"),
+                            Some(0.0),
+                        )?,
+                        beta_slow: self.finite(
+                            nonzero(num("beta_slow")?, 1.0),
+                            &format!("{field}.beta_slow"),
+                            Some(0.0),
+                        )?,
+                        mscale: finite("mscale")?,
+                        mscale_all_dim: finite("mscale_all_dim")?,
+                        attention_factor: positive("attention_factor", num("attention_factor")?)?,
                         truncate: get("truncate").and_then(Value::as_bool).unwrap_or(true),
                     }),
                 ))
@@ -329,8 +396,13 @@ impl Parser {
             Some(_) => (None, None),
         };
         match block {
-            (Some(a), Some(b)) if a > 0 && b > 0 => Ok(Some(Fp8Blocks { block: (a as usize, b as usize) })),
-            _ => Err(self.err("quantization_config.weight_block_size", "must be two positive integers")),
+            (Some(a), Some(b)) if a > 0 && b > 0 && a.max(b) <= bounds::WIDTH as u64 => {
+                Ok(Some(Fp8Blocks { block: (a as usize, b as usize) }))
+            }
+            _ => Err(self.err(
+                "quantization_config.weight_block_size",
+                format!("must be two integers from 1 to {}", bounds::WIDTH),
+            )),
         }
     }
 }
@@ -386,5 +458,83 @@ mod tests {
         assert!(e.contains("invalid JSON"), "{e}");
         let e = parse(&V3.replace(r#""hidden_size":64"#, r#""hidden_size":"64""#)).unwrap_err().to_string();
         assert!(e.contains("field `hidden_size`") && e.contains("invalid type"), "{e}");
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> String {
+        let mut v: Value = serde_json::from_str(V3).expect("json");
+        let mut at = &mut v;
+        let mut parts = field.split('.').peekable();
+        while let Some(p) = parts.next() {
+            if parts.peek().is_none() {
+                at[p] = value;
+                break;
+            }
+            at = &mut at[p];
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_the_field() {
+        let huge = serde_json::json!(1u64 << 40);
+        for field in [
+            "num_hidden_layers",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "n_shared_experts",
+            "first_k_dense_replace",
+            "moe_layer_freq",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "vocab_size",
+            "num_attention_heads",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+            "num_nextn_predict_layers",
+        ] {
+            let e = parse(&with(field, huge.clone())).expect_err(field).to_string();
+            assert!(e.contains(&format!("field `{field}`")), "{field}: {e}");
+        }
+        let e = parse(&with("num_hidden_layers", serde_json::json!(10_000_000))).unwrap_err().to_string();
+        assert!(e.contains("10000000 exceeds the supported maximum of 4096"), "{e}");
+        let e = parse(&with("moe_layer_freq", serde_json::json!(0))).unwrap_err().to_string();
+        assert!(e.contains("field `moe_layer_freq`") && e.contains("at least 1"), "{e}");
+        let e = parse(&with("max_position_embeddings", serde_json::json!(u64::MAX))).unwrap_err().to_string();
+        assert!(e.contains("field `max_position_embeddings`"), "{e}");
+    }
+
+    #[test]
+    fn rope_and_norm_numbers_that_would_make_nan_are_refused() {
+        for (field, value) in [
+            ("rope_scaling.factor", serde_json::json!(0)),
+            ("rope_scaling.factor", serde_json::json!(-4.0)),
+            ("rope_scaling.original_max_position_embeddings", serde_json::json!(0)),
+            ("rope_scaling.beta_fast", serde_json::json!(-32)),
+            ("rope_scaling.beta_slow", serde_json::json!(-1)),
+            ("rope_scaling.attention_factor", serde_json::json!(0)),
+            ("rope_theta", serde_json::json!(0.5)),
+            ("rms_norm_eps", serde_json::json!(0)),
+            ("rms_norm_eps", serde_json::json!(-1e-6)),
+        ] {
+            let e = parse(&with(field, value.clone())).expect_err(field).to_string();
+            assert!(e.contains(&format!("field `{field}`")), "{field} = {value}: {e}");
+        }
+        // Zero betas keep meaning "the default", as in transformers.
+        let c = parse(&with("rope_scaling.beta_fast", serde_json::json!(0))).expect("default beta_fast");
+        assert_eq!(c.yarn.expect("yarn").beta_fast, 32.0);
+    }
+
+    #[test]
+    fn moe_layer_freq_picks_the_moe_layers() {
+        let c = parse(&with("moe_layer_freq", serde_json::json!(2))).expect("parses");
+        let moe: Vec<usize> = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).collect();
+        assert_eq!(moe, vec![2], "layer 0 is dense by first_k_dense_replace, 1 by the frequency");
+        assert_eq!(parse(V3).expect("parses").moe_layer_freq, 1, "default");
     }
 }

@@ -104,42 +104,41 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Self {
+    /// The CPU engine. Fails with [`EngineError::CacheSize`] when the cache cannot be
+    /// allocated.
+    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Result<Self, EngineError> {
         debug_assert_eq!(opts.device, kernels::Device::Cpu, "Engine::new is the CPU engine; use Engine::on_device");
         let layout = Self::layout_for(&model.config, opts);
-        Engine {
-            cache: LatentCache::new(layout),
+        Ok(Engine {
+            cache: LatentCache::new(layout)?,
             model,
             experts,
             seqs: HashMap::new(),
             #[cfg(feature = "cuda")]
             gpu: None,
-        }
+        })
     }
 
     /// An engine on `opts.device`: the CPU engine for `Device::Cpu`; for `Device::Cuda(n)`
     /// the model's weights (and its routed experts, when they are local) are copied to GPU
     /// `n` and the latent cache is allocated there. Fails with [`EngineError::Device`] when
-    /// the GPU cannot be used (no driver, no such device, a build without CUDA).
+    /// the GPU cannot be used (no driver, no such device, a build without CUDA), and with
+    /// [`EngineError::CacheSize`] when the cache cannot be allocated.
     pub fn on_device(
         model: Arc<Model>,
         experts: Arc<dyn ExpertBackend>,
         opts: EngineOptions,
     ) -> Result<Self, EngineError> {
         match opts.device {
-            kernels::Device::Cpu => Ok(Self::new(model, experts, opts)),
+            kernels::Device::Cpu => Self::new(model, experts, opts),
             #[cfg(feature = "cuda")]
             kernels::Device::Cuda(ordinal) => {
                 let layout = Self::layout_for(&model.config, opts);
+                // Checked before the device allocates anything from it.
+                let cache = LatentCache::allocator_only(layout)?;
                 let gpu = crate::cuda::GpuModel::new(ordinal, &model, experts.as_ref(), layout)
                     .map_err(|e| EngineError::Device(e.to_string()))?;
-                Ok(Engine {
-                    cache: LatentCache::allocator_only(layout),
-                    model,
-                    experts,
-                    seqs: HashMap::new(),
-                    gpu: Some(gpu),
-                })
+                Ok(Engine { cache, model, experts, seqs: HashMap::new(), gpu: Some(gpu) })
             }
             #[cfg(not(feature = "cuda"))]
             device @ kernels::Device::Cuda(_) => {
@@ -149,11 +148,12 @@ impl Engine {
     }
 
     fn layout_for(c: &crate::ModelConfig, opts: EngineOptions) -> CacheLayout {
+        let block_size = opts.block_size.max(1);
         CacheLayout {
             num_layers: c.num_hidden_layers,
             latent_dim: c.latent_dim(),
-            block_size: opts.block_size.max(1),
-            num_blocks: opts.cache_tokens.div_ceil(opts.block_size.max(1)),
+            block_size,
+            num_blocks: opts.cache_tokens.div_ceil(block_size),
         }
     }
 

@@ -17,12 +17,15 @@ pub enum ModelError {
     Safetensors { path: PathBuf, reason: String },
     #[error("tensor `{tensor}` is missing from the checkpoint in {dir}")]
     MissingTensor { dir: PathBuf, tensor: String },
-    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
-    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?} ({fields} in config.json)")]
+    Shape { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize>, fields: &'static str },
     #[error(
         "{path}: tensor `{tensor}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F8_E4M3 with weight_scale_inv)"
     )]
     Dtype { path: PathBuf, tensor: String, dtype: String },
+    /// A weight holds NaN or an infinity (found while it was copied or converted).
+    #[error("{path}: tensor `{tensor}` holds a non-finite value (NaN or infinity) at element {index}")]
+    NonFinite { path: PathBuf, tensor: String, index: usize },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     /// The model loaded but the compute device could not take it.
@@ -42,6 +45,8 @@ pub enum EngineError {
     /// The request itself is invalid (checked by [`crate::RequestLimits::check`]).
     #[error(transparent)]
     Invalid(#[from] crate::InvalidRequest),
+    #[error("a latent cache of {tokens} tokens cannot be allocated: {reason}")]
+    CacheSize { tokens: usize, reason: String },
     #[error("not enough cache: {needed} blocks needed, {free} free")]
     CacheFull { needed: usize, free: usize },
     #[error("sequence {0} is not in the expected state: {1}")]

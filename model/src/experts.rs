@@ -142,8 +142,7 @@ impl LocalExperts {
             });
         }
         let reader = WeightReader { ckpt, dtype, fp8_block: config.fp8.map(|f| f.block) };
-        let (h, i) = (config.hidden_size, config.moe_intermediate_size);
-        let mlp = Mlp::load(&reader, &format!("model.layers.{layer}.mlp.experts.{}", expert.0), h, i)?;
+        let mlp = Mlp::load(&reader, &crate::shapes::expert(config, layer, expert))?;
         Ok(ExpertWeights { layer, expert, mlp })
     }
 

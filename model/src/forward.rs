@@ -9,6 +9,7 @@ use crate::ModelError;
 use crate::cache::LatentCache;
 use crate::config::ModelConfig;
 use crate::experts::{ExpertBackend, ExpertBatch, ExpertError, ExpertGroup, ExpertId};
+use crate::shapes::{self, FfnSpec, LayerSpec, MlpSpec, QSpec};
 use crate::weights::{Matrix, WeightReader};
 use kernels::cpu::activation::silu_mul;
 use kernels::cpu::mla::attend;
@@ -30,10 +31,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub(crate) fn load(r: &WeightReader<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Self, ModelError> {
-        let gate = r.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?;
-        let up = r.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?;
-        let down = r.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?;
+    pub(crate) fn load(r: &WeightReader<'_>, spec: &MlpSpec) -> Result<Self, ModelError> {
+        let gate = r.matrix(&spec.gate)?;
+        let up = r.matrix(&spec.up)?;
+        let down = r.matrix(&spec.down)?;
         Ok(Mlp { gate_up: gate.stacked(&up).packed(), down: down.packed() })
     }
 
@@ -142,74 +143,52 @@ pub struct RouterTrace {
 impl Model {
     pub(crate) fn load(r: &WeightReader<'_>, config: ModelConfig, progress: &dyn Fn(u64)) -> Result<Self, ModelError> {
         let c = &config;
-        let (h, heads) = (c.hidden_size, c.num_attention_heads);
-        let (dn, dr, dv, rank) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
-        let embed = r.matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        let (heads, dn, dv) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim);
+        let embed = r.matrix(&shapes::embed(c))?;
         progress(1);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let q = match c.q_lora_rank {
-                None => QProj::Full(r.matrix(&format!("{p}.self_attn.q_proj.weight"), heads * (dn + dr), h)?.packed()),
-                Some(qr) => QProj::Lora {
-                    a: r.matrix(&format!("{p}.self_attn.q_a_proj.weight"), qr, h)?.packed(),
-                    norm: r.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), qr)?,
-                    b: r.matrix(&format!("{p}.self_attn.q_b_proj.weight"), heads * (dn + dr), qr)?.packed(),
-                },
+            let t = LayerSpec::new(c, l);
+            let q = match &t.q {
+                QSpec::Full(w) => QProj::Full(r.matrix(w)?.packed()),
+                QSpec::Lora { a, norm, b } => {
+                    QProj::Lora { a: r.matrix(a)?.packed(), norm: r.vector(norm)?, b: r.matrix(b)?.packed() }
+                }
             };
-            let kv_b = r.matrix(&format!("{p}.self_attn.kv_b_proj.weight"), heads * (dn + dv), rank)?;
+            let kv_b = r.matrix(&t.kv_b)?;
             let per = dn + dv;
             let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed().packed()).collect();
             let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per).packed()).collect();
             let attn = Attention {
                 q,
-                kv_a: r.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), rank + dr, h)?.packed(),
-                kv_a_norm: r.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), rank)?,
+                kv_a: r.matrix(&t.kv_a)?.packed(),
+                kv_a_norm: r.vector(&t.kv_a_norm)?,
                 w_uk_t,
                 w_uv,
-                o_proj: r.matrix(&format!("{p}.self_attn.o_proj.weight"), h, heads * dv)?.packed(),
+                o_proj: r.matrix(&t.o_proj)?.packed(),
             };
-            let ffn = if c.is_moe_layer(l) {
-                let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
-                Ffn::Moe(Moe {
-                    gate: f32_reader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, h)?,
-                    bias: match c.model_type {
-                        crate::ModelType::DeepseekV3 => {
-                            Some(r.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), c.n_routed_experts)?)
-                        }
-                        crate::ModelType::DeepseekV2 => None,
-                    },
-                    shared: if c.n_shared_experts > 0 {
-                        Some(Mlp::load(
-                            r,
-                            &format!("{p}.mlp.shared_experts"),
-                            h,
-                            c.moe_intermediate_size * c.n_shared_experts,
-                        )?)
-                    } else {
-                        None
-                    },
-                })
-            } else {
-                Ffn::Dense(Mlp::load(r, &format!("{p}.mlp"), h, c.intermediate_size)?)
+            let ffn = match &t.ffn {
+                FfnSpec::Moe { gate, bias, shared } => {
+                    let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
+                    Ffn::Moe(Moe {
+                        gate: f32_reader.matrix(gate)?,
+                        bias: bias.as_ref().map(|b| r.vector(b)).transpose()?,
+                        shared: shared.as_ref().map(|s| Mlp::load(r, s)).transpose()?,
+                    })
+                }
+                FfnSpec::Dense(mlp) => Ffn::Dense(Mlp::load(r, mlp)?),
             };
-            let layer = Layer {
-                input_norm: r.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                post_norm: r.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                attn,
-                ffn,
-            };
+            let layer = Layer { input_norm: r.vector(&t.input_norm)?, post_norm: r.vector(&t.post_norm)?, attn, ffn };
             progress(1);
             layers.push(layer);
         }
-        let norm = r.vector("model.norm.weight", h)?;
-        let lm_head =
-            if c.tie_word_embeddings { None } else { Some(r.matrix("lm_head.weight", c.vocab_size, h)?.packed()) };
+        let norm = r.vector(&shapes::final_norm(c))?;
+        let lm_head = shapes::lm_head(c).map(|head| r.matrix(&head).map(Matrix::packed)).transpose()?;
         // A tied head is the embedding: packed too (embedding rows are then read through the
         // packed layout, one row per token).
         let embed = if c.tie_word_embeddings { embed.packed() } else { embed };
         progress(1);
-        let rope = RopeTable::new(dr, c.rope_theta, c.yarn.as_ref(), c.rope_interleave);
+        let rope = RopeTable::new(c.qk_rope_head_dim, c.rope_theta, c.yarn.as_ref(), c.rope_interleave);
         let scale = c.softmax_scale();
         Ok(Model { config, embed, layers, norm, lm_head, rope, scale, precision: Precision::Exact })
     }

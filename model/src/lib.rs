@@ -23,6 +23,7 @@ mod load;
 pub mod request;
 pub mod sampling;
 pub mod serving;
+mod shapes;
 pub mod tokenizer;
 mod weights;
 

@@ -35,8 +35,7 @@ pub struct Loaded {
 
 /// Loads `dir`, reporting progress through `on_progress`.
 pub fn load_model(dir: &Path, opts: LoadOptions, on_progress: &dyn Fn(LoadProgress)) -> Result<Loaded, ModelError> {
-    let config = ModelConfig::from_dir(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
+    let (config, ckpt) = open_checked(dir)?;
     let n_moe = (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).count();
     let expert_steps = if opts.local_experts { (n_moe * config.n_routed_experts) as u64 } else { 0 };
     let total = config.num_hidden_layers as u64 + 2 + expert_steps;
@@ -54,4 +53,15 @@ pub fn load_model(dir: &Path, opts: LoadOptions, on_progress: &dyn Fn(LoadProgre
     };
     let model = Model::load(&reader, config, &step)?;
     Ok(Loaded { model, experts, tokenizer })
+}
+
+/// `dir`'s config and checkpoint, the config checked against every tensor header (sizes,
+/// counts, dtypes) before any weight is read or anything is sized from the config.
+pub(crate) fn open_checked(dir: &Path) -> Result<(ModelConfig, Checkpoint), ModelError> {
+    let config = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let started = std::time::Instant::now();
+    crate::shapes::check(&config, &ckpt)?;
+    tracing::debug!(took_ms = started.elapsed().as_secs_f64() * 1e3, "checkpoint_checked");
+    Ok((config, ckpt))
 }

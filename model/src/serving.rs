@@ -90,8 +90,7 @@ pub fn open_experts(
     on_progress: &dyn Fn(LoadProgress),
 ) -> Result<HostedExperts, ModelError> {
     let dir = crate::default_model::resolve_dir(dir)?;
-    let config = ModelConfig::from_dir(&dir)?;
-    let ckpt = Checkpoint::open(&dir)?;
+    let (config, ckpt) = crate::load::open_checked(&dir)?;
     let total = (0..config.num_hidden_layers)
         .filter(|&l| config.is_moe_layer(l))
         .map(|l| (0..config.n_routed_experts).filter(|&e| want(&config, l, ExpertId(e as u32))).count() as u64)
@@ -122,8 +121,7 @@ impl ExpertCheckpoint {
     /// no weights yet.
     pub fn open(dir: Option<PathBuf>, dtype: WeightDtype) -> Result<Self, ModelError> {
         let dir = crate::default_model::resolve_dir(dir)?;
-        let config = ModelConfig::from_dir(&dir)?;
-        let ckpt = Checkpoint::open(&dir)?;
+        let (config, ckpt) = crate::load::open_checked(&dir)?;
         Ok(ExpertCheckpoint { ckpt, config, dir, dtype })
     }
 

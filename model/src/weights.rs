@@ -2,11 +2,15 @@
 //! the stored dtype is the one wanted, converted otherwise; FP8 blocks dequantized. bf16
 //! matrices used with `matmul` are then packed (`Matrix::packed`) into the panel layout of
 //! `kernels::cpu::packed`, which the kernels multiply at close to the CPU's peak rate.
+//! Every value is checked for NaN and infinities block by block as it is copied or converted
+//! (no extra pass over the weights); a bad one is refused naming the tensor and its file.
 
 use crate::ModelError;
 use crate::checkpoint::{Checkpoint, TensorView};
+use crate::shapes::Spec;
 use half::{bf16, f16};
 use kernels::cpu::WeightRef;
+use kernels::cpu::fp8::DequantTarget;
 use kernels::cpu::packed::{PackedRef, pack_into, packed_len};
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -42,29 +46,88 @@ impl<T: bytemuck::Pod> Buf<T> {
     }
 
     fn new(v: Vec<T>) -> Self {
-        Self::huge_copy(bytemuck::cast_slice(&v)).unwrap_or(Buf::Owned(v))
-    }
-
-    /// Little-endian bytes of `T`s (as stored in safetensors) copied into huge pages.
-    fn from_le_bytes(bytes: &[u8]) -> Self {
-        Self::huge_copy(bytes).unwrap_or_else(|| {
-            let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
-            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
-            Buf::Owned(v)
-        })
-    }
-
-    fn huge_copy(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < HUGE_MIN_BYTES || cfg!(target_endian = "big") {
-            return None;
+        let bytes: &[u8] = bytemuck::cast_slice(&v);
+        match huge_map(bytes.len()) {
+            Some(mut map) => {
+                map.copy_from_slice(bytes);
+                Self::huge(map, v.len()).unwrap_or(Buf::Owned(v))
+            }
+            None => Buf::Owned(v),
         }
-        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).ok()?;
-        // Best effort: without THP the copy still works, with 4 KiB pages.
-        let _ = anon.advise(memmap2::Advice::HugePage);
-        anon.copy_from_slice(bytes);
-        let map = anon.make_read_only().ok()?;
-        Some(Buf::Huge { map, len: bytes.len() / std::mem::size_of::<T>(), _t: std::marker::PhantomData })
     }
+
+    fn huge(map: memmap2::MmapMut, len: usize) -> Option<Self> {
+        let map = map.make_read_only().ok()?;
+        Some(Buf::Huge { map, len, _t: std::marker::PhantomData })
+    }
+}
+
+impl<T: Float> Buf<T> {
+    /// Little-endian bytes of `T`s (as stored in safetensors) copied into huge pages, each
+    /// block checked as it is copied; `Err` holds the index of the first non-finite value.
+    fn from_le_bytes(bytes: &[u8]) -> Result<Self, usize> {
+        let len = bytes.len() / std::mem::size_of::<T>();
+        if let Some(mut map) = huge_map(bytes.len()) {
+            copy_checked::<T>(bytes, bytemuck::cast_slice_mut(&mut map[..]))?;
+            if let Some(buf) = Self::huge(map, len) {
+                return Ok(buf);
+            }
+        }
+        let mut v = vec![T::zeroed(); len];
+        copy_checked(bytes, &mut v)?;
+        Ok(Buf::Owned(v))
+    }
+}
+
+/// Anonymous memory for a large buffer, backed by huge pages where the kernel allows; `None`
+/// for small buffers or when mapping fails (a Vec serves then).
+fn huge_map(len: usize) -> Option<memmap2::MmapMut> {
+    if len < HUGE_MIN_BYTES || cfg!(target_endian = "big") {
+        return None;
+    }
+    let anon = memmap2::MmapMut::map_anon(len).ok()?;
+    // Best effort: without THP the copy still works, with 4 KiB pages.
+    let _ = anon.advise(memmap2::Advice::HugePage);
+    Some(anon)
+}
+
+/// A dtype weights are kept in, with its finiteness test.
+trait Float: bytemuck::Pod {
+    fn finite(self) -> bool;
+}
+
+impl Float for f32 {
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+impl Float for bf16 {
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+/// Values checked at a time while copying or converting: a block is checked right after it
+/// is written, while it is still in the L1 cache, so the check costs no pass over memory.
+const CHECK_BLOCK: usize = 4096;
+
+/// Index of the first NaN or infinity in `xs`. The common all-finite case is one branch-free
+/// (vectorized) reduction.
+fn first_non_finite<T: Float>(xs: &[T]) -> Option<usize> {
+    if xs.iter().fold(true, |ok, &x| ok & x.finite()) { None } else { xs.iter().position(|&x| !x.finite()) }
+}
+
+/// Copies little-endian `src` into `dst` a block at a time, checking each block as it lands.
+fn copy_checked<T: Float>(src: &[u8], dst: &mut [T]) -> Result<(), usize> {
+    let size = std::mem::size_of::<T>();
+    for (i, (d, s)) in dst.chunks_mut(CHECK_BLOCK).zip(src.chunks(CHECK_BLOCK * size)).enumerate() {
+        bytemuck::cast_slice_mut::<T, u8>(d).copy_from_slice(s);
+        if let Some(j) = first_non_finite(d) {
+            return Err(i * CHECK_BLOCK + j);
+        }
+    }
+    Ok(())
 }
 
 /// A `[rows, cols]` weight in PyTorch `Linear` layout.
@@ -179,7 +242,8 @@ impl Matrix {
     }
 }
 
-/// Builds weights from a checkpoint, checking names, shapes and dtypes.
+/// Builds weights from a checkpoint, checking names, shapes and dtypes, and every value for
+/// NaN and infinities as it is copied or converted.
 #[derive(Debug)]
 pub struct WeightReader<'a> {
     pub ckpt: &'a Checkpoint,
@@ -188,14 +252,38 @@ pub struct WeightReader<'a> {
 }
 
 impl WeightReader<'_> {
-    fn view(&self, name: &str, expected: &[usize]) -> Result<TensorView<'_>, ModelError> {
-        let v = self.ckpt.tensor(name)?;
-        if v.shape != expected {
+    /// The tensor of `spec` if it is present, of its shape and of a dtype this reader takes
+    /// (FP8 matrices with a scale grid of the right shape). Reads only the header.
+    pub(crate) fn checked(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.shaped(spec)?;
+        match v.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(v),
+            Dtype::F8_E4M3 if spec.is_matrix() => {
+                self.float(&self.scale_spec(spec))?;
+                Ok(v)
+            }
+            _ => Err(Self::dtype_err(&v)),
+        }
+    }
+
+    /// The tensor of `spec`, stored as F32, BF16 or F16.
+    fn float(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.shaped(spec)?;
+        match v.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(v),
+            _ => Err(Self::dtype_err(&v)),
+        }
+    }
+
+    fn shaped(&self, spec: &Spec) -> Result<TensorView<'_>, ModelError> {
+        let v = self.ckpt.tensor(&spec.name)?;
+        if v.shape != spec.shape {
             return Err(ModelError::Shape {
                 path: v.path.into(),
-                tensor: name.into(),
+                tensor: spec.name.clone(),
                 got: v.shape.to_vec(),
-                expected: expected.to_vec(),
+                expected: spec.shape.clone(),
+                fields: spec.fields,
             });
         }
         Ok(v)
@@ -205,35 +293,34 @@ impl WeightReader<'_> {
         ModelError::Dtype { path: v.path.into(), tensor: v.name.into(), dtype: format!("{:?}", v.dtype) }
     }
 
-    /// A `[rows, cols]` matrix named `name`.
-    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
-        let v = self.view(name, &[rows, cols])?;
+    fn non_finite(v: &TensorView<'_>) -> impl Fn(usize) -> ModelError {
+        let (path, tensor) = (v.path.to_path_buf(), v.name.to_owned());
+        move |index| ModelError::NonFinite { path: path.clone(), tensor: tensor.clone(), index }
+    }
+
+    /// The matrix of `spec` (`[rows, cols]`).
+    pub(crate) fn matrix(&self, spec: &Spec) -> Result<Matrix, ModelError> {
+        let v = self.checked(spec)?;
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
         let want = match (self.dtype, v.dtype) {
             (WeightDtype::Auto, Dtype::BF16 | Dtype::F8_E4M3) => WeightDtype::Bf16,
             (WeightDtype::Auto, _) => WeightDtype::F32,
             (d, _) => d,
         };
+        let bad = Self::non_finite(&v);
         let data = match (v.dtype, want) {
-            (Dtype::F32, WeightDtype::F32) => MatData::F32(Buf::from_le_bytes(v.bytes)),
-            (Dtype::BF16, WeightDtype::Bf16) => MatData::Bf16(Buf::from_le_bytes(v.bytes)),
-            (Dtype::BF16 | Dtype::F16, WeightDtype::F32) => MatData::F32(Buf::new(to_f32(&v))),
+            (Dtype::F32, WeightDtype::F32) => MatData::F32(Buf::from_le_bytes(v.bytes).map_err(bad)?),
+            (Dtype::BF16, WeightDtype::Bf16) => MatData::Bf16(Buf::from_le_bytes(v.bytes).map_err(bad)?),
+            (Dtype::BF16 | Dtype::F16, WeightDtype::F32) => MatData::F32(Buf::new(convert(&v, |x| x).map_err(bad)?)),
             (Dtype::F32 | Dtype::BF16 | Dtype::F16, _) => {
-                MatData::Bf16(Buf::new(to_f32(&v).into_iter().map(bf16::from_f32).collect()))
+                MatData::Bf16(Buf::new(convert(&v, bf16::from_f32).map_err(bad)?))
             }
             (Dtype::F8_E4M3, want) => {
-                let scales = self.fp8_scales(name, rows, cols)?;
+                let scales = self.vector(&self.scale_spec(spec))?;
                 let block = self.fp8_block.unwrap_or((128, 128));
                 match want {
-                    WeightDtype::F32 => {
-                        let mut out = vec![0f32; rows * cols];
-                        kernels::cpu::fp8::dequantize_blocks(v.bytes, &scales, rows, cols, block, &mut out);
-                        MatData::F32(Buf::new(out))
-                    }
-                    _ => {
-                        let mut out = vec![bf16::ZERO; rows * cols];
-                        kernels::cpu::fp8::dequantize_blocks(v.bytes, &scales, rows, cols, block, &mut out);
-                        MatData::Bf16(Buf::new(out))
-                    }
+                    WeightDtype::F32 => MatData::F32(Buf::new(dequantize(&v, &scales, cols, block).map_err(bad)?)),
+                    _ => MatData::Bf16(Buf::new(dequantize(&v, &scales, cols, block).map_err(bad)?)),
                 }
             }
             _ => return Err(Self::dtype_err(&v)),
@@ -241,34 +328,126 @@ impl WeightReader<'_> {
         Ok(Matrix { rows, cols, data })
     }
 
-    fn fp8_scales(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
+    /// The `_scale_inv` grid of an FP8 matrix: one f32 per block.
+    fn scale_spec(&self, spec: &Spec) -> Spec {
         let block = self.fp8_block.unwrap_or((128, 128));
-        let scale_name = format!("{name}_scale_inv");
-        if !self.ckpt.contains(&scale_name) {
-            return Err(ModelError::MissingTensor { dir: self.ckpt.dir().into(), tensor: scale_name });
-        }
-        let s = self.view(&scale_name, &[rows.div_ceil(block.0), cols.div_ceil(block.1)])?;
-        match s.dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(to_f32(&s)),
-            _ => Err(Self::dtype_err(&s)),
-        }
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
+        Spec::matrix(
+            format!("{}_scale_inv", spec.name),
+            rows.div_ceil(block.0),
+            cols.div_ceil(block.1),
+            "the weight's shape in quantization_config.weight_block_size blocks",
+        )
     }
 
-    /// A 1-D f32 vector (norm weights, biases).
-    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let v = self.view(name, &[len])?;
-        match v.dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(to_f32(&v)),
-            _ => Err(Self::dtype_err(&v)),
-        }
+    /// Every value of `spec` as f32: norm weights, biases, FP8 scale grids.
+    pub(crate) fn vector(&self, spec: &Spec) -> Result<Vec<f32>, ModelError> {
+        let v = self.float(spec)?;
+        convert(&v, |x| x).map_err(Self::non_finite(&v))
     }
 }
 
-fn to_f32(v: &TensorView<'_>) -> Vec<f32> {
-    match v.dtype {
-        Dtype::F32 => v.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => v.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => v.bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+/// `v`'s values (F32, BF16 or F16) converted by `to`, each block checked as it is produced.
+fn convert<T: Float>(v: &TensorView<'_>, to: impl Fn(f32) -> T) -> Result<Vec<T>, usize> {
+    let (size, decode): (usize, fn(&[u8]) -> f32) = match v.dtype {
+        Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Dtype::BF16 => (2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Dtype::F16 => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
         _ => unreachable!("callers check the dtype first"),
+    };
+    let mut out = Vec::with_capacity(v.bytes.len() / size);
+    for block in v.bytes.chunks(CHECK_BLOCK * size) {
+        let start = out.len();
+        out.extend(block.chunks_exact(size).map(|b| to(decode(b))));
+        if let Some(j) = first_non_finite(&out[start..]) {
+            return Err(start + j);
+        }
+    }
+    Ok(out)
+}
+
+/// An FP8 matrix of `cols` columns dequantized a few rows at a time (never crossing a block
+/// row, so each call takes one row of `scales`), each piece checked as it is produced.
+fn dequantize<T: Float + DequantTarget>(
+    v: &TensorView<'_>,
+    scales: &[f32],
+    cols: usize,
+    block: (usize, usize),
+) -> Result<Vec<T>, usize> {
+    let cols = cols.max(1);
+    let mut out = vec![T::zeroed(); v.bytes.len()];
+    let scale_cols = cols.div_ceil(block.1);
+    let piece_rows = (4 * CHECK_BLOCK / cols).clamp(1, block.0);
+    for (br, (w, o)) in v.bytes.chunks(block.0 * cols).zip(out.chunks_mut(block.0 * cols)).enumerate() {
+        let srow = &scales[br * scale_cols..(br + 1) * scale_cols];
+        for (pi, (w, o)) in w.chunks(piece_rows * cols).zip(o.chunks_mut(piece_rows * cols)).enumerate() {
+            kernels::cpu::fp8::dequantize_blocks(w, srow, w.len() / cols, cols, block, o);
+            if let Some(j) = first_non_finite(o) {
+                return Err(br * block.0 * cols + pi * piece_rows * cols + j);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn copies_are_checked_in_every_block_in_vecs_and_huge_pages() {
+        // Below and above the huge-page threshold, a bad value in the first, a middle and
+        // the last block.
+        for len in [1000, CHECK_BLOCK * 3 + 7, HUGE_MIN_BYTES / 4 + 5] {
+            let good: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let buf = Buf::<f32>::from_le_bytes(&le_bytes(&good)).expect("finite");
+            assert_eq!(buf.as_slice(), &good[..]);
+            for (at, bad) in [(0, f32::NAN), (len / 2, f32::INFINITY), (len - 1, f32::NEG_INFINITY)] {
+                let mut v = good.clone();
+                v[at] = bad;
+                assert_eq!(Buf::<f32>::from_le_bytes(&le_bytes(&v)).err(), Some(at), "len {len}, {bad} at {at}");
+            }
+        }
+        let mut h: Vec<bf16> = (0..5000).map(|i| bf16::from_f32(i as f32)).collect();
+        h[4321] = bf16::NAN;
+        assert_eq!(Buf::<bf16>::from_le_bytes(bytemuck::cast_slice(&h)).err(), Some(4321));
+    }
+
+    #[test]
+    fn conversions_check_what_they_produce() {
+        let path = std::path::Path::new("model.safetensors");
+        let f32s = le_bytes(&[1.0, 2.0, f32::MAX, -3.0]);
+        let v = TensorView { name: "w", path, dtype: Dtype::F32, shape: &[4], bytes: &f32s };
+        assert_eq!(convert(&v, |x| x).expect("finite"), vec![1.0, 2.0, f32::MAX, -3.0]);
+        // f32::MAX is finite, but rounds to infinity in bf16.
+        assert_eq!(convert(&v, bf16::from_f32).err(), Some(2));
+        let f16s: Vec<u8> = [f16::ONE, f16::INFINITY].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let v = TensorView { name: "w", path, dtype: Dtype::F16, shape: &[2], bytes: &f16s };
+        assert_eq!(convert(&v, |x| x).err(), Some(1));
+    }
+
+    #[test]
+    fn fp8_dequantization_is_checked_piece_by_piece() {
+        let path = std::path::Path::new("model.safetensors");
+        let (rows, cols, block) = (300, 50, (128, 32));
+        let mut bytes = vec![0x38u8; rows * cols]; // all 1.0
+        let scales = vec![0.5f32; rows.div_ceil(block.0) * cols.div_ceil(block.1)];
+        let v = TensorView { name: "w", path, dtype: Dtype::F8_E4M3, shape: &[], bytes: &bytes };
+        let out: Vec<bf16> = dequantize(&v, &scales, cols, block).expect("finite");
+        assert!(out.iter().all(|x| x.to_f32() == 0.5));
+        let at = 260 * cols + 17;
+        bytes[at] = 0x7f; // e4m3 NaN
+        let v = TensorView { name: "w", path, dtype: Dtype::F8_E4M3, shape: &[], bytes: &bytes };
+        assert_eq!(dequantize::<f32>(&v, &scales, cols, block).err(), Some(at));
+        // A finite weight times a huge scale overflows.
+        bytes[at] = 0x7e; // 448
+        let v = TensorView { name: "w", path, dtype: Dtype::F8_E4M3, shape: &[], bytes: &bytes };
+        let mut big = scales.clone();
+        big[(260 / 128) * 2] = 1e37;
+        assert_eq!(dequantize::<f32>(&v, &big, cols, block).err(), Some(at));
     }
 }

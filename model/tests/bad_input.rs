@@ -1,14 +1,19 @@
 //! Bad checkpoints and bad requests: each gives an error (never a panic) that names the file,
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
+//! Absurd sizes in config.json are refused before anything is allocated from them, and
+//! weights holding NaN or infinities are refused as they load.
 
+use kernels::cpu::Precision;
+use model::serving::{ExpertCheckpoint, open_experts};
 use model::{
-    Engine, EngineError, EngineOptions, InvalidRequest, LayerRows, LoadOptions, ModelError, SamplingParams, SeqId,
-    SequenceCacheExport, WeightDtype, load_model,
+    Engine, EngineError, EngineOptions, ExpertId, InvalidRequest, LayerRows, LoadOptions, ModelError, SamplingParams,
+    SeqId, SequenceCacheExport, WeightDtype, load_model,
 };
 use safetensors::{Dtype, SafeTensors};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 mod common;
 
@@ -367,7 +372,7 @@ fn loaded() -> (Arc<model::Model>, Arc<dyn model::ExpertBackend>) {
 
 fn engine(cache_tokens: usize) -> Engine {
     let (m, x) = loaded();
-    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4, ..Default::default() })
+    Engine::new(m, x, EngineOptions { cache_tokens, block_size: 4, ..Default::default() }).expect("engine")
 }
 
 fn expected() -> Expected {
@@ -615,4 +620,205 @@ fn cache_full_is_refused_and_the_engine_keeps_serving() {
     let mut z = engine(0);
     let err = add_err(&mut z, 1, vec![0], greedy(1));
     assert!(matches!(err, EngineError::CacheFull { needed: 1, free: 0 }), "{err:?}");
+}
+
+// ---------------------------------------------------------------- sizes in config.json
+
+/// Sets `field` of `dir/config.json` to `value`.
+fn set_config(dir: &Path, field: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    v[field] = value;
+    std::fs::write(&path, v.to_string()).expect("write");
+}
+
+/// Every way a role opens a checkpoint: `load_model` with and without local experts, an
+/// expert worker's `open_experts` and `ExpertCheckpoint` (slot by slot). Each must fail (no
+/// panic, no abort); the errors are returned with the time each took.
+fn open_errs(dir: &Path) -> Vec<(ModelError, std::time::Duration)> {
+    type Open<'a> = &'a dyn Fn() -> Result<(), ModelError>;
+    let opens: [(&str, Open<'_>); 4] = [
+        ("load_model", &|| load_model(dir, OPTS, &|_| {}).map(drop)),
+        ("load_model without experts", &|| {
+            load_model(dir, LoadOptions { local_experts: false, ..OPTS }, &|_| {}).map(drop)
+        }),
+        ("open_experts", &|| {
+            let all = |_: &model::ModelConfig, _: usize, _: ExpertId| true;
+            open_experts(Some(dir.into()), WeightDtype::Auto, Precision::Exact, &all, &|_| {}).map(drop)
+        }),
+        ("ExpertCheckpoint", &|| {
+            let ckpt = ExpertCheckpoint::open(Some(dir.into()), WeightDtype::Auto)?;
+            let c = ckpt.config();
+            let layer = (0..c.num_hidden_layers).find(|&l| c.is_moe_layer(l)).unwrap_or(0);
+            ckpt.load(layer, ExpertId(0)).map(drop)
+        }),
+    ];
+    opens
+        .into_iter()
+        .map(|(what, open)| {
+            let started = Instant::now();
+            match catch_unwind(AssertUnwindSafe(open)) {
+                Err(_) => panic!("{what} panicked on {} instead of returning an error", dir.display()),
+                Ok(Ok(())) => panic!("{what} accepted the broken checkpoint in {}", dir.display()),
+                Ok(Err(e)) => (e, started.elapsed()),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn absurd_config_sizes_are_refused_naming_the_field_before_anything_is_allocated() {
+    // What the probe found: allocation aborts, or 8 s and 2 GB before failing. Beyond the
+    // bounds, config.json alone is refused; within them, the tensor names are.
+    let cases: [(&str, serde_json::Value); 8] = [
+        ("num_hidden_layers", 10_000_000.into()),
+        ("num_hidden_layers", 1_000_000.into()),
+        ("num_hidden_layers", 4096.into()),
+        ("n_routed_experts", 1_000_000_000.into()),
+        ("n_routed_experts", 65536.into()),
+        ("vocab_size", (1u64 << 40).into()),
+        ("hidden_size", (1u64 << 50).into()),
+        ("max_position_embeddings", u64::MAX.into()),
+    ];
+    for (field, value) in cases {
+        let tmp = copy_fixture("v3_f32");
+        set_config(tmp.path(), field, value.clone());
+        for (e, took) in open_errs(tmp.path()) {
+            // The bound is shown, not asserted (timing depends on the machine).
+            eprintln!("{field} = {value}: refused in {:.2} ms: {e}", took.as_secs_f64() * 1e3);
+            assert!(matches!(&e, ModelError::Config { field: f, .. } if f == field), "{field} = {value}: {e:?}");
+            assert_names(&e.to_string(), &["config.json", field]);
+        }
+    }
+}
+
+#[test]
+fn config_sizes_the_checkpoint_disagrees_with_are_refused_naming_the_field() {
+    // Within the bounds, but not what the tensors hold: each error names the field (and,
+    // for a shape, the tensor and both shapes).
+    let cases: [(&str, serde_json::Value, &[&str]); 18] = [
+        ("num_hidden_layers", 4.into(), &["num_hidden_layers", "holds tensors of 3"]),
+        ("n_routed_experts", 32.into(), &["n_routed_experts", "32 routed experts", "of 16 per layer"]),
+        ("hidden_size", 72.into(), &["model.embed_tokens.weight", "hidden_size", "[128, 64]", "[128, 72]"]),
+        ("vocab_size", 256.into(), &["model.embed_tokens.weight", "vocab_size", "[256, 64]"]),
+        ("num_attention_heads", 8.into(), &["q_b_proj", "num_attention_heads"]),
+        ("kv_lora_rank", 16.into(), &["kv_a_proj_with_mqa", "kv_lora_rank"]),
+        ("q_lora_rank", 24.into(), &["q_a_proj", "q_lora_rank"]),
+        ("q_lora_rank", serde_json::Value::Null, &["q_lora_rank", "q_a_proj"]),
+        ("qk_nope_head_dim", 8.into(), &["q_b_proj", "qk_nope_head_dim"]),
+        ("qk_rope_head_dim", 4.into(), &["q_b_proj", "qk_rope_head_dim"]),
+        ("v_head_dim", 8.into(), &["kv_b_proj", "v_head_dim"]),
+        ("intermediate_size", 64.into(), &["model.layers.0.mlp.gate_proj.weight", "intermediate_size"]),
+        ("moe_intermediate_size", 16.into(), &["shared_experts", "moe_intermediate_size"]),
+        ("n_shared_experts", 2.into(), &["shared_experts", "n_shared_experts"]),
+        ("n_shared_experts", 0.into(), &["n_shared_experts", "shared_experts"]),
+        ("first_k_dense_replace", 0.into(), &["first_k_dense_replace", "layer 0", "dense MLP"]),
+        ("first_k_dense_replace", 2.into(), &["first_k_dense_replace", "layer 1", "MoE router"]),
+        ("moe_layer_freq", 2.into(), &["moe_layer_freq", "layer 1", "MoE router"]),
+    ];
+    for (field, value, parts) in cases {
+        let tmp = copy_fixture("v3_f32");
+        set_config(tmp.path(), field, value.clone());
+        let e = load_err(tmp.path());
+        eprintln!("{field} = {value}: {e}");
+        match &e {
+            ModelError::Config { field: f, .. } => assert_eq!(f, field, "{e}"),
+            ModelError::Shape { fields, .. } => assert!(fields.contains(field), "{e}"),
+            _ => panic!("{field} = {value}: {e:?}"),
+        }
+        assert_names(&e.to_string(), parts);
+    }
+}
+
+#[test]
+fn a_cache_too_large_to_address_or_allocate_is_refused() {
+    let (m, x) = loaded();
+    // Block ids are u32; the size of all layers overflows; the allocation itself fails
+    // (petabytes per layer: beyond any address space).
+    let cases = [(usize::MAX, 16, "2^32 blocks"), (1 << 62, 1 << 31, "overflows"), (1 << 50, 1 << 26, "GiB")];
+    for (cache_tokens, block_size, why) in cases {
+        let opts = EngineOptions { cache_tokens, block_size, ..Default::default() };
+        let r = catch_unwind(AssertUnwindSafe(|| Engine::new(m.clone(), x.clone(), opts)))
+            .unwrap_or_else(|_| panic!("Engine::new panicked on a cache of {cache_tokens} tokens"));
+        let e = r.expect_err("a cache that cannot exist");
+        assert!(matches!(e, EngineError::CacheSize { .. }), "{e:?}");
+        assert_names(&e.to_string(), &["cache", why]);
+        let r = Engine::on_device(m.clone(), x.clone(), opts);
+        assert!(matches!(r, Err(EngineError::CacheSize { .. })), "on_device: {r:?}");
+    }
+}
+
+// ---------------------------------------------------------------- non-finite weights
+
+/// Writes `value` over element `index` of tensor `name` (F32, BF16 or F16; F8_E4M3 takes a
+/// raw byte, 0x7f being its NaN).
+fn poke(t: &mut [Owned], name: &str, index: usize, value: f32) {
+    let w = find(t, name);
+    match w.dtype {
+        Dtype::F32 => w.data[index * 4..][..4].copy_from_slice(&value.to_le_bytes()),
+        Dtype::BF16 => w.data[index * 2..][..2].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes()),
+        Dtype::F16 => w.data[index * 2..][..2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes()),
+        Dtype::F8_E4M3 => w.data[index] = if value.is_nan() { 0x7f } else { panic!("FP8 has no infinity") },
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    // (fixture, weight dtype asked, tensor, element, value): each copy and conversion path.
+    let cases: [(&str, WeightDtype, &str, usize, f32); 11] = [
+        ("v3_f32", WeightDtype::F32, "model.layers.0.self_attn.o_proj.weight", 100, f32::NAN),
+        ("v3_f32", WeightDtype::Bf16, "model.layers.2.self_attn.kv_b_proj.weight", 7, f32::INFINITY),
+        ("v3_f32", WeightDtype::F32, "model.layers.1.post_attention_layernorm.weight", 3, f32::NEG_INFINITY),
+        ("v3_f32", WeightDtype::Bf16, "model.layers.1.mlp.gate.weight", 5, f32::NAN),
+        ("v3_f32", WeightDtype::F32, "model.layers.2.mlp.gate.e_score_correction_bias", 15, f32::NAN),
+        ("v3_f32", WeightDtype::F32, "model.layers.2.mlp.experts.5.up_proj.weight", 0, f32::NAN),
+        ("v3_bf16", WeightDtype::Auto, "model.layers.0.mlp.down_proj.weight", 31, f32::NAN),
+        ("v3_bf16", WeightDtype::F32, "lm_head.weight", 64 * 127 + 63, f32::INFINITY),
+        ("v3_fp8", WeightDtype::Auto, "model.layers.1.self_attn.o_proj.weight", 161, f32::NAN),
+        ("v3_fp8", WeightDtype::F32, "model.layers.2.mlp.experts.0.down_proj.weight", 2, f32::NAN),
+        ("v3_fp8", WeightDtype::Auto, "model.layers.1.self_attn.o_proj.weight_scale_inv", 1, f32::NAN),
+    ];
+    for (fixture, dtype, name, index, value) in cases {
+        let what = format!("{fixture} as {dtype:?}: {name}[{index}] = {value}");
+        let tmp = copy_fixture(fixture);
+        rewrite(&tmp.path().join("model.safetensors"), |t| poke(t, name, index, value));
+        let opts = LoadOptions { weight_dtype: dtype, local_experts: true };
+        let e = match catch_unwind(AssertUnwindSafe(|| load_model(tmp.path(), opts, &|_| {}))) {
+            Err(_) => panic!("{what}: load_model panicked"),
+            Ok(Ok(_)) => panic!("{what}: loaded"),
+            Ok(Err(e)) => e,
+        };
+        assert!(
+            matches!(&e, ModelError::NonFinite { tensor, index: i, .. } if tensor == name && *i == index),
+            "{what}: {e:?}"
+        );
+        assert_names(&e.to_string(), &["model.safetensors", name, "non-finite", &format!("element {index}")]);
+    }
+}
+
+#[test]
+fn all_nan_embeddings_are_refused_by_every_role() {
+    // The probe's checkpoint: every embedding NaN gave tokens with null logits, exit 0.
+    let tmp = copy_fixture("v3_bf16");
+    let name = "model.embed_tokens.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let w = find(t, name);
+        w.data.chunks_exact_mut(2).for_each(|b| b.copy_from_slice(&half::bf16::NAN.to_le_bytes()));
+    });
+    for opts in [OPTS, LoadOptions { weight_dtype: WeightDtype::Auto, local_experts: false }] {
+        let e = load_model(tmp.path(), opts, &|_| {}).expect_err("NaN embeddings");
+        assert!(matches!(&e, ModelError::NonFinite { tensor, index: 0, .. } if tensor == name), "{e:?}");
+    }
+    // An expert worker loads its experts through the same reader.
+    let expert = "model.layers.1.mlp.experts.9.gate_proj.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |t| poke(t, expert, 40, f32::NAN));
+    let ckpt = ExpertCheckpoint::open(Some(tmp.path().into()), WeightDtype::Auto).expect("headers are fine");
+    ckpt.load(1, ExpertId(8)).expect("a healthy expert loads");
+    let e = ckpt.load(1, ExpertId(9)).expect_err("a NaN expert");
+    assert!(matches!(&e, ModelError::NonFinite { tensor, index: 40, .. } if tensor == expert), "{e:?}");
+    let all = |_: &model::ModelConfig, _: usize, _: ExpertId| true;
+    let e = open_experts(Some(tmp.path().into()), WeightDtype::Auto, Precision::Exact, &all, &|_| {})
+        .expect_err("a NaN expert");
+    assert!(matches!(&e, ModelError::NonFinite { tensor, .. } if tensor == expert), "{e:?}");
 }

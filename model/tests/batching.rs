@@ -38,7 +38,7 @@ impl Fixture {
     }
 
     fn engine(&self) -> Engine {
-        Engine::new(self.model.clone(), self.experts.clone(), OPTS)
+        Engine::new(self.model.clone(), self.experts.clone(), OPTS).expect("engine")
     }
 
     fn vocab(&self) -> usize {

@@ -65,7 +65,7 @@ fn check(name: &str) {
     let (model, experts) = load(name);
     let Some(mut gpu) = gpu_engine(&model, &experts) else { return };
     assert_eq!(gpu.device(), Device::Cuda(0));
-    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS);
+    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS).expect("engine");
     let vocab = model.config.vocab_size;
     for (ci, case) in expected(name).cases.iter().enumerate() {
         let what = format!("{name} case {ci}");
@@ -113,7 +113,7 @@ fn long_prompts_and_batches_take_the_grouped_expert_path_and_match() {
     // stay on the device; a batch of 12 decoding sequences groups again.
     let (model, experts) = load("v3_bf16");
     let Some(mut gpu) = gpu_engine(&model, &experts) else { return };
-    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS);
+    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS).expect("engine");
     let vocab = model.config.vocab_size;
     let prompt: Vec<u32> = (0..48).map(|i| (i * 37 + 5) % vocab as u32).collect();
     let (cpu_top, cpu_tokens) = run(&mut cpu, &prompt, 6, vocab);
@@ -143,7 +143,7 @@ fn long_prompts_and_batches_take_the_grouped_expert_path_and_match() {
 fn a_cache_prefilled_on_the_gpu_decodes_on_the_cpu_and_back() {
     let (model, experts) = load("v3_bf16");
     let Some(mut gpu) = gpu_engine(&model, &experts) else { return };
-    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS);
+    let mut cpu = Engine::new(model.clone(), experts.clone(), OPTS).expect("engine");
     let vocab = model.config.vocab_size;
     let prompt: Vec<u32> = (1..12).collect();
     let (_, reference) = run(&mut cpu, &prompt, 8, vocab);

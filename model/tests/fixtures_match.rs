@@ -23,7 +23,7 @@ fn check(name: &str, dtype: WeightDtype) {
         // All-position logits and router choices from one prefill.
         let layout =
             CacheLayout { num_layers: c.num_hidden_layers, latent_dim: c.latent_dim(), block_size: 4, num_blocks: 64 };
-        let mut cache = LatentCache::new(layout);
+        let mut cache = LatentCache::new(layout).expect("cache");
         let mut table = cache.allocate(layout.blocks_for(case.prompt_ids.len())).expect("blocks");
         table.reverse(); // out-of-order blocks exercise the paging
         let seg = Segment { tokens: &case.prompt_ids, start_pos: 0, block_table: &table, logits: LogitsWanted::All };
@@ -48,7 +48,8 @@ fn check(name: &str, dtype: WeightDtype) {
             model.clone(),
             experts.clone(),
             EngineOptions { cache_tokens: 512, block_size: 4, ..Default::default() },
-        );
+        )
+        .expect("engine");
         let params = SamplingParams {
             max_new_tokens: case.greedy.len(),
             stop_token_ids: vec![vocab as u32], // never sampled: run the full length

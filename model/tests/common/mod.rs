@@ -49,5 +49,5 @@ pub fn load(name: &str, dtype: WeightDtype) -> (Arc<Model>, Arc<dyn ExpertBacken
 }
 
 pub fn engine(model: &Arc<Model>, experts: &Arc<dyn ExpertBackend>, opts: EngineOptions) -> Engine {
-    Engine::new(model.clone(), experts.clone(), opts)
+    Engine::new(model.clone(), experts.clone(), opts).expect("engine")
 }
