@@ -3,7 +3,6 @@
 //! modules; the compute crates (`kernels`, `model`) stay free of the async runtime and gRPC;
 //! every declared dependency is used. Each failure names the file (and line) to fix.
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
