@@ -46,7 +46,7 @@ pub enum ServiceError {
     #[error("worker identity: {0}")]
     Id(#[from] IdError),
     #[error("cannot register the worker: {0}")]
-    Register(#[source] StoreError),
+    Register(StoreError),
     #[error("the gRPC server stopped unexpectedly")]
     ServerStopped,
     #[error("the gRPC server task failed: {0}")]
@@ -149,7 +149,7 @@ impl Watched {
 }
 
 /// What a panic was raised with, for the log and the error.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => format!("panicked: {s}"),
         (None, Some(s)) => format!("panicked: {s}"),
