@@ -45,7 +45,7 @@ pub enum ServiceError {
     #[error("worker identity: {0}")]
     Id(#[from] IdError),
     #[error("cannot register the worker: {0}")]
-    Register(#[source] StoreError),
+    Register(StoreError),
     #[error("the gRPC server stopped unexpectedly")]
     ServerStopped,
     #[error("the gRPC server task failed: {0}")]

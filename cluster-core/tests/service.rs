@@ -44,7 +44,7 @@ struct AtDrain {
 }
 
 async fn health(addr: std::net::SocketAddr) -> Option<ServingStatus> {
-    let channel = cluster_core::serve::channel(&addr.to_string(), Duration::from_secs(2)).ok()?;
+    let channel = cluster_core::serve::channel(&addr.to_string(), Duration::from_secs(5)).ok()?;
     let mut client = HealthClient::new(channel);
     let reply = client.check(HealthCheckRequest { service: SERVICE.into() }).await.ok()?.into_inner();
     ServingStatus::try_from(reply.status).ok()
