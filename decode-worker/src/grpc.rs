@@ -66,6 +66,8 @@ fn event(e: SeqEvent) -> Result<pb::DecodeEvent, Status> {
             } as i32,
         }),
         SeqEvent::Failed(m) => return Err(Status::internal(format!("decode failed: {m}"))),
+        // Deterministic: the router must not retry it on another worker.
+        SeqEvent::Rejected(m) => return Err(Status::failed_precondition(format!("decode failed: {m}"))),
     };
     Ok(pb::DecodeEvent { event: Some(event) })
 }

@@ -228,7 +228,11 @@ impl Engine {
     }
 
     /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token.
-    pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+    ///
+    /// One result per id, in order: the sequence's token, or the error that ended it alone
+    /// ([`EngineError::NonFiniteLogits`]; it is then finished, to be released) while the rest
+    /// of the batch goes on. The outer error fails the whole batch.
+    pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Waiting, None)
     }
 
@@ -238,12 +242,13 @@ impl Engine {
         &mut self,
         ids: &[SeqId],
         on_layer: &mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send),
-    ) -> Result<Vec<StepOutput>, EngineError> {
+    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Waiting, Some(on_layer))
     }
 
-    /// One decode step for every sequence in `ids` (all running).
-    pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+    /// One decode step for every sequence in `ids` (all running); results as for
+    /// [`Engine::prefill`].
+    pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Running, None)
     }
 
@@ -252,7 +257,7 @@ impl Engine {
         ids: &[SeqId],
         phase: Phase,
         on_layer: Option<&mut (dyn FnMut(usize, SeqId, Vec<u8>) + Send)>,
-    ) -> Result<Vec<StepOutput>, EngineError> {
+    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
             let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
@@ -308,12 +313,26 @@ impl Engine {
         Ok(self.finish_step(ids, phase, out))
     }
 
-    /// Samples each sequence's next token from its logits and advances its state.
-    fn finish_step(&mut self, ids: &[SeqId], phase: Phase, out: crate::ForwardOutput) -> Vec<StepOutput> {
+    /// Samples each sequence's next token from its logits and advances its state. A sequence
+    /// whose logits are not all finite (its activations overflowed) is finished with an error
+    /// instead of sampling from them.
+    fn finish_step(
+        &mut self,
+        ids: &[SeqId],
+        phase: Phase,
+        out: crate::ForwardOutput,
+    ) -> Vec<Result<StepOutput, EngineError>> {
         let mut results = Vec::with_capacity(ids.len());
         for (id, logits) in ids.iter().zip(out.logits) {
             let s = self.seqs.get_mut(id).expect("checked above");
             s.cached = s.tokens.len();
+            if let Some(token) = logits.iter().position(|v| !v.is_finite()) {
+                s.phase = Phase::Finished;
+                let position = s.tokens.len() - 1;
+                tracing::warn!(seq = %id, position, token, "non_finite_logits");
+                results.push(Err(EngineError::NonFiniteLogits { seq: id.0, position, token }));
+                continue;
+            }
             let token = s.sampler.sample(&logits);
             let prompt_logits_top =
                 if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
@@ -327,7 +346,7 @@ impl Engine {
                 None
             };
             s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
-            results.push(StepOutput { seq: *id, token, finish, prompt_logits_top });
+            results.push(Ok(StepOutput { seq: *id, token, finish, prompt_logits_top }));
         }
         results
     }
