@@ -6,6 +6,7 @@
 //! return to the pool exactly once, on release.
 
 use crate::EngineError;
+use crate::backend::Backend;
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
@@ -92,10 +93,9 @@ pub struct Engine {
     experts: Arc<dyn ExpertBackend>,
     /// The block allocator, and the rows too unless they live on a GPU.
     cache: LatentCache,
+    /// Where the forward pass runs and the rows live.
+    backend: Backend,
     seqs: HashMap<SeqId, Sequence>,
-    /// Weights and cache rows on the GPU, for `Device::Cuda`.
-    #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::GpuModel>,
 }
 
 impl Engine {
@@ -103,15 +103,7 @@ impl Engine {
     /// allocated.
     pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Result<Self, EngineError> {
         debug_assert_eq!(opts.device, kernels::Device::Cpu, "Engine::new is the CPU engine; use Engine::on_device");
-        let layout = Self::layout_for(&model.config, opts);
-        Ok(Engine {
-            cache: LatentCache::new(layout)?,
-            model,
-            experts,
-            seqs: HashMap::new(),
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
+        Self::on_device(model, experts, opts)
     }
 
     /// An engine on `opts.device`: the CPU engine for `Device::Cpu`; for `Device::Cuda(n)`
@@ -124,22 +116,9 @@ impl Engine {
         experts: Arc<dyn ExpertBackend>,
         opts: EngineOptions,
     ) -> Result<Self, EngineError> {
-        match opts.device {
-            kernels::Device::Cpu => Self::new(model, experts, opts),
-            #[cfg(feature = "cuda")]
-            kernels::Device::Cuda(ordinal) => {
-                let layout = Self::layout_for(&model.config, opts);
-                // Checked before the device allocates anything from it.
-                let cache = LatentCache::allocator_only(layout)?;
-                let gpu = crate::cuda::GpuModel::new(ordinal, &model, experts.as_ref(), layout)
-                    .map_err(|e| EngineError::Device(e.to_string()))?;
-                Ok(Engine { cache, model, experts, seqs: HashMap::new(), gpu: Some(gpu) })
-            }
-            #[cfg(not(feature = "cuda"))]
-            device @ kernels::Device::Cuda(_) => {
-                Err(EngineError::Device(kernels::KernelError::CudaNotBuilt(device.to_string()).to_string()))
-            }
-        }
+        let layout = Self::layout_for(&model.config, opts);
+        let (backend, cache) = Backend::open(opts.device, &model, experts.as_ref(), layout)?;
+        Ok(Engine { model, experts, cache, backend, seqs: HashMap::new() })
     }
 
     fn layout_for(c: &crate::ModelConfig, opts: EngineOptions) -> CacheLayout {
@@ -154,11 +133,7 @@ impl Engine {
 
     /// The device the forward pass runs on.
     pub fn device(&self) -> kernels::Device {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return kernels::Device::Cuda(g.gpu().ordinal());
-        }
-        kernels::Device::Cpu
+        self.backend.device()
     }
 
     pub fn model(&self) -> &Model {
@@ -286,28 +261,8 @@ impl Engine {
             Some(_) => ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect(),
             None => Vec::new(),
         };
-        #[cfg(feature = "cuda")]
-        let on_layer = match self.gpu.as_mut() {
-            Some(gpu) => {
-                let exports = on_layer.map(|f| (&tables[..], f));
-                let out = gpu.run(&self.model, &segments, self.experts.as_ref(), exports)?;
-                drop(segments);
-                drop(tables);
-                return Ok(self.finish_step(ids, phase, out));
-            }
-            None => on_layer,
-        };
-        let out = match on_layer {
-            None => self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?,
-            Some(f) => {
-                let mut hook = |layer: usize, cache: &LatentCache| {
-                    for &(id, blocks, n) in &tables {
-                        f(layer, id, cache.export_layer(layer, blocks, n));
-                    }
-                };
-                self.model.forward_with_layer_hook(&mut self.cache, &segments, self.experts.as_ref(), &mut hook)?
-            }
-        };
+        let exports = on_layer.map(|f| (&tables[..], f));
+        let out = self.backend.forward(&self.model, &mut self.cache, &segments, self.experts.as_ref(), exports)?;
         drop(segments);
         drop(tables);
         Ok(self.finish_step(ids, phase, out))
@@ -468,13 +423,7 @@ impl Engine {
         if bytes.len() != row_bytes {
             return bad(format!("layer {layer} has {} bytes, expected {row_bytes}", bytes.len()));
         }
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = self.gpu.as_mut() {
-            gpu.cache.import_layer(layer, &s.blocks, bytes).map_err(|e| EngineError::Device(e.to_string()))?;
-            s.imported_layers[layer] = Some(num_tokens);
-            return Ok(());
-        }
-        self.cache.import_layer(layer, &s.blocks, bytes);
+        self.backend.import_layer(&mut self.cache, layer, &s.blocks, bytes)?;
         s.imported_layers[layer] = Some(num_tokens);
         Ok(())
     }
@@ -527,11 +476,7 @@ impl Engine {
 
     /// One layer of a sequence's rows, from wherever the cache lives.
     fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<Vec<u8>, EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));
-        }
-        Ok(self.cache.export_layer(layer, blocks, num_tokens))
+        self.backend.export_layer(&self.cache, layer, blocks, num_tokens)
     }
 
     fn check_import(
