@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use model::args::ModelArgs;
-use model::{Engine, EngineOptions, LoadOptions, SamplingParams, SeqId, load_model};
+use model::{Engine, EngineError, EngineOptions, LoadOptions, SamplingParams, SeqId, StepOutput, load_model};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -79,8 +79,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let id = SeqId(0);
     engine.add_sequence(id, prompt_ids.clone(), params, LOGITS_TOP)?;
-    let mut out = engine.prefill(&[id])?;
-    let top = std::mem::take(&mut out[0].prompt_logits_top);
+    let mut out = only(engine.prefill(&[id])?)?;
+    let top = std::mem::take(&mut out.prompt_logits_top);
     let tokenizer = loaded.tokenizer.as_ref();
     let mut stdout = std::io::stdout().lock();
     let mut printed = String::new();
@@ -97,10 +97,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 printed = text;
             }
         }
-        if out[0].finish.is_some() {
+        if out.finish.is_some() {
             break;
         }
-        out = engine.decode_step(&[id])?;
+        out = only(engine.decode_step(&[id])?)?;
     }
     let generated_ids = engine.generated(id)?.to_vec();
     let text = match tokenizer {
@@ -116,4 +116,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
     }
     Ok(())
+}
+
+/// The one sequence's result of a step: its token, or the error that ended it (non-finite
+/// logits).
+fn only(step: Vec<Result<StepOutput, EngineError>>) -> anyhow::Result<StepOutput> {
+    Ok(step.into_iter().next().context("the engine returns one result per sequence")??)
 }

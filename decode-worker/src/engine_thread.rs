@@ -37,6 +37,9 @@ pub enum SeqEvent {
     Stalled {
         idle: Duration,
     },
+    /// The engine ended this sequence alone, for a cause a rerun elsewhere would meet again
+    /// (its logits were not finite); it has been released.
+    Rejected(String),
 }
 
 /// A local prefill instead of an imported cache.
@@ -385,7 +388,7 @@ impl Actor {
                         s.state = SlotState::Running;
                     }
                 }
-                outs.into_iter().for_each(|o| self.emit(o));
+                self.emit_all(&ids, outs);
             }
             Err(e) => self.fail(&ids, &e),
         }
@@ -409,8 +412,25 @@ impl Actor {
         let result = self.engine.decode_step(&ids);
         crate::telemetry::decode_step(ids.len(), started.elapsed());
         match result {
-            Ok(outs) => outs.into_iter().for_each(|o| self.emit(o)),
+            Ok(outs) => self.emit_all(&ids, outs),
             Err(e) => self.fail(&ids, &e),
+        }
+    }
+
+    /// A step's results, one per id: tokens go to their consumers; a sequence the engine
+    /// ended alone is released with its error while the others go on.
+    fn emit_all(&mut self, ids: &[SeqId], outs: Vec<Result<StepOutput, EngineError>>) {
+        for (id, out) in ids.iter().zip(outs) {
+            match out {
+                Ok(out) => self.emit(out),
+                Err(e) => {
+                    tracing::error!(seq = %id, error = %e, "sequence_failed");
+                    if let Some(slot) = self.slots.get(id) {
+                        let _ = slot.events.try_send(SeqEvent::Rejected(e.to_string()));
+                    }
+                    self.release(*id);
+                }
+            }
         }
     }
 

@@ -105,6 +105,8 @@ fn event(e: SeqEvent) -> Result<pb::DecodeEvent, Status> {
                 idle.as_millis()
             )));
         }
+        // Deterministic: the router must not retry it on another worker.
+        SeqEvent::Rejected(m) => return Err(Status::failed_precondition(format!("decode failed: {m}"))),
     };
     Ok(pb::DecodeEvent { event: Some(event) })
 }

@@ -6,6 +6,7 @@
 //! return to the pool exactly once, on release.
 
 use crate::EngineError;
+use crate::backend::Backend;
 use crate::cache::{CacheLayout, LatentCache, SequenceCacheExport};
 use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
@@ -97,10 +98,9 @@ pub struct Engine {
     experts: Arc<dyn ExpertBackend>,
     /// The block allocator, and the rows too unless they live on a GPU.
     cache: LatentCache,
+    /// Where the forward pass runs and the rows live.
+    backend: Backend,
     seqs: HashMap<SeqId, Sequence>,
-    /// Weights and cache rows on the GPU, for `Device::Cuda`.
-    #[cfg(feature = "cuda")]
-    gpu: Option<crate::cuda::GpuModel>,
 }
 
 impl Engine {
@@ -108,15 +108,7 @@ impl Engine {
     /// allocated.
     pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions) -> Result<Self, EngineError> {
         debug_assert_eq!(opts.device, kernels::Device::Cpu, "Engine::new is the CPU engine; use Engine::on_device");
-        let layout = Self::layout_for(&model.config, opts);
-        Ok(Engine {
-            cache: LatentCache::new(layout)?,
-            model,
-            experts,
-            seqs: HashMap::new(),
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
+        Self::on_device(model, experts, opts)
     }
 
     /// An engine on `opts.device`: the CPU engine for `Device::Cpu`; for `Device::Cuda(n)`
@@ -129,22 +121,9 @@ impl Engine {
         experts: Arc<dyn ExpertBackend>,
         opts: EngineOptions,
     ) -> Result<Self, EngineError> {
-        match opts.device {
-            kernels::Device::Cpu => Self::new(model, experts, opts),
-            #[cfg(feature = "cuda")]
-            kernels::Device::Cuda(ordinal) => {
-                let layout = Self::layout_for(&model.config, opts);
-                // Checked before the device allocates anything from it.
-                let cache = LatentCache::allocator_only(layout)?;
-                let gpu = crate::cuda::GpuModel::new(ordinal, &model, experts.as_ref(), layout)
-                    .map_err(|e| EngineError::Device(e.to_string()))?;
-                Ok(Engine { cache, model, experts, seqs: HashMap::new(), gpu: Some(gpu) })
-            }
-            #[cfg(not(feature = "cuda"))]
-            device @ kernels::Device::Cuda(_) => {
-                Err(EngineError::Device(kernels::KernelError::CudaNotBuilt(device.to_string()).to_string()))
-            }
-        }
+        let layout = Self::layout_for(&model.config, opts);
+        let (backend, cache) = Backend::open(opts.device, &model, experts.as_ref(), layout)?;
+        Ok(Engine { model, experts, cache, backend, seqs: HashMap::new() })
     }
 
     fn layout_for(c: &crate::ModelConfig, opts: EngineOptions) -> CacheLayout {
@@ -159,11 +138,7 @@ impl Engine {
 
     /// The device the forward pass runs on.
     pub fn device(&self) -> kernels::Device {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return kernels::Device::Cuda(g.gpu().ordinal());
-        }
-        kernels::Device::Cpu
+        self.backend.device()
     }
 
     pub fn model(&self) -> &Model {
@@ -218,7 +193,11 @@ impl Engine {
     }
 
     /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token.
-    pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+    ///
+    /// One result per id, in order: the sequence's token, or the error that ended it alone
+    /// ([`EngineError::NonFiniteLogits`]; it is then finished, to be released) while the rest
+    /// of the batch goes on. The outer error fails the whole batch.
+    pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Waiting, None)
     }
 
@@ -228,12 +207,13 @@ impl Engine {
         &mut self,
         ids: &[SeqId],
         on_layer: &mut LayerSink<'_>,
-    ) -> Result<Vec<StepOutput>, EngineError> {
+    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Waiting, Some(on_layer))
     }
 
-    /// One decode step for every sequence in `ids` (all running).
-    pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<StepOutput>, EngineError> {
+    /// One decode step for every sequence in `ids` (all running); results as for
+    /// [`Engine::prefill`].
+    pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         self.run(ids, Phase::Running, None)
     }
 
@@ -242,7 +222,7 @@ impl Engine {
         ids: &[SeqId],
         phase: Phase,
         on_layer: Option<&mut (dyn FnMut(SeqId, LayerRows) + Send)>,
-    ) -> Result<Vec<StepOutput>, EngineError> {
+    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
             let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
@@ -271,39 +251,33 @@ impl Engine {
             Some(_) => ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect(),
             None => Vec::new(),
         };
-        #[cfg(feature = "cuda")]
-        let on_layer = match self.gpu.as_mut() {
-            Some(gpu) => {
-                let exports = on_layer.map(|f| (&tables[..], f));
-                let out = gpu.run(&self.model, &segments, self.experts.as_ref(), exports)?;
-                drop(segments);
-                drop(tables);
-                return Ok(self.finish_step(ids, phase, out));
-            }
-            None => on_layer,
-        };
-        let out = match on_layer {
-            None => self.model.forward(&mut self.cache, &segments, self.experts.as_ref(), None)?,
-            Some(f) => {
-                let mut hook = |layer: usize, cache: &LatentCache| {
-                    for &(id, blocks, n) in &tables {
-                        f(id, cache.export_layer(layer, blocks, n));
-                    }
-                };
-                self.model.forward_with_layer_hook(&mut self.cache, &segments, self.experts.as_ref(), &mut hook)?
-            }
-        };
+        let exports = on_layer.map(|f| (&tables[..], f));
+        let out = self.backend.forward(&self.model, &mut self.cache, &segments, self.experts.as_ref(), exports)?;
         drop(segments);
         drop(tables);
         Ok(self.finish_step(ids, phase, out))
     }
 
-    /// Samples each sequence's next token from its logits and advances its state.
-    fn finish_step(&mut self, ids: &[SeqId], phase: Phase, out: crate::ForwardOutput) -> Vec<StepOutput> {
+    /// Samples each sequence's next token from its logits and advances its state. A sequence
+    /// whose logits are not all finite (its activations overflowed) is finished with an error
+    /// instead of sampling from them.
+    fn finish_step(
+        &mut self,
+        ids: &[SeqId],
+        phase: Phase,
+        out: crate::ForwardOutput,
+    ) -> Vec<Result<StepOutput, EngineError>> {
         let mut results = Vec::with_capacity(ids.len());
         for (id, logits) in ids.iter().zip(out.logits) {
             let s = self.seqs.get_mut(id).expect("checked above");
             s.cached = s.tokens.len();
+            if let Some(token) = logits.iter().position(|v| !v.is_finite()) {
+                s.phase = Phase::Finished;
+                let position = s.tokens.len() - 1;
+                tracing::warn!(seq = %id, position, token, "non_finite_logits");
+                results.push(Err(EngineError::NonFiniteLogits { seq: id.0, position, token }));
+                continue;
+            }
             let token = s.sampler.sample(&logits);
             let prompt_logits_top =
                 if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
@@ -315,7 +289,7 @@ impl Engine {
                 s.tokens.len() - s.prompt_len,
             );
             s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
-            results.push(StepOutput { seq: *id, token, finish, prompt_logits_top });
+            results.push(Ok(StepOutput { seq: *id, token, finish, prompt_logits_top }));
         }
         results
     }
@@ -431,13 +405,7 @@ impl Engine {
                 s.blocks.len() * layout.block_size
             ));
         }
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = self.gpu.as_mut() {
-            gpu.cache.import_layer(&s.blocks, rows).map_err(|e| EngineError::Device(e.to_string()))?;
-            s.imported_layers[layer] = Some(num_tokens);
-            return Ok(());
-        }
-        self.cache.import_layer(&s.blocks, rows);
+        self.backend.import_layer(&mut self.cache, &s.blocks, rows)?;
         s.imported_layers[layer] = Some(num_tokens);
         Ok(())
     }
@@ -489,11 +457,7 @@ impl Engine {
 
     /// One layer of a sequence's rows, from wherever the cache lives.
     fn export_layer(&self, layer: usize, blocks: &[u32], num_tokens: usize) -> Result<LayerRows, EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.cache.export_layer(layer, blocks, num_tokens).map_err(|e| EngineError::Device(e.to_string()));
-        }
-        Ok(self.cache.export_layer(layer, blocks, num_tokens))
+        self.backend.export_layer(&self.cache, layer, blocks, num_tokens)
     }
 
     fn check_import(

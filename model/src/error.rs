@@ -51,6 +51,12 @@ pub enum EngineError {
     CacheFull { needed: usize, free: usize },
     #[error("sequence {0} is not in the expected state: {1}")]
     WrongState(u64, &'static str),
+    /// The sequence's logits held NaN or an infinity (its activations overflowed): it cannot
+    /// go on, and rerunning it elsewhere would end the same way.
+    #[error(
+        "sequence {seq}: the logits at position {position} are not finite (token {token}'s is NaN or infinite): the model's activations overflowed"
+    )]
+    NonFiniteLogits { seq: u64, position: usize, token: usize },
     #[error("cache import rejected: {0}")]
     BadCacheImport(String),
     #[error(transparent)]

@@ -234,25 +234,15 @@ impl Model {
         cache: &mut LatentCache,
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
-        mut trace: Option<&mut RouterTrace>,
+        trace: Option<&mut RouterTrace>,
         mut on_layer: Option<&mut LayerHook<'_>>,
     ) -> Result<ForwardOutput, ExpertError> {
         let c = &self.config;
         let h = c.hidden_size;
-        // Flatten: token i belongs to segment seg_of[i] at absolute position pos[i].
-        let mut tokens = Vec::new();
-        let mut pos = Vec::new();
-        let mut seg_of = Vec::new();
-        for (si, s) in segments.iter().enumerate() {
-            for (j, &t) in s.tokens.iter().enumerate() {
-                tokens.push(t);
-                pos.push(s.start_pos + j);
-                seg_of.push(si);
-            }
-        }
-        let n = tokens.len();
+        let mut b = Batch::new(segments, experts, trace);
+        let n = b.len();
         let mut x = vec![0f32; n * h];
-        for (i, &t) in tokens.iter().enumerate() {
+        for (i, &t) in b.tokens.iter().enumerate() {
             self.embed.row_f32(t as usize, &mut x[i * h..(i + 1) * h]);
         }
         let mut hn = vec![0f32; n * h];
@@ -260,7 +250,7 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             hn.copy_from_slice(&x);
             rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
-            self.attention(li, &layer.attn, &hn, &pos, &seg_of, segments, cache, &mut out);
+            self.attention(li, &layer.attn, &b, &hn, cache, &mut out);
             if let Some(hook) = on_layer.as_deref_mut() {
                 hook(li, cache);
             }
@@ -269,7 +259,7 @@ impl Model {
             rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);
             match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&hn, n, &mut out, self.precision),
-                Ffn::Moe(moe) => self.moe(li, moe, &hn, n, experts, trace.as_deref_mut(), &mut out)?,
+                Ffn::Moe(moe) => self.moe(li, moe, &mut b, &hn, &mut out)?,
             }
             add(&mut x, &out);
         }
@@ -287,21 +277,21 @@ impl Model {
         split_logits(&all, vocab, segments)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `layer`'s attention of the batch's normalized rows `hn`, into `out`; writes
+    /// their latent rows into `cache` first.
     fn attention(
         &self,
         layer: usize,
         a: &Attention,
+        b: &Batch<'_>,
         hn: &[f32],
-        pos: &[usize],
-        seg_of: &[usize],
-        segments: &[Segment<'_>],
         cache: &mut LatentCache,
         out: &mut [f32],
     ) {
         let c = &self.config;
         let p = self.precision;
-        let (n, h, heads) = (pos.len(), c.hidden_size, c.num_attention_heads);
+        let (n, h, heads) = (b.len(), c.hidden_size, c.num_attention_heads);
+        let pos = &b.pos;
         let (dn, dr, dv, rank) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let dq = dn + dr;
         // Queries: [n, heads * (dn + dr)].
@@ -329,8 +319,7 @@ impl Model {
             let (ckv, kpe) = row.split_at_mut(rank);
             rms_norm(ckv, &a.kv_a_norm, LATENT_NORM_EPS);
             self.rope.apply(kpe, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
-            let s = &segments[seg_of[i]];
-            cache.write_row(layer, s.block_table, pos[i], row);
+            cache.write_row(layer, b.table(i), pos[i], row);
         }
         // Split queries per head; rope the rope part; absorb W_UK into the nope part.
         let mut q_pe = vec![0f32; n * heads * dr];
@@ -355,10 +344,9 @@ impl Model {
         let view = cache.view(layer, rank, dr);
         let mut o_lat = vec![0f32; n * heads * rank];
         o_lat.par_chunks_mut(heads * rank).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-            let s = &segments[seg_of[i]];
             attend(
                 view,
-                s.block_table,
+                b.table(i),
                 pos[i] + 1,
                 &q_lat[i * heads * rank..(i + 1) * heads * rank],
                 &q_pe[i * heads * dr..(i + 1) * heads * dr],
@@ -385,17 +373,10 @@ impl Model {
         matmul(&o, n, heads * dv, a.o_proj.weight(), h, out, p);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn moe(
-        &self,
-        layer: usize,
-        moe: &Moe,
-        hn: &[f32],
-        n: usize,
-        experts: &dyn ExpertBackend,
-        trace: Option<&mut RouterTrace>,
-        out: &mut [f32],
-    ) -> Result<(), ExpertError> {
+    /// Layer `layer`'s MoE of the batch's normalized rows `hn`, into `out`: routed experts
+    /// through the batch's backend (choices recorded in its trace), shared ones here.
+    fn moe(&self, layer: usize, moe: &Moe, b: &mut Batch<'_>, hn: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let (n, experts) = (b.len(), b.experts);
         let c = &self.config;
         let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.router.top_k);
         let mut logits = vec![0f32; n * e];
@@ -411,7 +392,7 @@ impl Model {
                 &mut weights[i * k..(i + 1) * k],
             );
         }
-        if let Some(t) = trace {
+        if let Some(t) = b.trace.as_deref_mut() {
             t.layers.push((layer, ids.clone()));
         }
         // Group (token, slot) pairs by expert, ascending: the order transformers sums in.
@@ -458,6 +439,40 @@ impl Model {
             add(out, &s);
         }
         Ok(())
+    }
+}
+
+/// One forward call: its segments' tokens flattened (token `i` is `tokens[i]`, at position
+/// `pos[i]` of segment `seg_of[i]`), where its routed experts run and what records them.
+struct Batch<'a> {
+    segments: &'a [Segment<'a>],
+    tokens: Vec<u32>,
+    pos: Vec<usize>,
+    seg_of: Vec<usize>,
+    experts: &'a dyn ExpertBackend,
+    trace: Option<&'a mut RouterTrace>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(segments: &'a [Segment<'a>], experts: &'a dyn ExpertBackend, trace: Option<&'a mut RouterTrace>) -> Self {
+        let (mut tokens, mut pos, mut seg_of) = (Vec::new(), Vec::new(), Vec::new());
+        for (si, s) in segments.iter().enumerate() {
+            for (j, &t) in s.tokens.iter().enumerate() {
+                tokens.push(t);
+                pos.push(s.start_pos + j);
+                seg_of.push(si);
+            }
+        }
+        Batch { segments, tokens, pos, seg_of, experts, trace }
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The block table of token `i`'s sequence.
+    fn table(&self, i: usize) -> &'a [u32] {
+        self.segments[self.seg_of[i]].block_table
     }
 }
 

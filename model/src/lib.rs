@@ -8,10 +8,12 @@
 
 #[cfg(feature = "clap")]
 pub mod args;
+mod backend;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
-#[cfg(feature = "cuda")]
+/// The model on a GPU; without the `cuda` feature, a stand-in that refuses every GPU.
+#[cfg_attr(not(feature = "cuda"), path = "cuda_off.rs")]
 mod cuda;
 pub mod default_model;
 mod engine;

@@ -1,7 +1,8 @@
 //! Bad checkpoints and bad requests: each gives an error (never a panic) that names the file,
 //! tensor, field or parameter at fault, and the engine keeps serving after refusing a request.
-//! Absurd sizes in config.json are refused before anything is allocated from them, and
-//! weights holding NaN or infinities are refused as they load.
+//! Absurd sizes in config.json are refused before anything is allocated from them, weights
+//! holding NaN or infinities are refused as they load, and a sequence whose logits overflow
+//! fails alone while its batch goes on.
 
 use kernels::cpu::Precision;
 use model::serving::{ExpertCheckpoint, open_experts};
@@ -17,7 +18,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{Expected, fixture};
+use common::{AllOk, Expected, fixture};
 
 const OPTS: LoadOptions = LoadOptions { weight_dtype: WeightDtype::F32, local_experts: true };
 
@@ -385,9 +386,9 @@ fn greedy(max_new_tokens: usize) -> SamplingParams {
 
 /// Runs `id` (already added) to completion; returns its generated tokens.
 fn run_to_end(e: &mut Engine, id: SeqId) -> Vec<u32> {
-    let mut out = e.prefill(&[id]).expect("prefill");
+    let mut out = e.prefill(&[id]).all_ok("prefill");
     while out[0].finish.is_none() {
-        out = e.decode_step(&[id]).expect("decode");
+        out = e.decode_step(&[id]).all_ok("decode");
     }
     e.generated(id).expect("generated").to_vec()
 }
@@ -478,13 +479,13 @@ fn duplicate_unknown_and_wrong_state_sequences_are_refused() {
     let err = e.prefill(&[SeqId(7), SeqId(7)]).expect_err("duplicate id in a batch");
     assert!(matches!(err, EngineError::RepeatedInBatch(7)), "{err:?}");
     // A refused batch changed nothing: the sequence still runs to the reference tokens.
-    let out = e.prefill(&[SeqId(7)]).expect("prefill");
+    let out = e.prefill(&[SeqId(7)]).all_ok("prefill");
     assert_eq!(out[0].token, case.greedy[0]);
     let err = e.prefill(&[SeqId(7)]).expect_err("prefill twice");
     assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
     let mut last = out;
     while last[0].finish.is_none() {
-        last = e.decode_step(&[SeqId(7)]).expect("decode");
+        last = e.decode_step(&[SeqId(7)]).all_ok("decode");
     }
     assert_eq!(e.generated(SeqId(7)).expect("seq"), &case.greedy[..]);
     let err = e.decode_step(&[SeqId(7)]).expect_err("decode after finish");
@@ -501,7 +502,7 @@ fn bad_cache_imports_are_refused() {
     let mut a = engine(256);
     let params = greedy(case.greedy.len());
     a.add_sequence(SeqId(1), case.prompt_ids.clone(), params.clone(), 0).expect("add");
-    let first = a.prefill(&[SeqId(1)]).expect("prefill")[0].token;
+    let first = a.prefill(&[SeqId(1)]).all_ok("prefill")[0].token;
     let export = a.export_cache(SeqId(1)).expect("export");
     let n = case.prompt_ids.len();
     assert_eq!(export.num_tokens, n);
@@ -581,9 +582,9 @@ fn bad_cache_imports_are_refused() {
         }),
     );
     assert!(matches!(err, Err(EngineError::DuplicateSequence(2))), "{err:?}");
-    let mut out = b.decode_step(&[SeqId(2)]).expect("decode");
+    let mut out = b.decode_step(&[SeqId(2)]).all_ok("decode");
     while out[0].finish.is_none() {
-        out = b.decode_step(&[SeqId(2)]).expect("decode");
+        out = b.decode_step(&[SeqId(2)]).all_ok("decode");
     }
     assert_eq!(b.generated(SeqId(2)).expect("seq"), &case.greedy[..]);
 }
@@ -597,7 +598,7 @@ fn cache_full_is_refused_and_the_engine_keeps_serving() {
     let initial = e.free_blocks();
     assert_eq!(initial, 8);
     e.add_sequence(SeqId(1), a.prompt_ids.clone(), greedy(a.greedy.len()), 0).expect("first fits");
-    let out = e.prefill(&[SeqId(1)]).expect("prefill");
+    let out = e.prefill(&[SeqId(1)]).all_ok("prefill");
     assert_eq!(out[0].token, a.greedy[0]);
     // 9 + 8 = 17 tokens → 5 blocks; 2 are free.
     let err = add_err(&mut e, 2, b.prompt_ids.clone(), greedy(b.greedy.len()));
@@ -606,7 +607,7 @@ fn cache_full_is_refused_and_the_engine_keeps_serving() {
     assert!(matches!(e.prefill(&[SeqId(2)]), Err(EngineError::UnknownSequence(2))));
     let mut out = out;
     while out[0].finish.is_none() {
-        out = e.decode_step(&[SeqId(1)]).expect("decode");
+        out = e.decode_step(&[SeqId(1)]).all_ok("decode");
     }
     assert_eq!(e.generated(SeqId(1)).expect("seq"), &a.greedy[..], "the admitted sequence is unharmed");
     e.release(SeqId(1)).expect("release");
@@ -821,4 +822,121 @@ fn all_nan_embeddings_are_refused_by_every_role() {
     let e = open_experts(Some(tmp.path().into()), WeightDtype::Auto, Precision::Exact, &all, &|_| {})
         .expect_err("a NaN expert");
     assert!(matches!(&e, ModelError::NonFinite { tensor, .. } if tensor == expert), "{e:?}");
+}
+
+// ---------------------------------------------------------------- non-finite logits
+
+/// The token whose activations overflow in [`poisoned`].
+const POISON: u32 = 77;
+
+/// Fixture v3_f32 changed so that only [`POISON`] overflows: it is the one token with a
+/// nonzero first hidden coordinate (column 0 of the embedding is zero elsewhere, and layer 0's
+/// attention writes nothing there), and layer 0's post-attention norm scales that coordinate
+/// by 1e30, so its dense MLP overflows to infinities. Every other token computes finite
+/// values. POISON's head row is zero, so greedy decoding never picks it.
+fn poisoned() -> tempfile::TempDir {
+    let tmp = copy_fixture("v3_f32");
+    rewrite(&tmp.path().join("model.safetensors"), |t| {
+        let h = 64;
+        for row in 0..128 {
+            poke(t, "model.embed_tokens.weight", row * h, if row == POISON as usize { 1.0 } else { 0.0 });
+        }
+        for col in 0..h {
+            poke(t, "model.layers.0.self_attn.o_proj.weight", col, 0.0);
+            poke(t, "lm_head.weight", POISON as usize * h + col, 0.0);
+        }
+        poke(t, "model.layers.0.post_attention_layernorm.weight", 0, 1e30);
+    });
+    tmp
+}
+
+fn poisoned_engine(dir: &Path) -> Engine {
+    let loaded = load_model(dir, OPTS, &|_| {}).expect("finite weights load");
+    let experts = Arc::new(loaded.experts.expect("local experts"));
+    Engine::new(
+        Arc::new(loaded.model),
+        experts,
+        EngineOptions { cache_tokens: 256, block_size: 4, ..Default::default() },
+    )
+    .expect("engine")
+}
+
+fn healthy_prompts() -> [Vec<u32>; 2] {
+    [vec![0, 5, 9, 12, 40, 3], vec![0, 100, 7, 7, 64]]
+}
+
+/// Greedy run of `prompt` alone; the reference for the same prompt in a batch.
+fn alone(dir: &Path, prompt: &[u32]) -> Vec<u32> {
+    let mut e = poisoned_engine(dir);
+    e.add_sequence(SeqId(1), prompt.to_vec(), greedy(6), 0).expect("add");
+    let out = run_to_end(&mut e, SeqId(1));
+    assert!(!out.contains(&POISON));
+    out
+}
+
+#[test]
+fn non_finite_logits_fail_that_sequence_and_the_batch_goes_on() {
+    let tmp = poisoned();
+    let [a, b] = healthy_prompts();
+    let (want_a, want_b) = (alone(tmp.path(), &a), alone(tmp.path(), &b));
+    let mut e = poisoned_engine(tmp.path());
+    let initial = e.free_blocks();
+    // In prefill: the poisoned prompt between two healthy ones.
+    e.add_sequence(SeqId(1), a.clone(), greedy(6), 0).expect("add");
+    e.add_sequence(SeqId(2), vec![0, 3, POISON, 4], greedy(6), 0).expect("add");
+    e.add_sequence(SeqId(3), b.clone(), greedy(6), 0).expect("add");
+    let started = Instant::now();
+    let mut out = e.prefill(&[SeqId(1), SeqId(2), SeqId(3)]).expect("the batch runs");
+    eprintln!("prefill of 3 took {:?}", started.elapsed());
+    let err = out.remove(1).expect_err("the poisoned sequence fails");
+    assert!(matches!(err, EngineError::NonFiniteLogits { seq: 2, position: 3, .. }), "{err:?}");
+    assert_names(&err.to_string(), &["sequence 2", "not finite", "position 3"]);
+    for o in out {
+        o.expect("healthy sequences go on");
+    }
+    // It is finished: it takes no more steps, and its cache is released once.
+    assert!(matches!(e.decode_step(&[SeqId(2)]), Err(EngineError::WrongState(2, _))));
+    e.release(SeqId(2)).expect("release the failed sequence");
+    let ids = [SeqId(1), SeqId(3)];
+    loop {
+        let live: Vec<SeqId> = ids.iter().copied().filter(|id| e.generated(*id).expect("seq").len() < 6).collect();
+        if live.is_empty() {
+            break;
+        }
+        e.decode_step(&live).all_ok("decode");
+    }
+    assert_eq!(e.generated(SeqId(1)).expect("seq"), &want_a[..]);
+    assert_eq!(e.generated(SeqId(3)).expect("seq"), &want_b[..]);
+    for id in ids {
+        e.release(id).expect("release");
+    }
+    assert_eq!(e.free_blocks(), initial);
+}
+
+#[test]
+fn non_finite_logits_in_a_decode_step_fail_only_that_sequence() {
+    let tmp = poisoned();
+    let [a, b] = healthy_prompts();
+    let want_b = alone(tmp.path(), &b);
+    // A sequence prefilled elsewhere whose first generated token is the poison: its first
+    // decode step overflows.
+    let mut elsewhere = poisoned_engine(tmp.path());
+    elsewhere.add_sequence(SeqId(5), a.clone(), greedy(6), 0).expect("add");
+    elsewhere.prefill(&[SeqId(5)]).all_ok("prefill");
+    let export = elsewhere.export_cache(SeqId(5)).expect("export");
+    let mut e = poisoned_engine(tmp.path());
+    let mut tokens = a.clone();
+    tokens.push(POISON);
+    e.import_sequence(SeqId(5), tokens, a.len(), greedy(6), &export).expect("import");
+    e.add_sequence(SeqId(6), b.clone(), greedy(6), 0).expect("add");
+    e.prefill(&[SeqId(6)]).all_ok("prefill");
+    let mut out = e.decode_step(&[SeqId(5), SeqId(6)]).expect("the step runs");
+    let err = out.remove(0).expect_err("the poisoned sequence fails");
+    assert!(matches!(err, EngineError::NonFiniteLogits { seq: 5, .. }), "{err:?}");
+    assert!(out.remove(0).is_ok(), "the other sequence goes on");
+    e.release(SeqId(5)).expect("release");
+    while e.generated(SeqId(6)).expect("seq").len() < 6 {
+        e.decode_step(&[SeqId(6)]).all_ok("decode");
+    }
+    assert_eq!(e.generated(SeqId(6)).expect("seq"), &want_b[..]);
 }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::AllOk;
+
 use kernels::cpu::Precision;
 use model::kv::{KvCommit, KvPart, KvShape, Reassembly, Received, chunk_layer};
 use model::{
@@ -84,9 +86,9 @@ impl Fixture {
         let mut e = self.engine();
         let id = SeqId(0);
         e.add_sequence(id, prompt.to_vec(), params.clone(), 0).expect("add");
-        let mut out = e.prefill(&[id]).expect("prefill");
+        let mut out = e.prefill(&[id]).all_ok("prefill");
         while out[0].finish.is_none() {
-            out = e.decode_step(&[id]).expect("decode");
+            out = e.decode_step(&[id]).all_ok("decode");
         }
         let tokens = e.generated(id).expect("generated").to_vec();
         assert_eq!(tokens.len(), params.max_new_tokens, "{}: stopped early", self.name);
@@ -111,13 +113,13 @@ impl Batch {
             let i = id.0 as usize;
             self.engine.add_sequence(id, prompts[i].clone(), params(i), 0).expect("add");
         }
-        let out = self.engine.prefill(ids).expect("batched prefill");
+        let out = self.engine.prefill(ids).all_ok("batched prefill");
         self.take(ids, out);
     }
 
     fn step(&mut self) {
         let ids = self.running.clone();
-        let out = self.engine.decode_step(&ids).expect("batched decode");
+        let out = self.engine.decode_step(&ids).all_ok("batched decode");
         self.running.clear();
         self.take(&ids, out);
     }
@@ -225,21 +227,21 @@ fn exported_cache_continues_identically_in_another_engine() {
         // B is already serving something, so imported blocks are not the first ones.
         let others = f.prompts(2, 3);
         b.add_sequence(SeqId(100), others[0].clone(), params.clone(), 0).expect("add");
-        b.prefill(&[SeqId(100)]).expect("prefill");
+        b.prefill(&[SeqId(100)]).all_ok("prefill");
         for (i, prompt) in f.prompts(4, 4).into_iter().enumerate() {
             let what = format!("{name}: prompt {i} ({} tokens)", prompt.len());
             // Reference: everything in A.
             let reference = SeqId(1000 + i as u64);
             a.add_sequence(reference, prompt.clone(), params.clone(), 0).expect("add");
-            let mut out = a.prefill(&[reference]).expect("prefill");
+            let mut out = a.prefill(&[reference]).all_ok("prefill");
             while out[0].finish.is_none() {
-                out = a.decode_step(&[reference]).expect("decode");
+                out = a.decode_step(&[reference]).all_ok("decode");
             }
             let expected = a.generated(reference).expect("generated").to_vec();
             // Prefill in A, decode in B.
             let id = SeqId(i as u64);
             a.add_sequence(id, prompt.clone(), params.clone(), 0).expect("add");
-            let first = a.prefill(&[id]).expect("prefill")[0].token;
+            let first = a.prefill(&[id]).all_ok("prefill")[0].token;
             assert_eq!(first, expected[0], "{what}: first token");
             let export = a.export_cache(id).expect("export");
             assert_eq!(export.num_tokens, prompt.len(), "{what}: exported rows");
@@ -251,7 +253,7 @@ fn exported_cache_continues_identically_in_another_engine() {
                 running.push(SeqId(100)); // decode the import batched with B's own sequence
             }
             while !running.is_empty() {
-                let out = b.decode_step(&running).expect("decode in B");
+                let out = b.decode_step(&running).all_ok("decode in B");
                 running = out.iter().filter(|o| o.finish.is_none()).map(|o| o.seq).collect();
             }
             assert_eq!(b.generated(id).expect("generated"), &expected[..], "{what}: decoded in B vs all in A");
@@ -316,7 +318,7 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
                 let layer = rows.layer();
                 assert!(streamed.insert((seq.0, layer), rows).is_none(), "{name}: layer {layer} of {seq} sent twice");
             })
-            .expect("prefill");
+            .all_ok("prefill");
         let layers = a.cache_layout().num_layers;
         assert_eq!(streamed.len(), ids.len() * layers, "{name}: every layer of every sequence");
         for (k, (id, p)) in ids.iter().zip(&prompts).enumerate() {
@@ -328,9 +330,9 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
             let expected = {
                 let mut e = f.engine();
                 e.add_sequence(SeqId(0), p.clone(), params.clone(), 0).expect("add");
-                let mut out = e.prefill(&[SeqId(0)]).expect("prefill");
+                let mut out = e.prefill(&[SeqId(0)]).all_ok("prefill");
                 while out[0].finish.is_none() {
-                    out = e.decode_step(&[SeqId(0)]).expect("decode");
+                    out = e.decode_step(&[SeqId(0)]).all_ok("decode");
                 }
                 e.generated(SeqId(0)).expect("generated").to_vec()
             };
@@ -361,7 +363,7 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
             b.finish_import(moved, tokens, p.len(), params.clone()).expect("finish import");
             let mut done = firsts[k].finish.is_some();
             while !done {
-                done = b.decode_step(&[moved]).expect("decode")[0].finish.is_some();
+                done = b.decode_step(&[moved]).all_ok("decode")[0].finish.is_some();
             }
             assert_eq!(b.generated(moved).expect("generated"), &expected[..], "{name}: sampled tokens after the move");
             b.release(moved).expect("release");

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{expected, fixture};
+use common::{AllOk, expected, fixture};
 use kernels::cpu::Precision;
 use model::{
     Device, Engine, EngineError, EngineOptions, ExpertBackend, LoadOptions, Model, SamplingParams, SeqId, WeightDtype,
@@ -51,10 +51,10 @@ fn greedy(max_new_tokens: usize, vocab: usize) -> SamplingParams {
 fn run(engine: &mut Engine, prompt: &[u32], n: usize, vocab: usize) -> (Vec<(u32, f32)>, Vec<u32>) {
     let id = SeqId(7);
     engine.add_sequence(id, prompt.to_vec(), greedy(n, vocab), 16).expect("add");
-    let mut outs = engine.prefill(&[id]).expect("prefill");
+    let mut outs = engine.prefill(&[id]).all_ok("prefill");
     let top = std::mem::take(&mut outs[0].prompt_logits_top);
     while outs[0].finish.is_none() {
-        outs = engine.decode_step(&[id]).expect("decode");
+        outs = engine.decode_step(&[id]).all_ok("decode");
     }
     let tokens = engine.generated(id).expect("seq").to_vec();
     engine.release(id).expect("release");
@@ -127,9 +127,9 @@ fn long_prompts_and_batches_take_the_grouped_expert_path_and_match() {
             let p: Vec<u32> = (0..3 + i as u32).map(|t| (t * 11 + i as u32) % vocab as u32).collect();
             engine.add_sequence(*id, p, greedy(4, vocab), 0).expect("add");
         }
-        let mut tokens = vec![engine.prefill(&batch).expect("prefill").iter().map(|o| o.token).collect::<Vec<_>>()];
+        let mut tokens = vec![engine.prefill(&batch).all_ok("prefill").iter().map(|o| o.token).collect::<Vec<_>>()];
         for _ in 0..3 {
-            tokens.push(engine.decode_step(&batch).expect("decode").iter().map(|o| o.token).collect());
+            tokens.push(engine.decode_step(&batch).all_ok("decode").iter().map(|o| o.token).collect());
         }
         for id in &batch {
             engine.release(*id).expect("release");
@@ -155,15 +155,15 @@ fn a_cache_prefilled_on_the_gpu_decodes_on_the_cpu_and_back() {
 fn moved(from: &mut Engine, to: &mut Engine, prompt: &[u32], vocab: usize) -> Vec<u32> {
     let id = SeqId(3);
     from.add_sequence(id, prompt.to_vec(), greedy(8, vocab), 0).expect("add");
-    let first = from.prefill(&[id]).expect("prefill")[0].token;
+    let first = from.prefill(&[id]).all_ok("prefill")[0].token;
     let export = from.export_cache(id).expect("export");
     from.release(id).expect("release");
     let mut tokens = prompt.to_vec();
     tokens.push(first);
     to.import_sequence(id, tokens, prompt.len(), greedy(8, vocab), &export).expect("import");
-    let mut outs = to.decode_step(&[id]).expect("decode");
+    let mut outs = to.decode_step(&[id]).all_ok("decode");
     while outs[0].finish.is_none() {
-        outs = to.decode_step(&[id]).expect("decode");
+        outs = to.decode_step(&[id]).all_ok("decode");
     }
     let generated = to.generated(id).expect("seq").to_vec();
     to.release(id).expect("release");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Expected, expected, load};
+use common::{AllOk, Expected, expected, load};
 use model::{
     CacheLayout, Engine, EngineOptions, LatentCache, LogitsWanted, RouterTrace, SamplingParams, Segment, SeqId,
     WeightDtype,
@@ -57,9 +57,9 @@ fn check(name: &str, dtype: WeightDtype) {
         };
         let id = SeqId(1);
         engine.add_sequence(id, case.prompt_ids.clone(), params, 0).expect("add");
-        let mut outs = engine.prefill(&[id]).expect("prefill");
+        let mut outs = engine.prefill(&[id]).all_ok("prefill");
         while outs[0].finish.is_none() {
-            outs = engine.decode_step(&[id]).expect("decode");
+            outs = engine.decode_step(&[id]).all_ok("decode");
         }
         assert_eq!(engine.generated(id).expect("seq"), &case.greedy[..], "{what}: greedy tokens");
     }

@@ -302,9 +302,16 @@ impl EngineActor {
         let compute = started.elapsed();
         match result {
             Ok(Ok(outputs)) => {
-                let by_id: HashMap<SeqId, &Admitted> = admitted.iter().map(|a| (a.id, a)).collect();
-                for out in outputs {
-                    let Some(a) = by_id.get(&out.seq) else { continue };
+                // One result per id, in the order of `ids`, which is `admitted`'s.
+                for (a, out) in admitted.iter().zip(outputs) {
+                    let out = match out {
+                        Ok(out) => out,
+                        Err(e) => {
+                            tracing::error!(seq = %a.id, error = %e, "prefill_sequence_failed");
+                            forward(&a.events, SeqEvent::Failed(PrefillError::Rejected(e.to_string())));
+                            continue;
+                        }
+                    };
                     let mut tokens = a.prompt.clone();
                     tokens.push(out.token);
                     let commit =

@@ -22,6 +22,10 @@ pub enum PrefillError {
     /// The engine failed while running the batch holding this request.
     #[error("prefill failed: {0}")]
     Engine(String),
+    /// The engine ended this request alone, for a cause a rerun elsewhere would meet again
+    /// (its logits were not finite).
+    #[error("prefill failed: {0}")]
+    Rejected(String),
     #[error(transparent)]
     Transfer(#[from] TransferError),
 }

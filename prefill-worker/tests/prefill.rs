@@ -234,7 +234,7 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
             .into_iter()
             .map(|p| {
                 engine.add_sequence(SeqId(1), p, params.clone(), logits_top).expect("admitted");
-                let out = engine.prefill(&[SeqId(1)]).expect("prefills").remove(0);
+                let out = engine.prefill(&[SeqId(1)]).expect("prefills").remove(0).expect("finite logits");
                 let cache = engine.export_cache(SeqId(1)).expect("exports");
                 engine.release(SeqId(1)).expect("releases");
                 Reference { token: out.token, cache, logits_top: out.prompt_logits_top }

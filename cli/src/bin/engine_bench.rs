@@ -16,7 +16,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 use model::args::ModelArgs;
-use model::{Engine, EngineOptions, LoadOptions, ModelConfig, SamplingParams, SeqId, WeightDtype, load_model};
+use model::{
+    Engine, EngineError, EngineOptions, LoadOptions, ModelConfig, SamplingParams, SeqId, StepOutput, WeightDtype,
+    load_model,
+};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,6 +92,11 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Fails on the first sequence the step failed (a benchmark step must run every sequence).
+fn all_ok(step: Vec<Result<StepOutput, EngineError>>) -> Result<(), EngineError> {
+    step.into_iter().try_for_each(|r| r.map(drop))
+}
+
 fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32).collect()
 }
@@ -128,11 +136,11 @@ fn main() -> anyhow::Result<()> {
     // Prefill: one prompt, after a short warm-up.
     let mut engine = Engine::on_device(model.clone(), experts.clone(), opts)?;
     engine.add_sequence(SeqId(0), prompt(8, c.vocab_size, 0), params(2), 0)?;
-    engine.prefill(&[SeqId(0)])?;
+    all_ok(engine.prefill(&[SeqId(0)])?)?;
     engine.release(SeqId(0))?;
     engine.add_sequence(SeqId(1), prompt(args.prompt_len, c.vocab_size, 1), params(2), 0)?;
     let t = Instant::now();
-    engine.prefill(&[SeqId(1)])?;
+    all_ok(engine.prefill(&[SeqId(1)])?)?;
     let prefill_tps = args.prompt_len as f64 / t.elapsed().as_secs_f64();
     engine.release(SeqId(1))?;
     println!("prefill {} tokens: {prefill_tps:.1} tokens/s", args.prompt_len);
@@ -141,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         engine.add_sequence(*id, prompt(args.prompt_len, c.vocab_size, 50 + i), params(2), 0)?;
     }
     let t = Instant::now();
-    engine.prefill(&ids)?;
+    all_ok(engine.prefill(&ids)?)?;
     let batched_prefill_tps = (ids.len() * args.prompt_len) as f64 / t.elapsed().as_secs_f64();
     for id in ids {
         engine.release(id)?;
@@ -169,8 +177,8 @@ fn main() -> anyhow::Result<()> {
             let len = 16 + (i * 5) % 32;
             engine.add_sequence(*id, prompt(len, c.vocab_size, i + 2), params(args.steps + 2), 0)?;
         }
-        engine.prefill(&ids)?;
-        engine.decode_step(&ids)?; // warm-up
+        all_ok(engine.prefill(&ids)?)?;
+        all_ok(engine.decode_step(&ids)?)?; // warm-up
         let mut step_secs = Vec::with_capacity(args.steps);
         let mut probes = Vec::new();
         for _ in 0..args.steps {
@@ -178,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                 probes.push(probe());
             }
             let t = Instant::now();
-            engine.decode_step(&ids)?;
+            all_ok(engine.decode_step(&ids)?)?;
             step_secs.push(t.elapsed().as_secs_f64());
         }
         let secs: f64 = step_secs.iter().sum();

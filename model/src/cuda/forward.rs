@@ -26,8 +26,11 @@ pub(crate) enum GpuForwardError {
 /// Called with a layer index once that layer's latent rows are in the cache.
 pub(crate) type GpuLayerHook<'a> = dyn FnMut(usize, &GpuCache) -> Result<(), KernelError> + Send + 'a;
 
-/// Per-call index arrays on the device.
-struct Batch {
+/// One call's shape and its per-token index arrays on the device.
+struct Batch<'a> {
+    config: &'a ModelConfig,
+    /// The softmax scale of attention.
+    scale: f32,
     n: usize,
     /// The longest context any token attends to.
     max_ctx: usize,
@@ -39,8 +42,14 @@ struct Batch {
     ctx_lens: DeviceBuf<u32>,
 }
 
-impl Batch {
-    fn new(gpu: &Gpu, segments: &[Segment<'_>], block_size: usize) -> Result<Self, KernelError> {
+impl<'a> Batch<'a> {
+    fn new(
+        gpu: &Gpu,
+        config: &'a ModelConfig,
+        scale: f32,
+        segments: &[Segment<'_>],
+        block_size: usize,
+    ) -> Result<Self, KernelError> {
         let (mut ids, mut pos, mut slots, mut offsets, mut lens, mut tables) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for s in segments {
@@ -56,6 +65,8 @@ impl Batch {
             }
         }
         Ok(Batch {
+            config,
+            scale,
             n: ids.len(),
             max_ctx: lens.iter().copied().max().unwrap_or(0) as usize,
             ids: gpu.upload(&ids)?,
@@ -88,7 +99,7 @@ impl GpuWeights {
     ) -> Result<ForwardOutput, GpuForwardError> {
         let gpu = self.gpu();
         let h = c.hidden_size;
-        let b = Batch::new(gpu, segments, cache.layout.block_size)?;
+        let b = Batch::new(gpu, c, scale, segments, cache.layout.block_size)?;
         let n = b.n;
         let x = gpu.scratch::<f32>(n * h)?;
         gpu.embed(self.embed.dev(), b.ids.dev(), x.dev(), h)?;
@@ -96,7 +107,7 @@ impl GpuWeights {
         let out = gpu.scratch::<f32>(n * h)?;
         for (li, layer) in self.layers.iter().enumerate() {
             gpu.rms_norm(x.dev(), h, layer.input_norm.dev(), hn.dev(), h, n, c.rms_norm_eps)?;
-            self.attention(c, scale, li, layer, &b, hn.dev(), cache, out.dev())?;
+            self.attention(li, layer, &b, hn.dev(), cache, out.dev())?;
             if let Some(hook) = on_layer.as_deref_mut() {
                 hook(li, cache)?;
             }
@@ -107,7 +118,7 @@ impl GpuWeights {
                     let hb = bf16_of(gpu, hn.dev())?;
                     mlp(gpu, m.view(), hb.dev(), n, h, out.dev())?;
                 }
-                GpuFfn::Moe(moe) => self.moe(c, li, moe, hn.dev(), n, experts, out.dev())?,
+                GpuFfn::Moe(moe) => self.moe(li, moe, &b, hn.dev(), experts, out.dev())?,
             }
             gpu.add(x.dev(), out.dev())?;
         }
@@ -135,19 +146,17 @@ impl GpuWeights {
         Ok(split_logits(&all, vocab, segments))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        c: &ModelConfig,
-        scale: f32,
         li: usize,
         layer: &GpuLayer,
-        b: &Batch,
+        b: &Batch<'_>,
         hn: Dev<f32>,
         cache: &mut GpuCache,
         out: Dev<f32>,
     ) -> Result<(), KernelError> {
         let gpu = self.gpu();
+        let (c, scale) = (b.config, b.scale);
         let a = &layer.attn;
         let (n, h, heads) = (b.n, c.hidden_size, c.num_attention_heads);
         let (dn, dr, dv, rank) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
@@ -232,31 +241,31 @@ impl GpuWeights {
         gpu.gemm(ob.dev(), n, heads * dv, a.o_proj.dev(), h, out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
-        c: &ModelConfig,
         layer: usize,
         moe: &GpuMoe,
+        b: &Batch<'_>,
         hn: Dev<f32>,
-        n: usize,
         experts: &dyn ExpertBackend,
         out: Dev<f32>,
     ) -> Result<(), GpuForwardError> {
         let gpu = self.gpu();
+        let (c, n) = (b.config, b.n);
         let (h, e, k) = (c.hidden_size, c.n_routed_experts, c.router.top_k);
         let logits = gpu.scratch::<f32>(n * e)?;
         gpu.gemm_f32(hn, n, h, moe.gate.dev(), e, logits.dev())?;
-        let (ids, weights) = (gpu.scratch::<u32>(n * k)?, gpu.scratch::<f32>(n * k)?);
-        gpu.route(&c.router, logits.dev(), moe.bias.as_ref().map(DeviceBuf::dev), ids.dev(), weights.dev())?;
+        let routes = Routes { ids: gpu.scratch::<u32>(n * k)?, weights: gpu.scratch::<f32>(n * k)? };
+        let bias = moe.bias.as_ref().map(DeviceBuf::dev);
+        gpu.route(&c.router, logits.dev(), bias, routes.ids.dev(), routes.weights.dev())?;
         let hb = bf16_of(gpu, hn)?;
         match &moe.experts {
             Some(stacked) if n * k <= DEVICE_MOE_MAX_PAIRS => {
-                device_moe(gpu, stacked, &ids, &weights, &hb, n, k, out)?;
+                device_moe(gpu, stacked, &routes, &hb, n, k, out)?;
             }
             _ => {
                 let shape = MoeShape { layer, n, k, hidden: h, n_experts: e };
-                self.grouped_moe(shape, moe.experts.as_ref(), &ids, &weights, hn, experts, out)?;
+                self.grouped_moe(shape, moe.experts.as_ref(), &routes, hn, experts, out)?;
             }
         }
         if let Some(shared) = &moe.shared {
@@ -269,20 +278,18 @@ impl GpuWeights {
 
     /// Larger batches: tokens grouped by expert on the host (the router's choices are read
     /// back), one GEMM pair per active expert, or one call of the expert backend.
-    #[allow(clippy::too_many_arguments)]
     fn grouped_moe(
         &self,
         shape: MoeShape,
         stacked: Option<&StackedExperts>,
-        ids: &DeviceBuf<u32>,
-        weights: &DeviceBuf<f32>,
+        routes: &Routes,
         hn: Dev<f32>,
         experts: &dyn ExpertBackend,
         out: Dev<f32>,
     ) -> Result<(), GpuForwardError> {
         let gpu = self.gpu();
         let MoeShape { layer, n, k, hidden: h, n_experts: e } = shape;
-        let ids = gpu.read(ids.dev())?;
+        let ids = gpu.read(routes.ids.dev())?;
         // Rows in ascending expert order (tokens ascending within an expert), as the CPU
         // engine sums; row_of[token * k + slot] is where that choice's output lands.
         let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
@@ -328,9 +335,15 @@ impl GpuWeights {
             gpu.write(expert_out.dev(), &outputs)?;
         }
         let row_of = gpu.upload(&row_of)?;
-        gpu.moe_combine(expert_out.dev(), row_of.dev(), weights.dev(), k, out, h)?;
+        gpu.moe_combine(expert_out.dev(), row_of.dev(), routes.weights.dev(), k, out, h)?;
         Ok(())
     }
+}
+
+/// The router's choices on the device: `top_k` expert ids (ascending) and weights per token.
+struct Routes {
+    ids: DeviceBuf<u32>,
+    weights: DeviceBuf<f32>,
 }
 
 /// One MoE layer's batch shape.
@@ -352,12 +365,10 @@ const DEVICE_MOE_MAX_PAIRS: usize = 32;
 /// Routed experts of a small batch, all on the device: per pair, the gate/up projection of
 /// the token's row by its expert, the SiLU gate, the down projection, then the weighted sum
 /// per token in slot (ascending expert) order.
-#[allow(clippy::too_many_arguments)]
 fn device_moe(
     gpu: &Gpu,
     x: &StackedExperts,
-    ids: &DeviceBuf<u32>,
-    weights: &DeviceBuf<f32>,
+    routes: &Routes,
     hb: &DeviceBuf<bf16>,
     n: usize,
     k: usize,
@@ -365,14 +376,14 @@ fn device_moe(
 ) -> Result<(), KernelError> {
     let (h, i, pairs) = (x.hidden, x.inter, n * k);
     let gu = gpu.scratch::<f32>(pairs * 2 * i)?;
-    gpu.moe_gemv(x.gate_up.dev(), ids.dev(), hb.dev(), k, gu.dev(), 2 * i, h)?;
+    gpu.moe_gemv(x.gate_up.dev(), routes.ids.dev(), hb.dev(), k, gu.dev(), 2 * i, h)?;
     let act = gpu.scratch::<bf16>(pairs * i)?;
     gpu.silu_mul(gu.dev(), act.dev(), pairs, i)?;
     let eo = gpu.scratch::<f32>(pairs * h)?;
-    gpu.moe_gemv(x.down.dev(), ids.dev(), act.dev(), 1, eo.dev(), h, i)?;
+    gpu.moe_gemv(x.down.dev(), routes.ids.dev(), act.dev(), 1, eo.dev(), h, i)?;
     let rows: Vec<u32> = (0..pairs as u32).collect();
     let rows = gpu.upload(&rows)?;
-    gpu.moe_combine(eo.dev(), rows.dev(), weights.dev(), k, out, h)
+    gpu.moe_combine(eo.dev(), rows.dev(), routes.weights.dev(), k, out, h)
 }
 
 /// `out[m, h] = down(silu(gate(x)) * up(x))` for bf16 rows `x`.

@@ -12,6 +12,8 @@ pub(crate) use cache::GpuCache;
 pub(crate) use forward::GpuForwardError;
 pub(crate) use weights::GpuWeights;
 
+use crate::EngineError;
+use crate::backend::LayerExports;
 use crate::cache::CacheLayout;
 use crate::experts::ExpertBackend;
 use crate::forward::Model;
@@ -53,10 +55,27 @@ impl GpuModel {
     pub(crate) fn gpu(&self) -> &Arc<Gpu> {
         self.weights.gpu()
     }
-}
 
-/// What a forward pass exports per layer: `(sequence, block table, tokens)` and the sink.
-pub(crate) type LayerExports<'a, 'b> = (&'a [(crate::SeqId, &'a [u32], usize)], &'b mut crate::engine::LayerSink<'b>);
+    /// The CUDA ordinal of the device.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.gpu().ordinal()
+    }
+
+    /// Writes whole rows of one layer (as exported) into a sequence's blocks.
+    pub(crate) fn import_layer(&mut self, table: &[u32], rows: &crate::kv::LayerRows) -> Result<(), EngineError> {
+        self.cache.import_layer(table, rows).map_err(|e| EngineError::Device(e.to_string()))
+    }
+
+    /// Tokens `[0, num_tokens)` of one layer of a sequence's rows.
+    pub(crate) fn export_layer(
+        &self,
+        layer: usize,
+        table: &[u32],
+        num_tokens: usize,
+    ) -> Result<crate::kv::LayerRows, EngineError> {
+        self.cache.export_layer(layer, table, num_tokens).map_err(|e| EngineError::Device(e.to_string()))
+    }
+}
 
 impl GpuModel {
     /// [`crate::forward::Model::forward`] on the GPU; with `exports`, each layer's rows of the
@@ -67,7 +86,7 @@ impl GpuModel {
         segments: &[crate::Segment<'_>],
         experts: &dyn ExpertBackend,
         exports: Option<LayerExports<'_, '_>>,
-    ) -> Result<crate::ForwardOutput, crate::EngineError> {
+    ) -> Result<crate::ForwardOutput, EngineError> {
         let (c, scale) = (&model.config, model.scale);
         let result = match exports {
             None => self.weights.forward(c, scale, &mut self.cache, segments, experts, None),
@@ -82,8 +101,8 @@ impl GpuModel {
             }
         };
         result.map_err(|e| match e {
-            GpuForwardError::Experts(x) => crate::EngineError::Experts(x),
-            GpuForwardError::Kernel(k) => crate::EngineError::Device(k.to_string()),
+            GpuForwardError::Experts(x) => EngineError::Experts(x),
+            GpuForwardError::Kernel(k) => EngineError::Device(k.to_string()),
         })
     }
 }

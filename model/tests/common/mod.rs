@@ -3,7 +3,9 @@
 //! Also included by the CLI's tests (`#[path]`), hence the manifest-relative lookup.
 #![allow(dead_code)] // each test crate uses a different part
 
-use model::{Engine, EngineOptions, ExpertBackend, LoadOptions, Model, WeightDtype, load_model};
+use model::{
+    Engine, EngineError, EngineOptions, ExpertBackend, LoadOptions, Model, StepOutput, WeightDtype, load_model,
+};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,4 +52,17 @@ pub fn load(name: &str, dtype: WeightDtype) -> (Arc<Model>, Arc<dyn ExpertBacken
 
 pub fn engine(model: &Arc<Model>, experts: &Arc<dyn ExpertBackend>, opts: EngineOptions) -> Engine {
     Engine::new(model.clone(), experts.clone(), opts).expect("engine")
+}
+
+/// A step (prefill or decode) every sequence of which must succeed.
+pub trait AllOk {
+    /// Each sequence's output; panics naming `what` on any error.
+    fn all_ok(self, what: &str) -> Vec<StepOutput>;
+}
+
+impl AllOk for Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
+    fn all_ok(self, what: &str) -> Vec<StepOutput> {
+        let outs = self.unwrap_or_else(|e| panic!("{what}: {e}"));
+        outs.into_iter().map(|o| o.unwrap_or_else(|e| panic!("{what}: {e}"))).collect()
+    }
 }

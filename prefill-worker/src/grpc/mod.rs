@@ -129,6 +129,8 @@ pub fn status(e: &PrefillError) -> Status {
         PrefillError::Duplicate(_) => Code::AlreadyExists,
         PrefillError::ShuttingDown => Code::Unavailable,
         PrefillError::Engine(_) => Code::Internal,
+        // Deterministic: the router must not retry it on another worker.
+        PrefillError::Rejected(_) => Code::FailedPrecondition,
         PrefillError::Transfer(TransferError::Unreachable { .. }) => Code::Unavailable,
         PrefillError::Transfer(TransferError::Refused { code, .. }) => match code {
             Code::NotFound
