@@ -121,11 +121,12 @@ mod tests {
         let mut local = engine();
         let id = SeqId(1);
         local.add_sequence(id, prompt.clone(), params(), 0).unwrap();
-        let mut out = local.prefill(&[id]).unwrap();
-        let first = out[0].token;
+        let step = |out: Vec<Result<model::StepOutput, EngineError>>| out.into_iter().next().unwrap().unwrap();
+        let mut out = step(local.prefill(&[id]).unwrap());
+        let first = out.token;
         let export = local.export_cache(id).unwrap();
-        while out[0].finish.is_none() {
-            out = local.decode_step(&[id]).unwrap();
+        while out.finish.is_none() {
+            out = step(local.decode_step(&[id]).unwrap());
         }
         let want = local.generated(id).unwrap().to_vec();
 
@@ -160,7 +161,7 @@ mod tests {
             match event {
                 SeqEvent::Token { id, .. } => got.push(id),
                 SeqEvent::Finished(_) => break,
-                SeqEvent::Failed(m) => panic!("decode failed: {m}"),
+                SeqEvent::Failed(m) | SeqEvent::Rejected(m) => panic!("decode failed: {m}"),
                 SeqEvent::Stalled { .. } => panic!("the test reads every event"),
             }
         }
