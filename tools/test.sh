@@ -38,7 +38,7 @@ if [[ $status -eq 0 ]]; then
   # deploy/: every overlay renders, validates strictly, and passes the binaries' own parsing.
   python3 tools/check_deploy.py
   deploy_status=$?
-  cargo test --workspace --release --locked 2>&1 | tee "$log"
+  cargo test --workspace --release --locked --no-fail-fast 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
   [[ $status -eq 0 ]] && status=$clippy_status
   [[ $status -eq 0 ]] && status=$deploy_status

@@ -129,7 +129,7 @@ impl Watched {
     /// A compute thread (an actor's, named after it): its end is signalled, then it is
     /// joined, which no longer blocks.
     pub fn thread(mut thread: Thread) -> Watched {
-        let what = format!("the {}", thread.actor());
+        let what = format!("the {} thread", thread.actor());
         let ended = async move {
             thread.finished().await;
             thread.join().map_err(|panic| format!("panicked: {}", panic.message))

@@ -120,7 +120,7 @@ async fn a_watched_thread_that_dies_takes_the_service_down() {
     let store = MemoryStore::new();
     let shutdown = CancellationToken::new();
     let (die, dying) = std::sync::mpsc::channel::<()>();
-    let (_handle, thread) = actor::spawn::<(), (), _>("test engine thread", 1, (), move |_mailbox, _load| {
+    let (_handle, thread) = actor::spawn::<(), (), _>("test engine", 1, (), move |_mailbox, _load| {
         let _ = dying.recv();
         panic!("the engine broke");
     })

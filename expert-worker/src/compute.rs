@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 /// time, so a small queue suffices: batches beyond it are refused as busy (the attention
 /// worker tries another replica), placement changes wait.
 pub const COMPUTE_QUEUE_CAPACITY: usize = 16;
-const NAME: &str = "expert compute thread";
+const NAME: &str = "expert compute";
 
 /// The slots hosted now, ascending; published by the compute thread after each change.
 pub type HostedSlots = BTreeSet<SlotKey>;
