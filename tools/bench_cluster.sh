@@ -20,7 +20,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 model_args=()
 [[ -n ${BENCH_MODEL:-} ]] && model_args=(--model "$BENCH_MODEL")
-model_dir=${BENCH_MODEL:-$($bin/expertmesh generate --prompt-ids 1 --max-new-tokens 1 --json >/dev/null && echo "${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh/default-model-v1")}
+model_dir=${BENCH_MODEL:-$($bin/expertmesh generate --prompt-ids 1 --max-new-tokens 1 --json >/dev/null && echo "${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh/default-model-v2")}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # start NAME CMD... : runs CMD in the background, waits for its ready line, prints its addr.

@@ -672,6 +672,94 @@ def build_fixture(spec, out_root):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "model", "default-model")
+DEFAULT_MODEL_PROMPTS = [
+    "def fibonacci(n):",
+    "The Python standard library contains built-in modules",
+    "<｜User｜>How do I read a file line by line?<｜Assistant｜>",
+]
+
+
+@torch.no_grad()
+def mtp_reference(model, ids):
+    """transformers' MtpModel over a prompt: at position i it sees the main model's last hidden
+    state h_i and token ids[i + 1], and gives the logits of ids[i + 2]."""
+    from transformers.modeling_layers import MtpModel
+    L = model.config.num_hidden_layers
+    # DeepseekV3ForCausalLM names the official checkpoint's MTP layer (61) only; ours is at L.
+    model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}\..*"]
+    mtp = MtpModel.from_pretrained(model)
+    mtp.eval()
+    x = torch.tensor([ids])
+    n = len(ids)
+    h = model.model(input_ids=x, output_hidden_states=True).hidden_states[-1][:, : n - 1]
+    pos = torch.arange(n - 1)[None]
+    hidden = mtp.forward_layer(0, h, pos, None, input_ids=x[:, 1:])
+    return mtp._project_to_logits(hidden)[0].float()
+
+
+def build_default_model_fixture(out_root):
+    """The trained default model (model/default-model) against transformers: logits, argmax,
+    router choices and greedy tokens of the main stack, and the MTP layer's logits from
+    transformers' MtpModel, cross-checked with the training script's MTP module."""
+    from tokenizers import Tokenizer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_default_model as train
+    d = os.path.join(out_root, "default_model")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(DEFAULT_MODEL_DIR, "config.json")) as f:
+        cfg = json.load(f)
+    model = load_hf(DEFAULT_MODEL_DIR, cfg)
+    sd = load_file(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors"))
+    eff = {k: v.to(torch.float32) for k, v in sd.items()}
+    _, own_mtp, _ = train.load_exported(DEFAULT_MODEL_DIR)
+    tok = Tokenizer.from_file(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.json"))
+    moe_layers = list(range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]))
+    notes = ["The checkpoint is model/default-model (bf16 weights, f32 correction biases); the reference "
+             "computes in f32 from the same bf16 values.",
+             "mtp: transformers' MtpModel (MtpModel.from_pretrained on the main model); at position i it sees the "
+             "main model's last hidden state (after the final norm) and prompt_ids[i + 1] and predicts "
+             "prompt_ids[i + 2]. `argmax` covers every position, `logits` the listed ones."]
+    cases = []
+    for text in DEFAULT_MODEL_PROMPTS:
+        ids = [train.BOS] + tok.encode(text, add_special_tokens=False).ids
+        logits, router, greedy, greedy_nc, gen, captured = run_case(model, ids, moe_layers)
+        assert greedy == greedy_nc == gen, (greedy, greedy_nc, gen)
+        ref_logits, ref_routes = ind_forward(cfg, eff, ids)
+        err = (ref_logits.float() - logits).abs().max().item()
+        assert err < 1e-3 * max(1.0, logits.std().item()), f"independent impl max err {err}"
+        for L in moe_layers:
+            hw, hidx = captured[L]
+            assert torch.equal(hidx.sort(-1).values, ref_routes[L][0].sort(-1).values), f"routing layer {L}"
+        mtp_logits = mtp_reference(model, ids)
+        with torch.no_grad():
+            x = torch.tensor([ids + [0]])  # forward() wants T + 2 ids; the last is never read
+            _, own = train.forward(model, own_mtp, x)
+        own_err = (own[0, : len(ids) - 1] - mtp_logits).abs().max().item()
+        assert own_err < 1e-4, f"the training script's MTP module differs from MtpModel by {own_err}"
+        positions = sorted({0, (len(ids) - 2) // 2, len(ids) - 2})
+        print(f"  default_model {text!r}: {len(ids)} ids, max|hf-f64| {err:.2e}, mtp max|train-MtpModel| "
+              f"{own_err:.2e}, greedy {tok.decode(greedy)!r}")
+        cases.append({
+            "text": text,
+            "prompt_ids": ids,
+            "last_logits": [f32(v) for v in logits[-1].tolist()],
+            "argmax": logits.argmax(-1).tolist(),
+            "greedy": greedy,
+            "router": router,
+            "mtp": {"argmax": mtp_logits.argmax(-1).tolist(),
+                    "logits": [{"position": i, "values": [f32(v) for v in mtp_logits[i].tolist()]} for i in positions]},
+        })
+    write_json(os.path.join(d, "expected.json"), {
+        "name": "default_model",
+        "weight_dtype": "bf16",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "notes": notes,
+        "cases": cases,
+    }, indent=None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
@@ -684,6 +772,9 @@ def main():
         transformers.utils.logging.disable_progress_bar()
     except Exception:
         pass
+    if not args.only or "default_model" in args.only:
+        print("== default_model")
+        build_default_model_fixture(args.out)
     for spec in FIXTURES:
         if args.only and spec["name"] not in args.only:
             continue

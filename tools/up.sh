@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash tools/deps.sh protoc
 args=("$@")
 if [[ ! " ${args[*]-} " =~ " --prompt " ]]; then
-  args+=(--prompt "Hello, world" --max-new-tokens 16)
+  args+=(--prompt "def fibonacci(n):" --max-new-tokens 48)
 fi
 # The CUDA engine is compiled in only when a GPU is asked for (`--device cuda:N`): the CPU
 # quickstart does not need it and builds faster without it.

@@ -1,42 +1,32 @@
-//! The embedded default model: a small DeepSeek-V3-shaped checkpoint with RANDOM weights,
-//! generated deterministically from a seed, so the quickstart runs with no download.
-//!
-//! It exercises every part of the architecture (MLA with q LoRA, a dense first layer, MoE
-//! with grouped sigmoid routing, bias and a shared expert) but its text is gibberish: the
-//! weights are random. Its tokenizer is byte-level (256 byte tokens + DeepSeek's specials).
+//! The embedded default model: a small DeepSeek-V3 (MLA with q LoRA, a dense first layer, MoE
+//! with grouped sigmoid routing, correction bias and a shared expert, YaRN rope, one MTP
+//! layer) trained on the CPython 3.11 standard library and its documentation by
+//! `tools/train_default_model.py` (docs/DEFAULT_MODEL.md). The binary carries the checkpoint
+//! and writes it to the cache directory on first use; `SHA256SUMS` checks every file, so a
+//! damaged copy is rewritten rather than loaded.
 
 use crate::ModelError;
-use half::bf16;
-use rand_chacha::ChaCha8Rng;
-use rand_core::{RngCore, SeedableRng};
-use safetensors::{Dtype, tensor::TensorView};
-use serde_json::json;
-use std::path::Path;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
 
-/// Bumped whenever the generated files change, so stale copies are rebuilt.
-pub const VERSION: u32 = 1;
-const MARKER: &str = "expertmesh-default-model.json";
-const SEED: u64 = 0x05ee_dd53;
+/// Bumped whenever the embedded checkpoint changes, so each version has its own directory.
+pub const VERSION: u32 = 2;
 
-const VOCAB: usize = 260;
-const BOS: u32 = 256;
-const EOS: u32 = 257;
-const HIDDEN: usize = 256;
-const LAYERS: usize = 4;
-const HEADS: usize = 8;
-const Q_LORA: usize = 96;
-const KV_LORA: usize = 64;
-const NOPE: usize = 32;
-const ROPE: usize = 16;
-const V_HEAD: usize = 32;
-const INTER: usize = 512;
-const MOE_INTER: usize = 128;
-const EXPERTS: usize = 16;
+/// The checkpoint's files, as the binary carries them.
+const FILES: [(&str, &[u8]); 5] = [
+    ("config.json", include_bytes!("../default-model/config.json")),
+    ("generation_config.json", include_bytes!("../default-model/generation_config.json")),
+    ("tokenizer.json", include_bytes!("../default-model/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../default-model/tokenizer_config.json")),
+    ("model.safetensors", include_bytes!("../default-model/model.safetensors")),
+];
+
+/// `sha256sum` lines for [`FILES`], written by the training script with the checkpoint.
+const SUMS: &str = include_str!("../default-model/SHA256SUMS");
 
 /// Where the default model lives: `$XDG_CACHE_HOME/expertmesh/default-model-vN` (or
 /// `~/.cache/...`, or the temporary directory).
-pub fn default_dir() -> std::path::PathBuf {
-    use std::path::PathBuf;
+pub fn default_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -44,8 +34,8 @@ pub fn default_dir() -> std::path::PathBuf {
     base.join("expertmesh").join(format!("default-model-v{VERSION}"))
 }
 
-/// `dir` if given, else the default model's directory, created if missing.
-pub fn resolve_dir(dir: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, ModelError> {
+/// `dir` if given, else the default model's directory, written if missing or damaged.
+pub fn resolve_dir(dir: Option<PathBuf>) -> Result<PathBuf, ModelError> {
     match dir {
         Some(dir) => Ok(dir),
         None => {
@@ -56,162 +46,47 @@ pub fn resolve_dir(dir: Option<std::path::PathBuf>) -> Result<std::path::PathBuf
     }
 }
 
-/// Makes sure `dir` holds the current default model, writing it if needed.
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The expected SHA-256 of `name` (from `SHA256SUMS`).
+fn expected_sum(name: &str) -> &'static str {
+    SUMS.lines()
+        .find_map(|line| line.split_once("  ").filter(|(_, file)| *file == name).map(|(sum, _)| sum))
+        .unwrap_or_else(|| panic!("SHA256SUMS has no line for {name}: the embedded model is incomplete"))
+}
+
+/// Makes sure `dir` holds the embedded default model: every file whose checksum differs (or
+/// that is missing) is written again, then checked.
 pub fn ensure(dir: &Path) -> Result<(), ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ModelError::Io { path, err: source }
+        move |err| ModelError::Io { path, err }
     };
-    let marker = dir.join(MARKER);
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m.contains(&format!("\"version\":{VERSION}"))) {
-        return Ok(());
-    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let write = |name: &str, bytes: &[u8]| {
+    for (name, bytes) in FILES {
         let path = dir.join(name);
+        let want = expected_sum(name);
+        if std::fs::read(&path).is_ok_and(|have| sha256_hex(&have) == want) {
+            continue;
+        }
         // A temporary name per writer: several processes, or roles in one process, may
         // create the model at once; each renames a complete file into place.
         static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
-    };
-    write("config.json", config().to_string().as_bytes())?;
-    write("tokenizer.json", tokenizer_json().to_string().as_bytes())?;
-    write("tokenizer_config.json", tokenizer_config().to_string().as_bytes())?;
-    write("model.safetensors", &weights())?;
-    let note = "random weights, generated by expertmesh: the text it writes is meaningless";
-    write(MARKER, json!({ "version": VERSION, "seed": SEED, "note": note }).to_string().as_bytes())?;
-    Ok(())
-}
-
-fn config() -> serde_json::Value {
-    json!({
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "moe_intermediate_size": MOE_INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
-        "n_shared_experts": 1, "n_routed_experts": EXPERTS, "num_experts_per_tok": 4,
-        "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid", "norm_topk_prob": true, "routed_scaling_factor": 2.5,
-        "q_lora_rank": Q_LORA, "kv_lora_rank": KV_LORA, "qk_nope_head_dim": NOPE,
-        "qk_rope_head_dim": ROPE, "v_head_dim": V_HEAD, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": null,
-        "tie_word_embeddings": false, "bos_token_id": BOS, "eos_token_id": EOS,
-        "num_nextn_predict_layers": 0, "torch_dtype": "bfloat16"
-    })
-}
-
-const SPECIALS: [&str; 4] = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"];
-
-/// GPT-2's byte → printable character map used by byte-level BPE.
-fn byte_char(b: u8) -> char {
-    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    if printable(b) {
-        return b as char;
-    }
-    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + n).expect("below the surrogate range")
-}
-
-fn tokenizer_json() -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..=255u8).map(|b| (byte_char(b).to_string(), json!(b as u32))).collect();
-    let added: Vec<_> = SPECIALS
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false,
-                             "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    })
-}
-
-fn tokenizer_config() -> serde_json::Value {
-    let template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}\
-        {% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% else %}{{ m['content'] }}\
-        {% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
-    json!({"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "add_bos_token": false, "chat_template": template})
-}
-
-/// Gaussian draws (Box–Muller) from a seeded generator.
-struct Normal(ChaCha8Rng);
-
-impl Normal {
-    fn uniform(&mut self) -> f32 {
-        ((self.0.next_u32() >> 8) as f32 + 0.5) / (1u32 << 24) as f32
-    }
-
-    fn sample(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
-    }
-}
-
-fn weights() -> Vec<u8> {
-    let mut rng = Normal(ChaCha8Rng::seed_from_u64(SEED));
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut linear = |name: String, rows: usize, cols: usize, rng: &mut Normal| {
-        let std = (cols as f32).powf(-0.5);
-        let bytes = (0..rows * cols).flat_map(|_| bf16::from_f32(rng.sample() * std).to_le_bytes()).collect();
-        tensors.push((name, vec![rows, cols], bytes));
-    };
-    let norm = |rng: &mut Normal, n: usize| -> Vec<u8> {
-        (0..n).flat_map(|_| bf16::from_f32(1.0 + 0.25 * rng.sample()).to_le_bytes()).collect()
-    };
-    let mut norms: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    linear("model.embed_tokens.weight".into(), VOCAB, HIDDEN, &mut rng);
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        linear(format!("{p}.self_attn.q_a_proj.weight"), Q_LORA, HIDDEN, &mut rng);
-        linear(format!("{p}.self_attn.q_b_proj.weight"), HEADS * (NOPE + ROPE), Q_LORA, &mut rng);
-        linear(format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), KV_LORA + ROPE, HIDDEN, &mut rng);
-        linear(format!("{p}.self_attn.kv_b_proj.weight"), HEADS * (NOPE + V_HEAD), KV_LORA, &mut rng);
-        linear(format!("{p}.self_attn.o_proj.weight"), HIDDEN, HEADS * V_HEAD, &mut rng);
-        norms.push((format!("{p}.self_attn.q_a_layernorm.weight"), vec![Q_LORA], norm(&mut rng, Q_LORA)));
-        norms.push((format!("{p}.self_attn.kv_a_layernorm.weight"), vec![KV_LORA], norm(&mut rng, KV_LORA)));
-        norms.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], norm(&mut rng, HIDDEN)));
-        norms.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], norm(&mut rng, HIDDEN)));
-        let mlp = |prefix: String,
-                   inter: usize,
-                   rng: &mut Normal,
-                   linear: &mut dyn FnMut(String, usize, usize, &mut Normal)| {
-            linear(format!("{prefix}.gate_proj.weight"), inter, HIDDEN, rng);
-            linear(format!("{prefix}.up_proj.weight"), inter, HIDDEN, rng);
-            linear(format!("{prefix}.down_proj.weight"), HIDDEN, inter, rng);
-        };
-        if l == 0 {
-            mlp(format!("{p}.mlp"), INTER, &mut rng, &mut linear);
-        } else {
-            linear(format!("{p}.mlp.gate.weight"), EXPERTS, HIDDEN, &mut rng);
-            let bias: Vec<u8> = (0..EXPERTS).flat_map(|_| (0.1 * rng.sample()).to_le_bytes()).collect();
-            norms.push((format!("{p}.mlp.gate.e_score_correction_bias"), vec![EXPERTS], bias));
-            for e in 0..EXPERTS {
-                mlp(format!("{p}.mlp.experts.{e}"), MOE_INTER, &mut rng, &mut linear);
-            }
-            mlp(format!("{p}.mlp.shared_experts"), MOE_INTER, &mut rng, &mut linear);
+        let written = std::fs::read(&tmp).map_err(io(&tmp))?;
+        let got = sha256_hex(&written);
+        if got != want {
+            let _ = std::fs::remove_file(&tmp);
+            let err = std::io::Error::other(format!("wrote the default model's {name} but read back sha256 {got}, expected {want}"));
+            return Err(ModelError::Io { path: tmp, err });
         }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
     }
-    norms.push(("model.norm.weight".into(), vec![HIDDEN], norm(&mut rng, HIDDEN)));
-    linear("lm_head.weight".into(), VOCAB, HIDDEN, &mut rng);
-    tensors.extend(norms);
-    let views = tensors.iter().map(|(name, shape, bytes)| {
-        let dtype = if name.ends_with("e_score_correction_bias") { Dtype::F32 } else { Dtype::BF16 };
-        (name.clone(), TensorView::new(dtype, shape.clone(), bytes).expect("sizes match shapes by construction"))
-    });
-    safetensors::serialize(views, None).expect("in-memory serialization cannot fail")
+    Ok(())
 }
 
 #[cfg(test)]
@@ -219,28 +94,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_chars_are_distinct() {
-        let set: std::collections::HashSet<char> = (0..=255u8).map(byte_char).collect();
-        assert_eq!(set.len(), 256);
-        assert_eq!(byte_char(b'a'), 'a');
-        assert_eq!(byte_char(b' '), 'Ġ');
+    fn the_embedded_files_match_their_checksums() {
+        for (name, bytes) in FILES {
+            assert_eq!(sha256_hex(bytes), expected_sum(name), "{name}");
+        }
+        assert_eq!(SUMS.lines().count(), FILES.len(), "SHA256SUMS lists exactly the embedded files");
     }
 
     #[test]
-    fn generates_a_loadable_model_that_round_trips_text() {
+    fn writes_a_loadable_model_and_repairs_a_damaged_copy() {
         let dir = tempfile::tempdir().expect("tempdir");
-        ensure(dir.path()).expect("generate");
-        ensure(dir.path()).expect("second call reuses the files");
+        ensure(dir.path()).expect("write");
+        let weights = dir.path().join("model.safetensors");
+        let mut damaged = std::fs::read(&weights).expect("read");
+        let at = damaged.len() / 2;
+        damaged[at] ^= 0x40;
+        std::fs::write(&weights, &damaged).expect("damage");
+        std::fs::remove_file(dir.path().join("tokenizer.json")).expect("remove");
+        ensure(dir.path()).expect("repair");
+        assert_eq!(sha256_hex(&std::fs::read(&weights).expect("read")), expected_sum("model.safetensors"));
         let loaded =
             crate::load_model(dir.path(), crate::LoadOptions { local_experts: true, ..Default::default() }, &|_| {})
                 .expect("load");
         let tok = loaded.tokenizer.expect("tokenizer");
-        let ids = tok.encode("héllo 世界").expect("encode");
-        assert_eq!(ids[0], BOS);
-        assert_eq!(tok.decode(&ids).expect("decode"), "héllo 世界");
+        let ids = tok.encode("héllo 世界\n    return x").expect("encode");
+        assert_eq!(ids[0], 0, "BOS first");
+        assert_eq!(tok.decode(&ids).expect("decode"), "héllo 世界\n    return x");
         let chat = tok.encode_chat("hi").expect("chat");
-        assert_eq!(chat[0], BOS);
-        assert_eq!(*chat.last().expect("nonempty"), 259, "ends with <｜Assistant｜>");
-        assert_eq!(loaded.model.config.n_routed_experts, EXPERTS);
+        assert_eq!(chat[0], 0, "BOS first");
+        assert_eq!(tok.decode(&chat[chat.len() - 1..]).expect("decode"), "<｜Assistant｜>");
+        assert_eq!(loaded.model.config.num_nextn_predict_layers, 1);
     }
 }

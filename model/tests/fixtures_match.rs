@@ -65,6 +65,12 @@ fn check(name: &str, dtype: WeightDtype) {
     }
 }
 
+/// The embedded default model (trained, bf16 weights) computed in f32 like the reference.
+#[test]
+fn the_default_model_matches_transformers() {
+    check("default_model", WeightDtype::F32);
+}
+
 #[test]
 fn v3_f32_matches_transformers() {
     check("v3_f32", WeightDtype::F32);

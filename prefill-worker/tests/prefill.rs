@@ -24,7 +24,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 const LATENT_DIM: usize = 80;
 const NUM_LAYERS: usize = 4;
-const VOCAB: u32 = 260;
+const VOCAB: u32 = 6144;
 
 // ---------------------------------------------------------------- the prefill worker
 

@@ -129,7 +129,7 @@ mod tests {
         let ok = SamplingRequest::default();
         assert!(err(vec![], ok.clone()).starts_with("prompt: empty"));
         assert!(err(vec![1; 4096], ok.clone()).contains("context"));
-        assert!(err(vec![999], ok.clone()).contains("token id 999"));
+        assert!(err(vec![99_999], ok.clone()).contains("token id 99999"));
         let s = |f: &dyn Fn(&mut SamplingRequest)| {
             let mut s = SamplingRequest::default();
             f(&mut s);
@@ -140,7 +140,7 @@ mod tests {
         assert!(err(vec![1], s(&|s| s.temperature = Some(-1.0))).starts_with("temperature -1"));
         assert!(err(vec![1], s(&|s| s.top_p = Some(0.0))).starts_with("top_p 0"));
         assert!(err(vec![1], s(&|s| s.top_p = Some(1.5))).starts_with("top_p 1.5"));
-        assert!(err(vec![1], s(&|s| s.stop_token_ids = vec![5000])).starts_with("stop_token_ids"));
+        assert!(err(vec![1], s(&|s| s.stop_token_ids = vec![99_999])).starts_with("stop_token_ids"));
         let e = job(vec![1], SamplingRequest::default(), 1001, &limits(), || 1).expect_err("too many logits");
         assert!(e.to_string().starts_with("prompt_logits_top 1001"));
     }
@@ -168,7 +168,8 @@ mod tests {
     #[test]
     fn a_text_longer_than_the_context_is_refused_naming_both() {
         let (t, limits) = (tokenizer(), limits());
-        let fits = "a".repeat(limits.context - 1);
+        // " a" is one token of the default model's BPE: BOS, "a", then context - 2 of them.
+        let fits = format!("a{}", " a".repeat(limits.context - 2));
         assert_eq!(prompt_to_run(Some(Prompt::Text(fits)), Some(&t), &limits).expect("fits").len(), limits.context);
         let e = prompt_to_run(Some(Prompt::Text("a".repeat(4 << 20))), Some(&t), &limits).expect_err("too long");
         assert!(matches!(e, InvalidRequest::TextTooLong { at_least, context } if at_least > context), "{e:?}");

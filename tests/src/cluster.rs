@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::binaries::{self, CONTROLLER, DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, ROUTER};
 use crate::etcd::Etcd;
-use crate::grpc::{connect, generation_client, ids_request};
+use crate::grpc::{BOS, connect, generation_client, ids_request};
 use crate::process::Process;
 use crate::wait::{wait_for, wait_until};
 
@@ -348,7 +348,7 @@ impl Cluster {
             let mut client = GenerationClient::new(channel);
             // Two tokens: the smallest request that does not depend on max_new_tokens 1
             // (an edge case tested on its own).
-            let mut request = tonic::Request::new(ids_request(&[256, 72, 105], 2));
+            let mut request = tonic::Request::new(ids_request(&[BOS, 72, 105], 2));
             request.set_timeout(Duration::from_secs(10));
             client.generate_unary(request).await.map(|_| ()).map_err(|e| format!("{:?}: {}", e.code(), e.message()))
         })

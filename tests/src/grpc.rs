@@ -22,8 +22,12 @@ use crate::binaries::Reference;
 /// Connect timeout of every test client.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The default model's beginning-of-sequence id.
+pub const BOS: u32 = 0;
 /// The default model's end-of-sequence id (the default stop token).
-pub const EOS: u32 = 257;
+pub const EOS: u32 = 1;
+/// The default model's padding id: never in its training text, so it never generates it.
+pub const PAD: u32 = 2;
 
 /// A channel to `url` (`http://host:port`), connected now.
 pub async fn connect(url: &str) -> Result<Channel, Status> {
@@ -73,6 +77,16 @@ pub fn ids_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
     }
 }
 
+/// Greedy request on token ids that runs to `max_new_tokens`: its only stop id is [`PAD`],
+/// which the default model never generates (tests that need a long-running stream).
+pub fn endless_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
+    let mut request = ids_request(ids, max_new_tokens);
+    if let Some(sampling) = request.sampling.as_mut() {
+        sampling.stop_token_ids = vec![PAD];
+    }
+    request
+}
+
 /// Greedy request on text (the router prepends BOS).
 pub fn text_request(text: &str, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
@@ -83,7 +97,7 @@ pub fn text_request(text: &str, max_new_tokens: u32) -> GenerateRequest {
 }
 
 /// `n` different prompts of varied lengths (1 to 61 ids), deterministic in `seed`; ids are
-/// byte tokens (0..256) after a BOS.
+/// ordinary tokens (100..4196) after a BOS.
 pub fn test_prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
@@ -96,8 +110,8 @@ pub fn test_prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
     (0..n)
         .map(|i| {
             let len = 1 + (i * 7 + (next() % 5) as usize) % 61;
-            let mut ids = vec![256];
-            ids.extend((1..len).map(|_| (next() % 256) as u32));
+            let mut ids = vec![BOS];
+            ids.extend((1..len).map(|_| 100 + (next() % 4096) as u32));
             ids
         })
         .collect()

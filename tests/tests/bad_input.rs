@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::grpc::{expect_code, first_stream_status, ids_request, raw_unary, text_request};
+use cluster_tests::grpc::{BOS, expect_code, first_stream_status, ids_request, raw_unary, text_request};
 use cluster_tests::{Cluster, ClusterSpec, secs, within};
 use proto::v1::generate_request::Prompt;
 use proto::v1::{Chat, ChatMessage, GenerateRequest, TokenizeRequest, tokenize_request};
@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn serves_a_good_request(cluster: &Cluster) {
-    let prompt = [256, 71, 111, 111, 100];
+    let prompt = [BOS, 71, 111, 111, 100];
     let expected = cluster_tests::reference(&prompt, 8).await;
     let mut client = cluster.client().await;
     let reply = within("a good request", secs(60), client.generate_unary(ids_request(&prompt, 8)))
@@ -60,8 +60,8 @@ async fn invalid_arguments_name_the_field() {
         ("temperature NaN", with_sampling(ids_request(&ten, 8), |s| s.temperature = Some(f32::NAN)), &["temperature"]),
         ("top_p 0", with_sampling(ids_request(&ten, 8), |s| s.top_p = Some(0.0)), &["top_p"]),
         ("top_p 1.5", with_sampling(ids_request(&ten, 8), |s| s.top_p = Some(1.5)), &["top_p"]),
-        ("token id 999999", ids_request(&[256, 999_999, 3], 8), &["token_ids", "ids", "prompt", "999999"]),
-        ("token id 260 (= vocab)", ids_request(&[256, 260], 8), &["token_ids", "ids", "prompt", "260"]),
+        ("token id 999999", ids_request(&[BOS, 999_999, 3], 8), &["token_ids", "ids", "prompt", "999999"]),
+        ("token id 6144 (= vocab)", ids_request(&[BOS, 6144], 8), &["token_ids", "ids", "prompt", "6144"]),
         (
             "prompt_logits_top 1001",
             GenerateRequest { prompt_logits_top: 1001, ..ids_request(&ten, 8) },
@@ -226,7 +226,10 @@ async fn a_text_far_beyond_the_context_is_refused_without_tokenizing_it_all() {
     let tokenize = TokenizeRequest { input: Some(tokenize_request::Input::Text(fits.clone())) };
     let ids =
         within("Tokenize of 256 KiB", REFUSE_TIMEOUT, client.tokenize(tokenize)).await.expect("fits").into_inner().ids;
-    assert_eq!(ids.len(), 1 + fits.len(), "BOS and one id per byte (the default model's tokenizer)");
+    let dir = model::default_model::resolve_dir(None).expect("the default model");
+    let config = model::ModelConfig::from_dir(&dir).expect("config");
+    let tokenizer = model::Tokenizer::from_dir(&dir, &config).expect("tokenizer").expect("the default model has one");
+    assert_eq!(ids, tokenizer.encode(&fits).expect("encode"), "the whole text, BOS first");
 
     let (rss, after) = memory_mib(pid);
     eprintln!("router after: rss {rss} MiB, peak {after} MiB (+{} MiB)", after.saturating_sub(before));

@@ -7,7 +7,7 @@
 use cluster_tests::binaries::{
     DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, base_env, binary, cache_home, ensure_model, parse_reference, run_cli,
 };
-use cluster_tests::grpc::{Streams, expect_code, ids_request};
+use cluster_tests::grpc::{BOS, Streams, expect_code, ids_request};
 use cluster_tests::{Cluster, ClusterSpec, Etcd, Process, secs};
 use std::path::{Path, PathBuf};
 use tonic::Code;
@@ -15,6 +15,7 @@ use tonic::Code;
 /// The token whose activations overflow in [`poisoned_model`].
 const POISON: u32 = 90;
 const HIDDEN: usize = 256;
+const VOCAB: usize = 6144;
 
 /// The default model's directory (generated once per test binary).
 async fn default_model() -> PathBuf {
@@ -81,7 +82,7 @@ const BF16_NAN: f32 = f32::from_bits(0x7fc0_0000);
 /// so greedy decoding never picks it.
 async fn poisoned_model() -> tempfile::TempDir {
     edited_model(|w| {
-        for row in 0..260 {
+        for row in 0..VOCAB {
             w.set("model.embed_tokens.weight", row * HIDDEN, if row == POISON as usize { 1.0 } else { 0.0 });
         }
         for col in 0..HIDDEN {
@@ -135,7 +136,7 @@ async fn a_request_whose_logits_overflow_fails_alone_with_a_clear_status() {
     let model = poisoned_model().await;
     let dir = path_str(model.path());
     // `expertmesh generate` exits with the error instead of printing token 0.
-    let out = run_cli(&["generate", "--model", dir, "--prompt-ids", "256,72,90", "--max-new-tokens", "4"]).await;
+    let out = run_cli(&["generate", "--model", dir, "--prompt-ids", "0,72,90", "--max-new-tokens", "4"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("generate on the poison: {}: {}", out.status, stderr.trim());
     assert!(
@@ -148,7 +149,7 @@ async fn a_request_whose_logits_overflow_fails_alone_with_a_clear_status() {
 
     // Healthy prompts on the same weights: their reference, then the cluster must match it.
     let max_new = 6;
-    let healthy: [Vec<u32>; 2] = [vec![256, 72, 105], vec![256, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107]];
+    let healthy: [Vec<u32>; 2] = [vec![BOS, 72, 105], vec![BOS, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107]];
     let mut expected = Vec::new();
     for prompt in &healthy {
         let ids = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -170,7 +171,7 @@ async fn a_request_whose_logits_overflow_fails_alone_with_a_clear_status() {
             .router_args(&["--local-prefill-max-tokens", "4"]),
     )
     .await;
-    let poisoned = [vec![256, 72, POISON], vec![256, 84, 104, 101, 32, POISON, 117, 105, 99, 107]];
+    let poisoned = [vec![BOS, 72, POISON], vec![BOS, 84, 104, 101, 32, POISON, 117, 105, 99, 107]];
     let requests =
         [&healthy[0], &poisoned[0], &healthy[1], &poisoned[1]].into_iter().map(|p| ids_request(p, max_new)).collect();
     let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(120)).await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::grpc::{collect_stream, connect_stingy, expect_code, ids_request, test_prompts};
+use cluster_tests::grpc::{BOS, PAD, collect_stream, connect_stingy, endless_request, expect_code, ids_request, test_prompts};
 use cluster_tests::{Cluster, ClusterSpec, poll_until, secs, within};
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::{AdmitRequest, Sampling, decode_event};
@@ -31,7 +31,7 @@ async fn serves_a_good_request(cluster: &Cluster) {
 async fn dropped_stream_frees_every_worker() {
     let mut cluster = Cluster::start("drop-stream", ClusterSpec::new(1, 2)).await;
     let mut client = cluster.client().await;
-    let mut stream = within("Generate to answer", secs(60), client.generate(ids_request(&[256, 1, 2, 3, 4, 5], HUGE)))
+    let mut stream = within("Generate to answer", secs(60), client.generate(endless_request(&[BOS, 1, 2, 3, 4, 5], HUGE)))
         .await
         .expect("a long request is accepted (prompt + max_new_tokens fit the context)")
         .into_inner();
@@ -100,7 +100,7 @@ async fn dropped_before_first_token_frees_every_worker() {
 async fn stream_deadline_cancels_the_request() {
     let mut cluster = Cluster::start("deadline-stream", ClusterSpec::new(1, 1)).await;
     let mut client = cluster.client().await;
-    let mut request = tonic::Request::new(ids_request(&[256, 9, 8, 7], HUGE));
+    let mut request = tonic::Request::new(endless_request(&[BOS, 9, 8, 7], HUGE));
     request.set_timeout(Duration::from_millis(300));
     let result = within("a stream with a 300 ms deadline", secs(60), collect_stream(&mut client, request, None)).await;
     let status = result.error.as_ref().unwrap_or_else(|| {
@@ -123,7 +123,7 @@ async fn stream_deadline_cancels_the_request() {
 async fn unary_deadline_cancels_the_request() {
     let mut cluster = Cluster::start("deadline-unary", ClusterSpec::new(1, 1)).await;
     let mut client = cluster.client().await;
-    let mut request = tonic::Request::new(ids_request(&[256, 9, 8, 7], HUGE));
+    let mut request = tonic::Request::new(endless_request(&[BOS, 9, 8, 7], HUGE));
     request.set_timeout(Duration::from_millis(300));
     match within("GenerateUnary with a 300 ms deadline", secs(60), client.generate_unary(request)).await {
         Ok(reply) => panic!(
@@ -174,7 +174,7 @@ async fn a_client_that_stops_reading_loses_its_request_and_never_starves_others(
     let channel = connect_stingy(&cluster.router_url()).await.expect("a channel to the router");
     let mut stingy = GenerationClient::new(channel);
     let mut stalled =
-        within("Generate to answer", secs(60), stingy.generate(ids_request(&[256, 1, 2, 3], STALLED_TOKENS)))
+        within("Generate to answer", secs(60), stingy.generate(endless_request(&[BOS, 1, 2, 3], STALLED_TOKENS)))
             .await
             .expect("the stalled request is accepted")
             .into_inner();
@@ -232,9 +232,9 @@ async fn a_decode_consumer_that_stops_reading_loses_its_sequence() {
             top_k: 0,
             seed: 1,
             max_new_tokens: STALLED_TOKENS,
-            stop_token_ids: Vec::new(),
+            stop_token_ids: vec![PAD],
         }),
-        local_prefill_prompt_ids: vec![256, 1, 2, 3],
+        local_prefill_prompt_ids: vec![BOS, 1, 2, 3],
         prompt_logits_top: 0,
     };
     let mut events = within("Admit to answer", secs(60), DecodeClient::new(channel).admit(admit))

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cluster_core::Store;
+use cluster_tests::grpc::BOS;
 use cluster_tests::{Etcd, Process, secs, wait_until};
 
 #[tokio::test]
@@ -75,7 +76,7 @@ async fn process_terminate_and_wait_exit() {
 /// The reference CLI runs and its JSON parses (greedy, deterministic).
 #[tokio::test]
 async fn reference_is_deterministic() {
-    let prompt = [256, 72, 101, 108, 108, 111];
+    let prompt = [BOS, 72, 101, 108, 108, 111];
     let a = cluster_tests::reference_full(&prompt, 8).await;
     assert!(!a.generated_ids.is_empty() && a.generated_ids.len() <= 8, "{a:?}");
     assert_eq!(a.last_prompt_logits_top.len(), 20, "{a:?}");

@@ -54,17 +54,17 @@ async fn unary_tokenize_and_model_info() {
 
     let info = client.get_model_info(ModelInfoRequest {}).await.expect("GetModelInfo").into_inner();
     assert_eq!(info.model_type, "deepseek_v3", "{info:?}");
-    assert_eq!(info.vocab_size, 260, "{info:?}");
+    assert_eq!(info.vocab_size, 6144, "{info:?}");
     assert_eq!(info.context_length, 4096, "{info:?}");
     assert_eq!(info.num_layers, 4, "{info:?}");
     assert_eq!(info.hidden_size, 256, "{info:?}");
     assert_eq!(info.num_routed_experts, 16, "{info:?}");
     assert_eq!(info.experts_per_token, 4, "{info:?}");
     assert_eq!(info.latent_dim, 64 + 16, "kv_lora_rank + qk_rope_head_dim: {info:?}");
-    assert_eq!(info.eos_token_ids, vec![257], "{info:?}");
+    assert_eq!(info.eos_token_ids, vec![1], "{info:?}");
     assert!(info.has_tokenizer, "{info:?}");
 
-    // Byte-level tokenizer: BOS then one id per byte.
+    // BOS, then the default model's BPE tokens.
     let text = "Hello, mesh!";
     let ids = client
         .tokenize(TokenizeRequest { input: Some(Input::Text(text.into())) })
@@ -72,7 +72,11 @@ async fn unary_tokenize_and_model_info() {
         .expect("Tokenize")
         .into_inner()
         .ids;
-    let want: Vec<u32> = std::iter::once(256).chain(text.bytes().map(u32::from)).collect();
+    let dir = model::default_model::resolve_dir(None).expect("the default model");
+    let config = model::ModelConfig::from_dir(&dir).expect("config");
+    let tokenizer = model::Tokenizer::from_dir(&dir, &config).expect("tokenizer").expect("the default model has one");
+    let want = tokenizer.encode(text).expect("encode");
+    assert_eq!(want[0], 0, "BOS first");
     assert_eq!(ids, want, "Tokenize({text:?})");
 
     // Unary on token ids.

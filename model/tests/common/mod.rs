@@ -30,11 +30,21 @@ pub struct RouterLayer {
     pub experts: Vec<Vec<u32>>,
 }
 
-/// The directory of fixture `name`, from the model crate or a sibling crate.
-pub fn fixture(name: &str) -> PathBuf {
+/// The model crate's directory, from the model crate or a sibling crate.
+fn model_crate() -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model_dir = if crate_dir.ends_with("model") { crate_dir.to_path_buf() } else { crate_dir.join("../model") };
-    model_dir.join("tests/fixtures").join(name)
+    if crate_dir.ends_with("model") { crate_dir.to_path_buf() } else { crate_dir.join("../model") }
+}
+
+/// The directory of fixture `name` (its `expected.json`).
+pub fn fixture(name: &str) -> PathBuf {
+    model_crate().join("tests/fixtures").join(name)
+}
+
+/// Fixture `name`'s checkpoint: its own directory, except `default_model`, whose checkpoint is
+/// the embedded default model's source (`model/default-model`).
+pub fn checkpoint(name: &str) -> PathBuf {
+    if name == "default_model" { model_crate().join("default-model") } else { fixture(name) }
 }
 
 pub fn expected(name: &str) -> Expected {
@@ -45,7 +55,7 @@ pub fn expected(name: &str) -> Expected {
 
 /// Fixture `name` loaded with weights as `dtype` and every routed expert in process.
 pub fn load(name: &str, dtype: WeightDtype) -> (Arc<Model>, Arc<dyn ExpertBackend>) {
-    let loaded = load_model(&fixture(name), LoadOptions { weight_dtype: dtype, local_experts: true }, &|_| {})
+    let loaded = load_model(&checkpoint(name), LoadOptions { weight_dtype: dtype, local_experts: true }, &|_| {})
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     (Arc::new(loaded.model), Arc::new(loaded.experts.expect("local experts")))
 }
