@@ -4,6 +4,8 @@
 Usage:
     python3 tools/train_default_model.py [--work DIR] [--steps N] [--out DIR]
     python3 tools/train_default_model.py --measure 20      # time 20 steps, print the arithmetic
+    python3 tools/train_default_model.py --steps 1300 --stop-after 600   # train in parts:
+    python3 tools/train_default_model.py --steps 1300                    #   the rerun resumes
     python3 tools/train_default_model.py --report-only     # re-evaluate a finished run
 
 Stages (each cached in --work, so an interrupted run resumes where it stopped):
@@ -446,7 +448,8 @@ def evaluate(model, mtp, data, tap, config, n_batches=8, T=SEQ):
     return {"loss": loss / count, "mtp_loss": mloss / count, "mtp_top1": acc / count, "load": loads}
 
 
-def train(work, data, steps, logf, measure=0):
+def train(work, data, steps, logf, measure=0, stop_after=None):
+    """Trains to `steps` (resuming from the saved state), or only to `stop_after` of them."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -478,7 +481,8 @@ def train(work, data, steps, logf, measure=0):
     E, T = config.n_routed_experts, SEQ
     t0 = t_save = time.time()
     window = []
-    while step < (measure or steps):
+    end = measure or min(steps, stop_after or steps)
+    while step < end:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps)
         ids = sample_batch(train_data, step, BATCH, T)
@@ -520,7 +524,7 @@ def train(work, data, steps, logf, measure=0):
                 f"mtp top1 code {ev['val_code']['mtp_top1']:.3f} prose {ev['val_prose']['mtp_top1']:.3f}", logf)
             load = ev["val_code"]["load"]["layer1"]
             log("  layer1 load (code): " + " ".join(f"{x:.3f}" for x in load), logf)
-        if step % SAVE_EVERY == 0 or step == steps:
+        if step % SAVE_EVERY == 0 or step == end:
             seconds += time.time() - t_save
             t_save = time.time()
             tmp = state_path + ".tmp"
@@ -534,7 +538,7 @@ def train(work, data, steps, logf, measure=0):
         log(f"measure: {per_step:.2f} s/step, {tokens / per_step:.0f} tokens/s; "
             f"{len(train_data)} training tokens = {len(train_data) / tokens:.0f} steps per epoch", logf)
         return None
-    return model, mtp, config, history
+    return model, mtp, config, history, step
 
 
 # --------------------------------------------------------------------------------------
@@ -776,6 +780,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--measure", type=int, default=0, help="time this many steps and stop")
+    ap.add_argument("--stop-after", type=int, help="save the state after this many steps and exit (train in parts)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     import torch
@@ -803,7 +808,10 @@ def main():
         f"prose {len(data['val_prose'])}; {args.threads} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}", logf)
     if not args.report_only:
-        model, mtp, config, history = train(args.work, data, args.steps, logf)
+        model, mtp, config, history, step = train(args.work, data, args.steps, logf, stop_after=args.stop_after)
+        if step < args.steps:
+            log(f"stopped at step {step} of {args.steps}; the same command without --stop-after resumes", logf)
+            return
         export(args.out, args.work, model, mtp, config, tok)
         log(f"exported {args.out}", logf)
     st = torch.load(os.path.join(args.work, "state.pt"), weights_only=False)

@@ -163,7 +163,8 @@ fn the_quickstart_answers_the_demo_prompt_with_python() {
     let out = expertmesh(&args, tmp.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let answer = stdout.split_once("> def fibonacci(n):\n").map(|(_, a)| a).unwrap_or_else(|| panic!("no answer: {stdout}"));
+    let answer =
+        stdout.split_once("> def fibonacci(n):\n").map(|(_, a)| a).unwrap_or_else(|| panic!("no answer: {stdout}"));
     assert!(!answer.contains('\u{FFFD}'), "replacement characters in {answer:?}");
     // The body of a function: indented lines, and Python's words.
     let words = ["if ", "return", "for ", "not ", "None", "import ", "self", "# ", "else:", "in "];

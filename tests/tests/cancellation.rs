@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use cluster_tests::grpc::{BOS, PAD, collect_stream, connect_stingy, endless_request, expect_code, ids_request, test_prompts};
+use cluster_tests::grpc::{
+    BOS, PAD, collect_stream, connect_stingy, endless_request, expect_code, ids_request, test_prompts,
+};
 use cluster_tests::{Cluster, ClusterSpec, poll_until, secs, within};
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::{AdmitRequest, Sampling, decode_event};
@@ -31,10 +33,11 @@ async fn serves_a_good_request(cluster: &Cluster) {
 async fn dropped_stream_frees_every_worker() {
     let mut cluster = Cluster::start("drop-stream", ClusterSpec::new(1, 2)).await;
     let mut client = cluster.client().await;
-    let mut stream = within("Generate to answer", secs(60), client.generate(endless_request(&[BOS, 1, 2, 3, 4, 5], HUGE)))
-        .await
-        .expect("a long request is accepted (prompt + max_new_tokens fit the context)")
-        .into_inner();
+    let mut stream =
+        within("Generate to answer", secs(60), client.generate(endless_request(&[BOS, 1, 2, 3, 4, 5], HUGE)))
+            .await
+            .expect("a long request is accepted (prompt + max_new_tokens fit the context)")
+            .into_inner();
     let mut tokens = 0;
     while tokens < 3 {
         match within("the next token", secs(60), stream.message()).await {
