@@ -78,6 +78,21 @@ pub async fn ensure_model() {
         .await;
 }
 
+/// The default model's directory under [`cache_home`], written there first if needed.
+pub async fn default_model_dir() -> PathBuf {
+    ensure_model().await;
+    cache_home().join("expertmesh").join(format!("default-model-v{}", model::default_model::VERSION))
+}
+
+/// The default model's tokenizer (what the router tokenizes text prompts with).
+pub async fn default_tokenizer() -> model::Tokenizer {
+    let dir = default_model_dir().await;
+    let config = model::ModelConfig::from_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    model::Tokenizer::from_dir(&dir, &config)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .unwrap_or_else(|| panic!("the default model in {} has no tokenizer", dir.display()))
+}
+
 /// Runs `expertmesh` with `args` (bounded by the reference timeout).
 pub async fn run_cli(args: &[&str]) -> std::process::Output {
     let cli = binary(CLI);

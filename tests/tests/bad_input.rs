@@ -226,9 +226,7 @@ async fn a_text_far_beyond_the_context_is_refused_without_tokenizing_it_all() {
     let tokenize = TokenizeRequest { input: Some(tokenize_request::Input::Text(fits.clone())) };
     let ids =
         within("Tokenize of 256 KiB", REFUSE_TIMEOUT, client.tokenize(tokenize)).await.expect("fits").into_inner().ids;
-    let dir = model::default_model::resolve_dir(None).expect("the default model");
-    let config = model::ModelConfig::from_dir(&dir).expect("config");
-    let tokenizer = model::Tokenizer::from_dir(&dir, &config).expect("tokenizer").expect("the default model has one");
+    let tokenizer = cluster_tests::binaries::default_tokenizer().await;
     assert_eq!(ids, tokenizer.encode(&fits).expect("encode"), "the whole text, BOS first");
 
     let (rss, after) = memory_mib(pid);

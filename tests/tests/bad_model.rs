@@ -5,11 +5,11 @@
 //! generate` exits with the error instead of printing token 0.
 
 use cluster_tests::binaries::{
-    DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, base_env, binary, cache_home, ensure_model, parse_reference, run_cli,
+    DECODE_WORKER, EXPERT_WORKER, PREFILL_WORKER, base_env, binary, default_model_dir, parse_reference, run_cli,
 };
 use cluster_tests::grpc::{BOS, Streams, expect_code, ids_request};
 use cluster_tests::{Cluster, ClusterSpec, Etcd, Process, secs};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tonic::Code;
 
 /// The token whose activations overflow in [`poisoned_model`].
@@ -17,25 +17,9 @@ const POISON: u32 = 90;
 const HIDDEN: usize = 256;
 const VOCAB: usize = 6144;
 
-/// The default model's directory (generated once per test binary).
-async fn default_model() -> PathBuf {
-    ensure_model().await;
-    let root = cache_home().join("expertmesh");
-    let newest = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let version: u32 = name.strip_prefix("default-model-v")?.parse().ok()?;
-            Some((version, e.path()))
-        })
-        .max();
-    newest.unwrap_or_else(|| panic!("no default-model-vN in {}", root.display())).1
-}
-
 /// A copy of the default model whose weights `edit` changes (bf16 values, by tensor name).
 async fn edited_model(edit: impl FnOnce(&mut Weights)) -> tempfile::TempDir {
-    let from = default_model().await;
+    let from = default_model_dir().await;
     let to = tempfile::Builder::new().prefix("bad-model-").tempdir().expect("temp dir");
     for entry in std::fs::read_dir(&from).expect("model dir") {
         let entry = entry.expect("dir entry");

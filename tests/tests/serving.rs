@@ -72,10 +72,7 @@ async fn unary_tokenize_and_model_info() {
         .expect("Tokenize")
         .into_inner()
         .ids;
-    let dir = model::default_model::resolve_dir(None).expect("the default model");
-    let config = model::ModelConfig::from_dir(&dir).expect("config");
-    let tokenizer = model::Tokenizer::from_dir(&dir, &config).expect("tokenizer").expect("the default model has one");
-    let want = tokenizer.encode(text).expect("encode");
+    let want = cluster_tests::binaries::default_tokenizer().await.encode(text).expect("encode");
     assert_eq!(want[0], 0, "BOS first");
     assert_eq!(ids, want, "Tokenize({text:?})");
 
