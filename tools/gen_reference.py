@@ -14,6 +14,8 @@ For every fixture this script
      cat([gate, up]) gives bit-identical logits (checks the fused order), (b) greedy via
      the cache == greedy via full recomputation == model.generate, (c) an independent
      float64 implementation of tools/REFERENCE_NOTES.md reproduces logits and routing.
+  4. for checkpoints with an MTP layer (v3_mtp, the trained default model), records the MTP
+     logits of transformers' MtpModel, checked against the float64 implementation.
 
 Everything is CPU-only and deterministic (fixed seeds).
 """
@@ -168,6 +170,13 @@ FIXTURES = [
         "instead of torch_dtype, and derived keys \"head_dim\" (== qk_rope_head_dim, NOT the attention head dim) and "
         "\"qk_head_dim\". YaRN with mscale 0.707 / mscale_all_dim 1.0.",
     ]),
+    fx("v3_mtp", 1010, {"num_nextn_predict_layers": 1}, notes=[
+        "One MTP layer in DeepSeek-V3's layout at model.layers.3 (num_hidden_layers 3): enorm, hnorm, eh_proj "
+        "[hidden, 2*hidden], a full MLA + MoE block, shared_head.norm and shared_head.head (a copy of lm_head; the "
+        "embedding is the main one). mtp: transformers' MtpModel; at position i it sees the main model's last hidden "
+        "state (after the final norm) and prompt_ids[i + 1] and predicts prompt_ids[i + 2]; checked against the "
+        "float64 implementation.",
+    ]),
     fx("v2_f32", 1009, {}, base=V2_BASE, notes=[
         "model_type deepseek_v2 (DeepseekV2ForCausalLM): softmax over all experts (f32), group_limited_greedy: group "
         "score = max softmax score in the group, keep topk_group groups (others masked to 0.0), top-k of the masked "
@@ -201,8 +210,16 @@ def tensor_specs(cfg):
     Is = Im * cfg["n_shared_experts"]
     V = cfg["vocab_size"]
     out = [("model.embed_tokens.weight", (V, H), "embed")]
-    for L in range(cfg["num_hidden_layers"]):
+    M = cfg["num_hidden_layers"]
+    mtp_layers = list(range(M, M + (cfg.get("num_nextn_predict_layers") or 0)))
+    for L in list(range(M)) + mtp_layers:
         p = f"model.layers.{L}."
+        if L >= M:
+            # The MTP layer (DeepSeek-V3's layout): its own norms and projection, then a full
+            # MLA + MoE block, then its head (a copy of lm_head: random_weights ties them).
+            out.append((p + "enorm.weight", (H,), "norm"))
+            out.append((p + "hnorm.weight", (H,), "norm"))
+            out.append((p + "eh_proj.weight", (H, 2 * H), "linear"))
         a = p + "self_attn."
         out.append((p + "input_layernorm.weight", (H,), "norm"))
         if ql is None:
@@ -232,9 +249,18 @@ def tensor_specs(cfg):
             out.append((m + "shared_experts.gate_proj.weight", (Is, H), "linear"))
             out.append((m + "shared_experts.up_proj.weight", (Is, H), "linear"))
             out.append((m + "shared_experts.down_proj.weight", (H, Is), "linear"))
+        if L >= M:
+            out.append((p + "shared_head.norm.weight", (H,), "norm"))
+            out.append((p + "shared_head.head.weight", (V, H), "head"))
     out.append(("model.norm.weight", (H,), "norm"))
     out.append(("lm_head.weight", (V, H), "head"))
     return out
+
+
+def is_mtp_key(name, cfg):
+    """Whether `name` belongs to an MTP layer (index >= num_hidden_layers)."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg["num_hidden_layers"]
 
 
 def random_weights(cfg, seed):
@@ -252,6 +278,9 @@ def random_weights(cfg, seed):
         else:
             raise ValueError(kind)
         w[name] = (t, kind)
+    for name in w:
+        if name.endswith("shared_head.head.weight"):
+            w[name] = (w["lm_head.weight"][0].clone(), "head")  # DeepSeek-V3 shares the head
     return w
 
 
@@ -334,7 +363,7 @@ def fused_state_dict(eff, cfg):
             [torch.cat([eff[p + f"{e}.gate_proj.weight"], eff[p + f"{e}.up_proj.weight"]], 0) for e in range(E)])
         sd[p + "down_proj"] = torch.stack([eff[p + f"{e}.down_proj.weight"] for e in range(E)])
     for k, v in eff.items():
-        if ".mlp.experts." not in k:
+        if ".mlp.experts." not in k and not is_mtp_key(k, cfg):
             sd[k] = v
     return sd
 
@@ -443,7 +472,9 @@ def rope_params(cfg):
     return inv, af, scale
 
 
-def ind_forward(cfg, eff, ids):
+def ind_forward(cfg, eff, ids, mtp=False):
+    """(logits, routes), and with mtp=True the MTP layer's logits at positions 0..T-2 (it sees
+    the final-normed hidden state at i and ids[i + 1])."""
     W = {k: v.to(torch.float64) for k, v in eff.items()}
     v2 = is_v2(cfg)
     T = len(ids)
@@ -478,10 +509,14 @@ def ind_forward(cfg, eff, ids):
         return lin(torch.nn.functional.silu(lin(x, p + "gate_proj.weight")) * lin(x, p + "up_proj.weight"),
                    p + "down_proj.weight")
 
-    x = W["model.embed_tokens.weight"][torch.tensor(ids)]
-    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    mask_all = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
     routes = {}
-    for L in range(cfg["num_hidden_layers"]):
+    cos_all, sin_all = cos, sin
+
+    def block(x, L):
+        nonlocal cos, sin
+        T = x.shape[0]
+        cos, sin, mask = cos_all[:T], sin_all[:T], mask_all[:T, :T]
         p = f"model.layers.{L}."
         a = p + "self_attn."
         h = rms(x, W[p + "input_layernorm.weight"], eps)
@@ -502,8 +537,7 @@ def ind_forward(cfg, eff, ids):
         h = rms(x, W[p + "post_attention_layernorm.weight"], eps)
         m = p + "mlp."
         if L < cfg["first_k_dense_replace"]:
-            x = x + mlp(h, m)
-            continue
+            return x + mlp(h, m)
         logits = lin(h, m + "gate.weight")
         G, TG = cfg["n_group"] or 1, cfg["topk_group"] or 1
         if not v2:
@@ -532,9 +566,21 @@ def ind_forward(cfg, eff, ids):
         for t in range(T):
             for k in range(K):
                 y[t] = y[t] + w[t, k] * mlp(h[t:t + 1], m + f"experts.{int(idx[t, k])}.")[0]
-        x = x + y
+        return x + y
+
+    x = W["model.embed_tokens.weight"][torch.tensor(ids)]
+    for L in range(cfg["num_hidden_layers"]):
+        x = block(x, L)
     x = rms(x, W["model.norm.weight"], eps)
-    return lin(x, "lm_head.weight"), routes
+    if not mtp:
+        return lin(x, "lm_head.weight"), routes
+    M = cfg["num_hidden_layers"]
+    p = f"model.layers.{M}."
+    e = W["model.embed_tokens.weight"][torch.tensor(ids[1:])]
+    u = lin(torch.cat([rms(e, W[p + "enorm.weight"], eps), rms(x[: T - 1], W[p + "hnorm.weight"], eps)], -1),
+            p + "eh_proj.weight")
+    u = rms(block(u, M), W[p + "shared_head.norm.weight"], eps)
+    return lin(x, "lm_head.weight"), routes, lin(u, p + "shared_head.head.weight")
 
 
 # --------------------------------------------------------------------------------------
@@ -651,13 +697,16 @@ def build_fixture(spec, out_root):
             argmax_sets.update(am)
             assert spread > 0.1, f"{name}: logits not spread ({spread})"
             print(f"  {name} len={n}: logits std {spread:.3f} max|hf-f64| {err:.2e} greedy {greedy}")
-            cases.append({
+            case = {
                 "prompt_ids": ids,
                 "last_logits": [f32(v) for v in logits[-1].tolist()],
                 "argmax": am,
                 "greedy": greedy,
                 "router": router,
-            })
+            }
+            if cfg.get("num_nextn_predict_layers"):
+                case["mtp"] = mtp_case(model, cfg_for_ind, eff, ids, name)
+            cases.append(case)
         assert len(argmax_sets) > 3, f"{name}: argmax not varied"
         expected = {
             "name": name,
@@ -698,6 +747,20 @@ def mtp_reference(model, ids):
     return mtp._project_to_logits(hidden)[0].float()
 
 
+def mtp_case(model, cfg, eff, ids, what):
+    """transformers' MtpModel logits over `ids`, checked against the float64 implementation:
+    the argmax at every position and the logits at three."""
+    mtp_logits = mtp_reference(model, ids)
+    ref = ind_forward(cfg, eff, ids, mtp=True)[2].float()
+    err = (ref - mtp_logits).abs().max().item()
+    assert err < 1e-3 * max(1.0, mtp_logits.std().item()), f"{what}: MTP max|MtpModel-f64| {err}"
+    assert torch.equal(mtp_logits.argmax(-1), ref.argmax(-1)), f"{what}: MTP argmax differs from f64"
+    positions = sorted({0, (len(ids) - 2) // 2, len(ids) - 2})
+    print(f"  {what} len={len(ids)}: MTP max|MtpModel-f64| {err:.2e}")
+    return {"argmax": mtp_logits.argmax(-1).tolist(),
+            "logits": [{"position": i, "values": [f32(v) for v in mtp_logits[i].tolist()]} for i in positions]}
+
+
 def build_default_model_fixture(out_root):
     """The trained default model (model/default-model) against transformers: logits, argmax,
     router choices and greedy tokens of the main stack, and the MTP layer's logits from
@@ -731,13 +794,13 @@ def build_default_model_fixture(out_root):
         for L in moe_layers:
             hw, hidx = captured[L]
             assert torch.equal(hidx.sort(-1).values, ref_routes[L][0].sort(-1).values), f"routing layer {L}"
+        mtp = mtp_case(model, cfg, eff, ids, "default_model")
         mtp_logits = mtp_reference(model, ids)
         with torch.no_grad():
             x = torch.tensor([ids + [0]])  # forward() wants T + 2 ids; the last is never read
             _, own = train.forward(model, own_mtp, x)
         own_err = (own[0, : len(ids) - 1] - mtp_logits).abs().max().item()
         assert own_err < 1e-4, f"the training script's MTP module differs from MtpModel by {own_err}"
-        positions = sorted({0, (len(ids) - 2) // 2, len(ids) - 2})
         print(f"  default_model {text!r}: {len(ids)} ids, max|hf-f64| {err:.2e}, mtp max|train-MtpModel| "
               f"{own_err:.2e}, greedy {tok.decode(greedy)!r}")
         cases.append({
@@ -747,8 +810,7 @@ def build_default_model_fixture(out_root):
             "argmax": logits.argmax(-1).tolist(),
             "greedy": greedy,
             "router": router,
-            "mtp": {"argmax": mtp_logits.argmax(-1).tolist(),
-                    "logits": [{"position": i, "values": [f32(v) for v in mtp_logits[i].tolist()]} for i in positions]},
+            "mtp": mtp,
         })
     write_json(os.path.join(d, "expected.json"), {
         "name": "default_model",

@@ -71,6 +71,12 @@ fn the_default_model_matches_transformers() {
     check("default_model", WeightDtype::F32);
 }
 
+/// A checkpoint with an MTP layer (model.layers.3.*): the main stack is unchanged by it.
+#[test]
+fn a_checkpoint_with_an_mtp_layer_matches_transformers() {
+    check("v3_mtp", WeightDtype::F32);
+}
+
 #[test]
 fn v3_f32_matches_transformers() {
     check("v3_f32", WeightDtype::F32);
