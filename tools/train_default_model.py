@@ -813,7 +813,7 @@ def main():
             log(f"stopped at step {step} of {args.steps}; the same command without --stop-after resumes", logf)
             return
         export(args.out, args.work, model, mtp, config, tok)
-        log(f"exported {args.out}", logf)
+        log(f"exported {os.path.relpath(args.out, REPO_ROOT)}", logf)
     st = torch.load(os.path.join(args.work, "state.pt"), weights_only=False)
     report(args.work, args.out, args.docs, data, tok, st["history"], logf, st["seconds"])
 
