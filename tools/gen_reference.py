@@ -9,7 +9,7 @@ For every fixture this script
      config.json + safetensors (f32 / bf16 / fp8 block-quantized / sharded),
   2. loads it back with transformers (DeepseekV3ForCausalLM / DeepseekV2ForCausalLM,
      eager attention + eager experts, float32) and records logits, per-position argmax,
-     an 8-token greedy continuation through the KV cache and the router choices,
+     an 8-token greedy continuation (32 for MTP fixtures) through the KV cache and the router choices,
   3. cross-checks: (a) a fresh model whose fused expert tensors are built by hand as
      cat([gate, up]) gives bit-identical logits (checks the fused order), (b) greedy via
      the cache == greedy via full recomputation == model.generate, (c) an independent
@@ -369,7 +369,7 @@ def fused_state_dict(eff, cfg):
 
 
 @torch.no_grad()
-def run_case(model, ids, moe_layers):
+def run_case(model, ids, moe_layers, n_new=8):
     captured = {}
     hooks = []
     for L in moe_layers:
@@ -392,7 +392,7 @@ def run_case(model, ids, moe_layers):
     past = out.past_key_values
     nxt = int(logits[-1].argmax())
     greedy = [nxt]
-    for _ in range(7):
+    for _ in range(n_new - 1):
         o = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
         past = o.past_key_values
         nxt = int(o.logits[0, -1].argmax())
@@ -400,14 +400,14 @@ def run_case(model, ids, moe_layers):
     # cross-check: full recomputation without cache
     seq = list(ids)
     greedy_nocache = []
-    for _ in range(8):
+    for _ in range(n_new):
         o = model(torch.tensor([seq]), use_cache=False)
         t = int(o.logits[0, -1].argmax())
         greedy_nocache.append(t)
         seq.append(t)
     # explicit attention_mask: the BOS id 0 must not be mistaken for padding
-    gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8,
-                         min_new_tokens=8, use_cache=True, eos_token_id=None,
+    gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n_new,
+                         min_new_tokens=n_new, use_cache=True, eos_token_id=None,
                          pad_token_id=cfg_pad(model))[0, len(ids):].tolist()
     return logits, router, greedy, greedy_nocache, gen, captured
 
@@ -673,7 +673,9 @@ def build_fixture(spec, out_root):
         argmax_sets = set()
         for n in spec["prompt_lens"]:
             ids = [0] + torch.randint(2, cfg["vocab_size"], (n - 1,), generator=g).tolist()
-            logits, router, greedy, greedy_nc, gen, captured = run_case(model, ids, moe_layers)
+            # MTP fixtures: a longer continuation, for the speculative draft/accept counts.
+            n_new = 32 if cfg.get("num_nextn_predict_layers") else 8
+            logits, router, greedy, greedy_nc, gen, captured = run_case(model, ids, moe_layers, n_new)
             with torch.no_grad():
                 lf = fresh(torch.tensor([ids])).logits[0]
             assert torch.equal(lf, logits), "fresh hand-fused model differs from from_pretrained model"
@@ -705,7 +707,7 @@ def build_fixture(spec, out_root):
                 "router": router,
             }
             if cfg.get("num_nextn_predict_layers"):
-                case["mtp"] = mtp_case(model, cfg_for_ind, eff, ids, name)
+                case["mtp"] = mtp_case(model, cfg_for_ind, eff, ids, name, greedy)
             cases.append(case)
         assert len(argmax_sets) > 3, f"{name}: argmax not varied"
         expected = {
@@ -747,9 +749,11 @@ def mtp_reference(model, ids):
     return mtp._project_to_logits(hidden)[0].float()
 
 
-def mtp_case(model, cfg, eff, ids, what):
+def mtp_case(model, cfg, eff, ids, what, greedy):
     """transformers' MtpModel logits over `ids`, checked against the float64 implementation:
-    the argmax at every position and the logits at three."""
+    the argmax at every position and the logits at three; and the argmax at every position of
+    `ids + greedy` (teacher-forced over the greedy continuation: what speculative decoding's
+    draft/accept counts follow)."""
     mtp_logits = mtp_reference(model, ids)
     ref = ind_forward(cfg, eff, ids, mtp=True)[2].float()
     err = (ref - mtp_logits).abs().max().item()
@@ -758,7 +762,8 @@ def mtp_case(model, cfg, eff, ids, what):
     positions = sorted({0, (len(ids) - 2) // 2, len(ids) - 2})
     print(f"  {what} len={len(ids)}: MTP max|MtpModel-f64| {err:.2e}")
     return {"argmax": mtp_logits.argmax(-1).tolist(),
-            "logits": [{"position": i, "values": [f32(v) for v in mtp_logits[i].tolist()]} for i in positions]}
+            "logits": [{"position": i, "values": [f32(v) for v in mtp_logits[i].tolist()]} for i in positions],
+            "argmax_over_greedy": mtp_reference(model, ids + greedy).argmax(-1).tolist()}
 
 
 def build_default_model_fixture(out_root):
@@ -786,7 +791,7 @@ def build_default_model_fixture(out_root):
     cases = []
     for text in DEFAULT_MODEL_PROMPTS:
         ids = [train.BOS] + tok.encode(text, add_special_tokens=False).ids
-        logits, router, greedy, greedy_nc, gen, captured = run_case(model, ids, moe_layers)
+        logits, router, greedy, greedy_nc, gen, captured = run_case(model, ids, moe_layers, 32)
         assert greedy == greedy_nc == gen, (greedy, greedy_nc, gen)
         ref_logits, ref_routes = ind_forward(cfg, eff, ids)
         err = (ref_logits.float() - logits).abs().max().item()
@@ -794,7 +799,7 @@ def build_default_model_fixture(out_root):
         for L in moe_layers:
             hw, hidx = captured[L]
             assert torch.equal(hidx.sort(-1).values, ref_routes[L][0].sort(-1).values), f"routing layer {L}"
-        mtp = mtp_case(model, cfg, eff, ids, "default_model")
+        mtp = mtp_case(model, cfg, eff, ids, "default_model", greedy)
         mtp_logits = mtp_reference(model, ids)
         with torch.no_grad():
             x = torch.tensor([ids + [0]])  # forward() wants T + 2 ids; the last is never read

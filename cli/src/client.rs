@@ -1,6 +1,6 @@
 //! `expertmesh client`: send one prompt to a router's public API and stream the answer.
 
-use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
+use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs, Speculative};
 use anyhow::{Context, bail};
 use clap::Args;
 use proto::v1::generation_client::GenerationClient;
@@ -74,6 +74,7 @@ pub async fn stream(args: &ClientArgs, w: &mut dyn Write) -> anyhow::Result<()> 
         generated_ids: Vec::new(),
         text: String::new(),
         last_prompt_logits_top: Vec::new(),
+        speculative: Speculative::default(),
     };
     loop {
         let msg = responses
@@ -95,6 +96,10 @@ pub async fn stream(args: &ClientArgs, w: &mut dyn Write) -> anyhow::Result<()> 
             }
             Some(generate_response::Event::Summary(s)) => {
                 out.prompt_ids = s.prompt_ids;
+                if let Some(spec) = s.speculative {
+                    out.speculative =
+                        Speculative { draft_tokens: spec.draft_tokens, accepted_tokens: spec.accepted_tokens };
+                }
                 // On stderr, so stdout stays the answer (and --json the same object as generate's).
                 if !s.trace_id.is_empty() {
                     eprintln!("trace id: {}", s.trace_id);

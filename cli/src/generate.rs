@@ -1,11 +1,13 @@
 //! `expertmesh generate`: load a checkpoint, run one prompt, print the continuation.
 
-use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs};
+use crate::sampling_args::{JsonOut, LOGITS_TOP, SamplingArgs, Speculative};
 use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::args::ModelArgs;
-use model::{Engine, EngineError, EngineOptions, LoadOptions, SamplingParams, SeqId, StepOutput, load_model};
+use model::args::{ModelArgs, SpeculationArgs};
+use model::{
+    Engine, EngineError, EngineOptions, LoadOptions, SamplingParams, SeqId, SpeculationStats, StepOutput, load_model,
+};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ pub struct GenerateArgs {
     // cache here is sized to the prompt and `--max-new-tokens`).
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
     /// Prompt text (BOS is prepended).
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -67,8 +71,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = Arc::new(model);
     let s = &args.sampling;
     let cache_tokens = prompt_ids.len() + s.max_new_tokens;
-    let mut engine =
-        Engine::on_device(model, Arc::new(experts), EngineOptions { cache_tokens, block_size: 16, device })?;
+    let opts = EngineOptions {
+        cache_tokens,
+        block_size: 16,
+        device,
+        speculative_tokens: args.speculation.speculative_tokens as usize,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::on_device(model, Arc::new(experts), opts)?;
     let params = SamplingParams {
         temperature: s.temperature,
         top_k: s.top_k,
@@ -81,6 +91,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     engine.add_sequence(id, prompt_ids.clone(), params, LOGITS_TOP)?;
     let mut out = only(engine.prefill(&[id])?)?;
     let top = std::mem::take(&mut out.prompt_logits_top);
+    let mut spec = SpeculationStats::default();
     let tokenizer = loaded.tokenizer.as_ref();
     let mut stdout = std::io::stdout().lock();
     let mut printed = String::new();
@@ -101,6 +112,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             break;
         }
         out = only(engine.decode_step(&[id])?)?;
+        spec.add(&out);
     }
     let generated_ids = engine.generated(id)?.to_vec();
     let text = match tokenizer {
@@ -108,7 +120,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => String::new(),
     };
     if args.json {
-        let json = JsonOut { prompt_ids, generated_ids, text, last_prompt_logits_top: top };
+        let speculative = Speculative { draft_tokens: spec.draft_tokens, accepted_tokens: spec.accepted_tokens };
+        let json = JsonOut { prompt_ids, generated_ids, text, last_prompt_logits_top: top, speculative };
         writeln!(stdout, "{}", serde_json::to_string(&json)?)?;
     } else if tokenizer.is_none() {
         writeln!(stdout, "{generated_ids:?}")?;

@@ -25,6 +25,14 @@ pub struct JsonOut {
     pub generated_ids: Vec<u32>,
     pub text: String,
     pub last_prompt_logits_top: Vec<(u32, f32)>,
+    pub speculative: Speculative,
+}
+
+/// Speculative decoding of the request: tokens the MTP layer drafted, and those accepted.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Speculative {
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 /// How many of the largest last-prompt-position logits `--json` reports.

@@ -125,7 +125,7 @@ impl ControllerConfig {
 pub fn model_shape(dir: Option<PathBuf>) -> anyhow::Result<ModelShape> {
     let dir = model::default_model::resolve_dir(dir).context("resolving the model directory")?;
     let config = model::ModelConfig::from_dir(&dir)?;
-    let layers: Vec<usize> = (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).collect();
+    let layers = config.moe_layers();
     anyhow::ensure!(!layers.is_empty(), "{}: the model has no MoE layer; there is nothing to place", dir.display());
     Ok(ModelShape { layers, num_experts: config.n_routed_experts, num_groups: config.router.n_group.max(1) })
 }

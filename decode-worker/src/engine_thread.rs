@@ -13,8 +13,9 @@
 
 use cluster_core::actor::{self, ActorError};
 use cluster_core::stall::StallWatch;
+use model::kv::KvCommit;
 use model::request::finish_reason;
-use model::{Engine, EngineError, FinishReason, LayerRows, SamplingParams, SeqId, StepOutput};
+use model::{Engine, EngineError, FinishReason, LayerRows, SamplingParams, SeqId, SpeculationStats, StepOutput};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -30,7 +31,8 @@ pub enum SeqEvent {
         id: u32,
         prompt_logits_top: Vec<(u32, f32)>,
     },
-    Finished(FinishReason),
+    /// The sequence is done, with its speculative decoding counts.
+    Finished(FinishReason, SpeculationStats),
     /// The engine failed this sequence; it has been released.
     Failed(String),
     /// The consumer took no event for `idle` while some waited; the sequence has been released.
@@ -75,9 +77,7 @@ enum Command {
     },
     Commit {
         id: SeqId,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        prompt_logits_top: Vec<(u32, f32)>,
+        commit: KvCommit,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Release {
@@ -143,14 +143,8 @@ impl EngineHandle {
     }
 
     /// Finishes an import: the sequence joins the batch with its first token.
-    pub async fn commit(
-        &self,
-        id: SeqId,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        prompt_logits_top: Vec<(u32, f32)>,
-    ) -> Result<(), CallError> {
-        Ok(self.actor.try_call(|reply| Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply }).await??)
+    pub async fn commit(&self, id: SeqId, commit: KvCommit) -> Result<(), CallError> {
+        Ok(self.actor.try_call(|reply| Command::Commit { id, commit, reply }).await??)
     }
 
     /// Releases `id`; whether it was known.
@@ -192,6 +186,7 @@ struct Slot {
     state: SlotState,
     /// The sequence's span context, linked from every step that runs it.
     trace: String,
+    speculation: SpeculationStats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,7 +290,8 @@ impl Actor {
                 };
                 let result = result.map(|state| {
                     let stall = StallWatch::new(self.stall_timeout, Instant::now());
-                    self.slots.insert(id, Slot { events, stall, params, state, trace });
+                    let speculation = SpeculationStats::default();
+                    self.slots.insert(id, Slot { events, stall, params, state, trace, speculation });
                     self.engine.free_blocks()
                 });
                 self.publish();
@@ -304,8 +300,8 @@ impl Actor {
             Command::ImportLayer { id, rows, reply } => {
                 let _ = reply.send(self.engine.import_layer(id, &rows));
             }
-            Command::Commit { id, tokens, prompt_len, prompt_logits_top, reply } => {
-                let committed = self.commit(id, tokens, prompt_len, prompt_logits_top);
+            Command::Commit { id, commit, reply } => {
+                let committed = self.commit(id, commit);
                 self.publish();
                 let _ = reply.send(committed);
             }
@@ -319,22 +315,27 @@ impl Actor {
         }
     }
 
-    fn commit(
-        &mut self,
-        id: SeqId,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        top: Vec<(u32, f32)>,
-    ) -> Result<(), EngineError> {
+    fn commit(&mut self, id: SeqId, commit: KvCommit) -> Result<(), EngineError> {
         let slot = self.slots.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         if slot.state != SlotState::Importing {
             return Err(EngineError::WrongState(id.0, "importing"));
         }
+        let KvCommit { tokens, prompt_len, prompt_logits_top, mtp_hidden } = commit;
         let first = *tokens.last().ok_or_else(|| EngineError::BadCacheImport("no tokens".into()))?;
+        if !mtp_hidden.is_empty() {
+            self.engine.import_mtp_hidden(id, mtp_hidden)?;
+        }
         self.engine.finish_import(id, tokens, prompt_len, slot.params.clone())?;
         let generated = self.engine.generated(id)?.len();
         let finish = finish_reason(&self.engine.model().config.eos_token_ids, &slot.params, first, generated);
-        self.emit(StepOutput { seq: id, token: first, finish, prompt_logits_top: top });
+        self.emit(StepOutput {
+            seq: id,
+            tokens: vec![first],
+            finish,
+            prompt_logits_top,
+            draft_tokens: 0,
+            accepted_tokens: 0,
+        });
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.state = SlotState::Running;
         }
@@ -410,7 +411,11 @@ impl Actor {
         let _span = span.entered();
         let started = std::time::Instant::now();
         let result = self.engine.decode_step(&ids);
-        crate::telemetry::decode_step(ids.len(), started.elapsed());
+        let emitted = result.iter().flatten().flatten().map(|o| o.tokens.len()).sum();
+        crate::telemetry::decode_step(emitted, started.elapsed());
+        for out in result.iter().flatten().flatten() {
+            crate::telemetry::speculation(out);
+        }
         match result {
             Ok(outs) => self.emit_all(&ids, outs),
             Err(e) => self.fail(&ids, &e),
@@ -434,17 +439,22 @@ impl Actor {
         }
     }
 
-    /// Sends a token (and the finish, if any) to the sequence's consumer; releases the
-    /// sequence when it finished or nobody listens any more.
+    /// Sends a step's tokens (and the finish, if any) to the sequence's consumer; releases
+    /// the sequence when it finished or nobody listens any more.
     fn emit(&mut self, out: StepOutput) {
         let Some(slot) = self.slots.get_mut(&out.seq) else { return };
+        slot.speculation.add(&out);
         slot.stall.observe(&slot.events);
-        let sent = slot.events.try_send(SeqEvent::Token { id: out.token, prompt_logits_top: out.prompt_logits_top });
+        let mut top = Some(out.prompt_logits_top);
+        // The channel holds max_new_tokens + 2 events: a step's tokens always fit.
+        let sent = out.tokens.iter().try_for_each(|&id| {
+            slot.events.try_send(SeqEvent::Token { id, prompt_logits_top: top.take().unwrap_or_default() })
+        });
         slot.stall.observe(&slot.events);
         let done = match (sent, out.finish) {
             (Err(_), _) => true,
             (Ok(()), Some(reason)) => {
-                let _ = slot.events.try_send(SeqEvent::Finished(reason));
+                let _ = slot.events.try_send(SeqEvent::Finished(reason, slot.speculation));
                 true
             }
             (Ok(()), None) => false,
@@ -490,7 +500,7 @@ mod tests {
         let setup = EngineSetup {
             weight_dtype: model::WeightDtype::Auto,
             precision: kernels::cpu::Precision::Exact,
-            options: model::EngineOptions { cache_tokens: 4096, block_size: 16, device: kernels::Device::Cpu },
+            options: model::EngineOptions { cache_tokens: 4096, block_size: 16, ..Default::default() },
         };
         open_engine_with(Some(dir.to_path_buf()), setup, ExpertPlacement::Local, &|_| {}).expect("open").engine
     }
@@ -519,7 +529,7 @@ mod tests {
             read.push(e);
         }
         assert_eq!(read.len(), 51, "50 tokens and the finish");
-        assert_eq!(read.last(), Some(&SeqEvent::Finished(FinishReason::Length)));
+        assert!(matches!(read.last(), Some(&SeqEvent::Finished(FinishReason::Length, _))), "{read:?}");
         // The stalled sequence is released long before its 4000 tokens.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         assert!(handle.until_idle(deadline).await.is_idle(), "the stalled sequence was not released");

@@ -91,11 +91,16 @@ fn event(e: SeqEvent) -> Result<pb::DecodeEvent, Status> {
         SeqEvent::Token { id, prompt_logits_top } => {
             decode_event::Event::Token(pb::Token { id, prompt_logits_top: logits(prompt_logits_top) })
         }
-        SeqEvent::Finished(reason) => decode_event::Event::Finished(pb::Finished {
+        SeqEvent::Finished(reason, spec) => decode_event::Event::Finished(pb::Finished {
             reason: match reason {
                 FinishReason::Stop => pub_pb::FinishReason::Stop,
                 FinishReason::Length => pub_pb::FinishReason::Length,
             } as i32,
+            speculative: Some(pub_pb::Speculative {
+                draft_tokens: spec.draft_tokens,
+                accepted_tokens: spec.accepted_tokens,
+                draft_steps: spec.draft_steps,
+            }),
         }),
         SeqEvent::Failed(m) => return Err(Status::internal(format!("decode failed: {m}"))),
         SeqEvent::Stalled { idle } => {
@@ -183,11 +188,24 @@ fn part_of(chunk: pb::KvChunk) -> Result<KvPart, Status> {
         kv_chunk::Part::Layer(l) => {
             KvPart::Layer(LayerChunk { layer: l.layer as usize, first_token: l.first_token as usize, data: l.data })
         }
-        kv_chunk::Part::Commit(c) => KvPart::Commit(KvCommit {
-            tokens: c.tokens,
-            prompt_len: c.prompt_len as usize,
-            prompt_logits_top: c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect(),
-        }),
+        kv_chunk::Part::Commit(c) => {
+            if !c.mtp_hidden.len().is_multiple_of(4) {
+                return Err(Status::invalid_argument(format!(
+                    "KvCommit.mtp_hidden: {} bytes are not whole f32 values",
+                    c.mtp_hidden.len()
+                )));
+            }
+            KvPart::Commit(KvCommit {
+                tokens: c.tokens,
+                prompt_len: c.prompt_len as usize,
+                prompt_logits_top: c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect(),
+                mtp_hidden: c
+                    .mtp_hidden
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            })
+        }
     })
 }
 

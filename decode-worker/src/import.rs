@@ -51,10 +51,7 @@ pub async fn import(
                 engine.import_layer(id, rows).await?;
             }
             Received::Commit { request_id, commit } => {
-                let id = SeqId(request_id);
-                let (tokens, prompt_len, prompt_logits_top) =
-                    (commit.tokens, commit.prompt_len, commit.prompt_logits_top);
-                engine.commit(id, tokens, prompt_len, prompt_logits_top).await?;
+                engine.commit(SeqId(request_id), commit).await?;
                 // Answer at once: what may follow the commit is not read.
                 break;
             }
@@ -101,7 +98,8 @@ mod tests {
         let setup = EngineSetup {
             weight_dtype: WeightDtype::Auto,
             precision: kernels::cpu::Precision::Exact,
-            options: EngineOptions { cache_tokens: 1024, block_size: 16, ..Default::default() },
+            // Speculating: the push carries the MTP layer's rows and state too.
+            options: EngineOptions { cache_tokens: 1024, block_size: 16, speculative_tokens: 2, ..Default::default() },
         };
         open_engine(None, setup, &|_| {}).expect("the default model loads").engine
     }
@@ -123,11 +121,14 @@ mod tests {
         local.add_sequence(id, prompt.clone(), params(), 0).unwrap();
         let step = |out: Vec<Result<model::StepOutput, EngineError>>| out.into_iter().next().unwrap().unwrap();
         let mut out = step(local.prefill(&[id]).unwrap());
-        let first = out.token;
+        let first = out.tokens[0];
         let export = local.export_cache(id).unwrap();
+        let mut accepted = 0;
         while out.finish.is_none() {
             out = step(local.decode_step(&[id]).unwrap());
+            accepted += out.accepted_tokens;
         }
+        assert!(accepted > 0, "the test should exercise accepted drafts");
         let want = local.generated(id).unwrap().to_vec();
 
         let decode = engine();
@@ -154,13 +155,18 @@ mod tests {
         }
         let mut all = prompt.clone();
         all.push(first);
-        parts.push(KvPart::Commit(KvCommit { tokens: all, prompt_len: prompt.len(), prompt_logits_top: Vec::new() }));
+        parts.push(KvPart::Commit(KvCommit {
+            tokens: all,
+            prompt_len: prompt.len(),
+            prompt_logits_top: Vec::new(),
+            mtp_hidden: export.mtp_hidden.clone(),
+        }));
         assert_eq!(run(parts, layout, &handle).await.unwrap(), shape.total_bytes());
         let mut got = Vec::new();
         while let Some(event) = tokens.recv().await {
             match event {
                 SeqEvent::Token { id, .. } => got.push(id),
-                SeqEvent::Finished(_) => break,
+                SeqEvent::Finished(..) => break,
                 SeqEvent::Failed(m) | SeqEvent::Rejected(m) => panic!("decode failed: {m}"),
                 SeqEvent::Stalled { .. } => panic!("the test reads every event"),
             }

@@ -21,9 +21,20 @@ pub async fn sample(loads: watch::Receiver<Load>, stop: CancellationToken) {
     .await;
 }
 
-/// One continuous-batching step of `batch` sequences.
-pub fn decode_step(batch: usize, took: Duration) {
+/// One continuous-batching step that emitted `tokens` (one per sequence, more with
+/// speculation).
+pub fn decode_step(tokens: usize, took: Duration) {
     counter!("expertmesh_decode_steps_total").increment(1);
-    counter!("expertmesh_decode_tokens_total").increment(batch as u64);
+    counter!("expertmesh_decode_tokens_total").increment(tokens as u64);
     histogram!("expertmesh_decode_step_duration_seconds").record(took.as_secs_f64());
+}
+
+/// One sequence's step: the drafts it verified and how many were accepted.
+pub fn speculation(out: &model::StepOutput) {
+    if out.draft_tokens == 0 {
+        return;
+    }
+    counter!("expertmesh_speculative_draft_tokens_total").increment(out.draft_tokens as u64);
+    counter!("expertmesh_speculative_accepted_tokens_total").increment(out.accepted_tokens as u64);
+    histogram!("expertmesh_speculative_accepted_per_step").record(out.accepted_tokens as f64);
 }

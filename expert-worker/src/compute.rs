@@ -166,7 +166,7 @@ mod tests {
         model::default_model::ensure(dir.path()).expect("generate");
         let ckpt = ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open");
         let config = ckpt.config().clone();
-        let layer = crate::slots::moe_layers(&config)[0];
+        let layer = config.moe_layers()[0];
         let h = config.hidden_size;
         let counters = Arc::new(LoadCounters::new(&config));
         let (compute, thread) =

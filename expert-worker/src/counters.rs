@@ -20,8 +20,8 @@ pub struct LoadCounters {
 
 impl LoadCounters {
     pub fn new(config: &ModelConfig) -> Self {
-        let layers = crate::slots::moe_layers(config);
-        let mut row_of = vec![None; config.num_hidden_layers];
+        let layers = config.moe_layers();
+        let mut row_of = vec![None; config.num_layers_with_mtp()];
         for (row, &layer) in layers.iter().enumerate() {
             row_of[layer] = Some(row);
         }

@@ -51,7 +51,7 @@ async fn follows_a_two_phase_switch_and_publishes_load() {
     let ckpt =
         Arc::new(ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open"));
     let config = ckpt.config().clone();
-    let layers = crate::slots::moe_layers(&config);
+    let layers = config.moe_layers();
     let n = config.n_routed_experts as u32;
     let counters = Arc::new(LoadCounters::new(&config));
     let started = Instant::now();

@@ -143,7 +143,7 @@ pub async fn run(
         shutdown: stop.clone(),
     };
     let shape = placement::ModelShape {
-        moe_layers: slots::moe_layers(checkpoint.config()).into_iter().collect(),
+        moe_layers: checkpoint.config().moe_layers().into_iter().collect(),
         num_experts: checkpoint.config().n_routed_experts,
     };
     let view = placement::PlacementView::new(cluster.clone(), worker_id.clone(), shape);

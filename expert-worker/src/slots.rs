@@ -9,15 +9,11 @@ use placement::SlotKey;
 use std::collections::BTreeSet;
 use tokio_util::sync::CancellationToken;
 
-/// The MoE layers of the model, ascending.
-pub fn moe_layers(config: &ModelConfig) -> Vec<usize> {
-    (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).collect()
-}
-
 /// Every routed (layer, expert) of the model that `shard` hosts.
 pub fn shard_slots(config: &ModelConfig, shard: Shard) -> BTreeSet<SlotKey> {
     let n = config.n_routed_experts;
-    moe_layers(config)
+    config
+        .moe_layers()
         .into_iter()
         .flat_map(|layer| (0..n as u32).map(move |expert| SlotKey { layer, expert }))
         .filter(|s| shard.hosts(s.layer, s.expert, n))
@@ -67,7 +63,7 @@ mod tests {
         let ckpt = ExpertCheckpoint::open(Some(dir.path().to_path_buf()), model::WeightDtype::Auto).expect("open");
         let c = ckpt.config();
         let all = shard_slots(c, Shard::default());
-        assert_eq!(all.len(), moe_layers(c).len() * c.n_routed_experts);
+        assert_eq!(all.len(), c.moe_layers().len() * c.n_routed_experts);
         let parts: Vec<_> = (0..3).map(|index| shard_slots(c, Shard { index, count: 3 })).collect();
         assert_eq!(parts.iter().map(BTreeSet::len).sum::<usize>(), all.len());
         assert_eq!(parts.iter().flatten().copied().collect::<BTreeSet<_>>(), all);

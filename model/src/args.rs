@@ -91,7 +91,27 @@ pub struct EngineArgs {
     /// Tokens per cache block.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub block_size: u32,
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
 }
+
+/// `--speculative-tokens`: for every binary that decodes (and the prefill worker, which
+/// prepares the MTP layer's state for its decode workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct SpeculationArgs {
+    /// Tokens the model's MTP layer drafts per sequence and decode step, verified by the
+    /// model in the same step (lossless); 0 turns speculative decoding off. A prefill worker
+    /// with > 0 runs the MTP layer over prompts for the decode workers. Ignored, with a
+    /// warning, for a model without an MTP layer and on a GPU.
+    #[arg(long, env = "EXPERTMESH_SPECULATIVE_TOKENS", default_value_t = DEFAULT_SPECULATIVE_TOKENS,
+        value_parser = clap::value_parser!(u32).range(0..=MAX_SPECULATIVE_TOKENS))]
+    pub speculative_tokens: u32,
+}
+
+/// `--speculative-tokens` by default (docs/BENCHMARKS.md: the fastest setting measured).
+pub const DEFAULT_SPECULATIVE_TOKENS: u32 = 1;
+/// Past a few drafts, the chance that all are accepted is too small to pay for verifying them.
+pub const MAX_SPECULATIVE_TOKENS: i64 = 8;
 
 /// A flag value out of range; names the flag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +148,8 @@ impl EngineArgs {
                 cache_tokens: self.cache_tokens,
                 block_size: self.block_size as usize,
                 device: self.device,
+                speculative_tokens: self.speculation.speculative_tokens as usize,
+                accept_rule: crate::sampling::AcceptRule::Rejection,
             },
         }
     }
@@ -153,6 +175,7 @@ mod tests {
         let args = parse(&[]).expect("parses");
         assert_eq!(args.model, ModelArgs { dir: None, dtype: DtypeArg::Auto, precision: PrecisionArg::Exact });
         assert_eq!((args.device, args.cache_tokens, args.block_size), (kernels::Device::Cpu, 32768, 16));
+        assert_eq!(args.speculation.speculative_tokens, DEFAULT_SPECULATIVE_TOKENS);
         args.validate().expect("defaults validate");
         let setup = parse(&["--dtype", "bf16", "--precision", "bf16", "--cache-tokens", "64", "--block-size", "8"])
             .expect("parses")
@@ -167,6 +190,8 @@ mod tests {
         let e = parse(&["--block-size", "0"]).expect_err("0 is out of range");
         assert!(e.to_string().contains("--block-size"), "{e}");
         parse(&["--block-size", "1025"]).expect_err("1025 is out of range");
+        let e = parse(&["--speculative-tokens", "9"]).expect_err("9 is out of range");
+        assert!(e.to_string().contains("--speculative-tokens"), "{e}");
         let e = parse(&["--cache-tokens", "0"]).expect("parses").validate().expect_err("refused");
         assert_eq!(e.to_string(), "--cache-tokens 0: must be >= 1");
         let e = parse(&["--cache-tokens", "8", "--block-size", "16"]).expect("parses").validate().expect_err("refused");

@@ -8,13 +8,22 @@ use crate::cache::{CacheLayout, LatentCache};
 use crate::cuda::GpuModel;
 use crate::engine::SeqId;
 use crate::experts::ExpertBackend;
-use crate::forward::{ForwardOutput, Model, Segment};
+use crate::forward::{ForwardOutput, LayerHook, Model, Pass, Segment};
 use crate::kv::LayerRows;
 use kernels::Device;
 
+/// The CPU hook that hands each finished layer of the listed sequences to the sink.
+fn export_hook<'a, 'b>((tables, sink): LayerExports<'a, 'b>) -> impl FnMut(usize, &LatentCache) + Send {
+    move |layer: usize, cache: &LatentCache| {
+        for &(id, blocks, n) in tables {
+            sink(id, cache.export_layer(layer, blocks, n));
+        }
+    }
+}
+
 /// What a forward pass exports per layer as soon as the layer's rows are in the cache:
 /// `(sequence, block table, tokens)` of each sequence to export, and the sink.
-pub(crate) type LayerExports<'a, 'b> = (&'a [(SeqId, &'a [u32], usize)], &'b mut crate::engine::LayerSink<'b>);
+pub(crate) type LayerExports<'a, 'b> = (&'a [(SeqId, &'a [u32], usize)], &'a mut crate::engine::LayerSink<'b>);
 
 #[derive(Debug)]
 pub(crate) enum Backend {
@@ -54,7 +63,9 @@ impl Backend {
     }
 
     /// Runs `segments` through `model`, their rows written into the cache; with `exports`,
-    /// each layer's rows of the listed sequences are handed out as soon as they are there.
+    /// each layer's rows of the listed sequences are handed out as soon as they are there;
+    /// with `hidden`, every token's final-normed hidden state comes back too (CPU only: a GPU
+    /// engine runs no MTP layer and never asks).
     pub(crate) fn forward(
         &mut self,
         model: &Model,
@@ -62,20 +73,36 @@ impl Backend {
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
         exports: Option<LayerExports<'_, '_>>,
+        hidden: bool,
     ) -> Result<ForwardOutput, EngineError> {
         match self {
             Backend::Gpu(gpu) => gpu.run(model, segments, experts, exports),
-            Backend::Cpu => Ok(match exports {
-                None => model.forward(cache, segments, experts, None)?,
-                Some((tables, sink)) => {
-                    let mut hook = |layer: usize, cache: &LatentCache| {
-                        for &(id, blocks, n) in tables {
-                            sink(id, cache.export_layer(layer, blocks, n));
-                        }
-                    };
-                    model.forward_with_layer_hook(cache, segments, experts, &mut hook)?
-                }
-            }),
+            Backend::Cpu => {
+                let mut hook = exports.map(export_hook);
+                let on_layer = hook.as_mut().map(|h| h as &mut LayerHook<'_>);
+                Ok(model.forward_with(cache, segments, experts, Pass { trace: None, on_layer, hidden })?)
+            }
+        }
+    }
+
+    /// The MTP layer over `segments` ([`Model::mtp_forward`]), exporting its rows as
+    /// [`Backend::forward`] does. CPU only: a GPU engine is opened without the MTP layer.
+    pub(crate) fn mtp_forward(
+        &mut self,
+        model: &Model,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        prev: &[f32],
+        experts: &dyn ExpertBackend,
+        exports: Option<LayerExports<'_, '_>>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        match self {
+            Backend::Gpu(_) => Err(EngineError::Device("the MTP layer does not run on the GPU engine".into())),
+            Backend::Cpu => {
+                let mut hook = exports.map(export_hook);
+                let on_layer = hook.as_mut().map(|h| h as &mut LayerHook<'_>);
+                Ok(model.mtp_forward(cache, segments, prev, experts, on_layer)?)
+            }
         }
     }
 

@@ -60,8 +60,11 @@ pub struct LatentCache {
 pub struct SequenceCacheExport {
     pub num_tokens: usize,
     pub latent_dim: usize,
-    /// `layers[l]` holds layer `l`'s `num_tokens` rows.
+    /// `layers[l]` holds layer `l`'s `num_tokens` rows; the MTP layer's last, when the
+    /// sequence has them.
     pub layers: Vec<LayerRows>,
+    /// The MTP layer's output at the last cached position (empty without one).
+    pub mtp_hidden: Vec<f32>,
 }
 
 impl LatentCache {

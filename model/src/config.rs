@@ -118,8 +118,31 @@ impl ModelConfig {
         Parser { path: path.to_path_buf() }.parse(raw)
     }
 
+    /// Whether `layer` (of the main stack, or the MTP layer) has a routed FFN.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
+        if Some(layer) == self.mtp_layer() {
+            return self.n_routed_experts > 0;
+        }
         layer >= self.first_k_dense_replace && self.n_routed_experts > 0 && layer.is_multiple_of(self.moe_layer_freq)
+    }
+
+    /// The checkpoint layer of the MTP module speculative decoding drafts with: the first of
+    /// the `num_nextn_predict_layers` that follow the main stack (DeepSeek ships one; further
+    /// ones are not read).
+    pub fn mtp_layer(&self) -> Option<usize> {
+        (self.num_nextn_predict_layers > 0).then_some(self.num_hidden_layers)
+    }
+
+    /// The MoE layers whose routed experts run: the main stack's, then the MTP layer's (a full
+    /// decoder block whose FFN is MoE whenever the model routes: transformers builds it with
+    /// `first_k_dense_replace = 0`).
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.num_layers_with_mtp()).filter(|&l| self.is_moe_layer(l)).collect()
+    }
+
+    /// Layers with weights: the main stack and the MTP layer, if any.
+    pub fn num_layers_with_mtp(&self) -> usize {
+        self.num_hidden_layers + usize::from(self.mtp_layer().is_some())
     }
 
     pub fn qk_head_dim(&self) -> usize {

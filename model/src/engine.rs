@@ -12,8 +12,7 @@ use crate::experts::ExpertBackend;
 use crate::forward::{LogitsWanted, Model, Segment};
 use crate::kv::LayerRows;
 use crate::request::{RequestLimits, finish_reason};
-use crate::sampling::Sampler;
-use crate::sampling::{SamplingParams, top_logits};
+use crate::sampling::{AcceptRule, Draft, Sampler, SamplingParams, top_logits};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -49,22 +48,55 @@ pub struct EngineOptions {
     pub block_size: usize,
     /// Where the forward pass and the cache live (see [`Engine::on_device`]).
     pub device: kernels::Device,
+    /// Tokens the MTP layer drafts per sequence and decode step (0: no speculation). On a
+    /// prefill engine, > 0 runs the MTP layer over prompts so a decode engine can speculate.
+    pub speculative_tokens: usize,
+    /// How drafts are verified ([`AcceptRule::Rejection`]: lossless).
+    pub accept_rule: AcceptRule,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { cache_tokens: 16 * 1024, block_size: 16, device: kernels::Device::Cpu }
+        EngineOptions {
+            cache_tokens: 16 * 1024,
+            block_size: 16,
+            device: kernels::Device::Cpu,
+            speculative_tokens: 0,
+            accept_rule: AcceptRule::Rejection,
+        }
     }
 }
 
-/// One token produced for one sequence.
+/// What one step produced for one sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
     pub seq: SeqId,
-    pub token: u32,
+    /// The new tokens, in order: one, or with speculation up to one more than the drafts.
+    pub tokens: Vec<u32>,
     pub finish: Option<FinishReason>,
     /// After prefill, when asked: the largest logits at the last prompt position.
     pub prompt_logits_top: Vec<(u32, f32)>,
+    /// Tokens the MTP layer drafted for this step, and how many of them were accepted.
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
+}
+
+/// A sequence's speculative decoding so far: tokens drafted, drafts accepted, and the steps
+/// that drafted (each emits its accepted drafts plus one token).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpeculationStats {
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    pub draft_steps: u64,
+}
+
+impl SpeculationStats {
+    /// Counts one step's output.
+    pub fn add(&mut self, out: &StepOutput) {
+        self.draft_tokens += out.draft_tokens as u64;
+        self.accepted_tokens += out.accepted_tokens as u64;
+        self.draft_steps += u64::from(out.draft_tokens > 0);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +121,20 @@ struct Sequence {
     prompt_logits_top: usize,
     /// While importing: tokens received per layer.
     imported_layers: Vec<Option<usize>>,
+    /// The MTP layer's cache rows cover every cached position.
+    mtp_rows: bool,
+    /// The MTP layer's (`shared_head.norm`-ed) output at the last cached position: what the
+    /// next step drafts from. `None` until the MTP layer ran (or arrived) for this sequence.
+    mtp_hidden: Option<Vec<f32>>,
+}
+
+/// Errors (and finishes `s`) when `logits`, those of the input at `position`, are not all
+/// finite: its activations overflowed, and no token can be sampled from them.
+fn finite(id: SeqId, s: &mut Sequence, logits: &[f32], position: usize) -> Result<(), EngineError> {
+    let Some(token) = logits.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+    s.phase = Phase::Finished;
+    tracing::warn!(seq = %id, position, token, "non_finite_logits");
+    Err(EngineError::NonFiniteLogits { seq: id.0, position, token })
 }
 
 /// A batch-capable inference engine over one model.
@@ -101,6 +147,10 @@ pub struct Engine {
     /// Where the forward pass runs and the rows live.
     backend: Backend,
     seqs: HashMap<SeqId, Sequence>,
+    /// The MTP layer runs (its cache rows are the cache's last layer).
+    mtp: bool,
+    speculative_tokens: usize,
+    accept_rule: AcceptRule,
 }
 
 impl Engine {
@@ -121,15 +171,31 @@ impl Engine {
         experts: Arc<dyn ExpertBackend>,
         opts: EngineOptions,
     ) -> Result<Self, EngineError> {
-        let layout = Self::layout_for(&model.config, opts);
+        let mtp = opts.speculative_tokens > 0 && model.has_mtp() && opts.device == kernels::Device::Cpu;
+        if opts.speculative_tokens > 0 && !mtp {
+            let why = if model.has_mtp() { "the GPU engine runs no MTP layer" } else { "the model has no MTP layer" };
+            tracing::warn!(speculative_tokens = opts.speculative_tokens, why, "speculative_decoding_off");
+        }
+        let layout = Self::layout_for(&model.config, opts, mtp);
         let (backend, cache) = Backend::open(opts.device, &model, experts.as_ref(), layout)?;
-        Ok(Engine { model, experts, cache, backend, seqs: HashMap::new() })
+        let speculative_tokens = if mtp { opts.speculative_tokens } else { 0 };
+        Ok(Engine {
+            model,
+            experts,
+            cache,
+            backend,
+            seqs: HashMap::new(),
+            mtp,
+            speculative_tokens,
+            accept_rule: opts.accept_rule,
+        })
     }
 
-    fn layout_for(c: &crate::ModelConfig, opts: EngineOptions) -> CacheLayout {
+    /// Main layers, then the MTP layer when it runs.
+    fn layout_for(c: &crate::ModelConfig, opts: EngineOptions, mtp: bool) -> CacheLayout {
         let block_size = opts.block_size.max(1);
         CacheLayout {
-            num_layers: c.num_hidden_layers,
+            num_layers: c.num_hidden_layers + usize::from(mtp),
             latent_dim: c.latent_dim(),
             block_size,
             num_blocks: opts.cache_tokens.div_ceil(block_size),
@@ -147,6 +213,11 @@ impl Engine {
 
     pub fn cache_layout(&self) -> CacheLayout {
         self.cache.layout()
+    }
+
+    /// Tokens drafted per sequence and step (0 when the engine does not speculate).
+    pub fn speculative_tokens(&self) -> usize {
+        self.speculative_tokens
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -187,42 +258,68 @@ impl Engine {
             phase: Phase::Waiting,
             prompt_logits_top,
             imported_layers: Vec::new(),
+            mtp_rows: false,
+            mtp_hidden: None,
         };
         self.seqs.insert(id, seq);
         Ok(())
     }
 
-    /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token.
+    /// Runs the prompts of `ids` (all waiting) in one batch and samples each first token;
+    /// with speculation, then runs the MTP layer over every prompt position.
     ///
     /// One result per id, in order: the sequence's token, or the error that ended it alone
     /// ([`EngineError::NonFiniteLogits`]; it is then finished, to be released) while the rest
     /// of the batch goes on. The outer error fails the whole batch.
     pub fn prefill(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
-        self.run(ids, Phase::Waiting, None)
+        self.prefill_with(ids, None)
     }
 
     /// [`Engine::prefill`], handing each sequence's finished layer to `on_layer(seq, rows)`
-    /// as soon as the layer is done (rows as in [`SequenceCacheExport::layers`]).
+    /// as soon as the layer is done (rows as in [`SequenceCacheExport::layers`]; the MTP
+    /// layer's last, once the first tokens are sampled).
     pub fn prefill_streaming(
         &mut self,
         ids: &[SeqId],
         on_layer: &mut LayerSink<'_>,
     ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
-        self.run(ids, Phase::Waiting, Some(on_layer))
+        self.prefill_with(ids, Some(on_layer))
     }
 
-    /// One decode step for every sequence in `ids` (all running); results as for
-    /// [`Engine::prefill`].
+    /// One decode step for every sequence in `ids` (all running): each speculating sequence
+    /// drafts up to `speculative_tokens` with the MTP layer, the target model verifies every
+    /// draft in the same batch, and each sequence advances by its accepted drafts plus one
+    /// token. Results as for [`Engine::prefill`].
     pub fn decode_step(&mut self, ids: &[SeqId]) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
-        self.run(ids, Phase::Running, None)
+        self.check_batch(ids, Phase::Running)?;
+        let drafts = self.draft(ids)?;
+        let inputs: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(&drafts)
+            .map(|(id, d)| {
+                let s = &self.seqs[id];
+                s.tokens[s.cached..].iter().copied().chain(d.iter().map(|d| d.token)).collect()
+            })
+            .collect();
+        let segments: Vec<Segment<'_>> = ids
+            .iter()
+            .zip(&inputs)
+            .map(|(id, tokens)| {
+                let s = &self.seqs[id];
+                Segment { tokens, start_pos: s.cached, block_table: &s.blocks, logits: LogitsWanted::All }
+            })
+            .collect();
+        let starts: Vec<usize> = ids.iter().map(|id| self.seqs[id].cached).collect();
+        let out =
+            self.backend.forward(&self.model, &mut self.cache, &segments, self.experts.as_ref(), None, self.mtp)?;
+        drop(segments);
+        let results = self.accept(ids, &drafts, &out.logits);
+        self.advance_mtp(ids, &starts, &results, &out.hidden, true, None)?;
+        Ok(results)
     }
 
-    fn run(
-        &mut self,
-        ids: &[SeqId],
-        phase: Phase,
-        on_layer: Option<&mut (dyn FnMut(SeqId, LayerRows) + Send)>,
-    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
+    /// Errors unless every id is a distinct sequence in `phase`.
+    fn check_batch(&self, ids: &[SeqId], phase: Phase) -> Result<(), EngineError> {
         let mut seen = std::collections::HashSet::new();
         for id in ids {
             let s = self.seqs.get(id).ok_or(EngineError::UnknownSequence(id.0))?;
@@ -234,16 +331,20 @@ impl Engine {
                 return Err(EngineError::WrongState(id.0, what));
             }
         }
+        Ok(())
+    }
+
+    fn prefill_with(
+        &mut self,
+        ids: &[SeqId],
+        mut on_layer: Option<&mut LayerSink<'_>>,
+    ) -> Result<Vec<Result<StepOutput, EngineError>>, EngineError> {
+        self.check_batch(ids, Phase::Waiting)?;
         let segments: Vec<Segment<'_>> = ids
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
-                Segment {
-                    tokens: &s.tokens[s.cached..],
-                    start_pos: s.cached,
-                    block_table: &s.blocks,
-                    logits: LogitsWanted::Last,
-                }
+                Segment { tokens: &s.tokens, start_pos: 0, block_table: &s.blocks, logits: LogitsWanted::Last }
             })
             .collect();
         // What a layer hook exports: only built when there is one.
@@ -251,53 +352,234 @@ impl Engine {
             Some(_) => ids.iter().map(|id| (*id, &self.seqs[id].blocks[..], self.seqs[id].tokens.len())).collect(),
             None => Vec::new(),
         };
-        let exports = on_layer.map(|f| (&tables[..], f));
-        let out = self.backend.forward(&self.model, &mut self.cache, &segments, self.experts.as_ref(), exports)?;
+        let exports = on_layer.as_deref_mut().map(|f| (&tables[..], f));
+        let out =
+            self.backend.forward(&self.model, &mut self.cache, &segments, self.experts.as_ref(), exports, self.mtp)?;
         drop(segments);
         drop(tables);
-        Ok(self.finish_step(ids, phase, out))
-    }
-
-    /// Samples each sequence's next token from its logits and advances its state. A sequence
-    /// whose logits are not all finite (its activations overflowed) is finished with an error
-    /// instead of sampling from them.
-    fn finish_step(
-        &mut self,
-        ids: &[SeqId],
-        phase: Phase,
-        out: crate::ForwardOutput,
-    ) -> Vec<Result<StepOutput, EngineError>> {
         let mut results = Vec::with_capacity(ids.len());
-        for (id, logits) in ids.iter().zip(out.logits) {
+        for (id, logits) in ids.iter().zip(&out.logits) {
             let s = self.seqs.get_mut(id).expect("checked above");
             s.cached = s.tokens.len();
-            if let Some(token) = logits.iter().position(|v| !v.is_finite()) {
-                s.phase = Phase::Finished;
-                let position = s.tokens.len() - 1;
-                tracing::warn!(seq = %id, position, token, "non_finite_logits");
-                results.push(Err(EngineError::NonFiniteLogits { seq: id.0, position, token }));
+            if let Err(e) = finite(*id, s, logits, s.tokens.len() - 1) {
+                results.push(Err(e));
                 continue;
             }
-            let token = s.sampler.sample(&logits);
-            let prompt_logits_top =
-                if phase == Phase::Waiting { top_logits(&logits, s.prompt_logits_top) } else { Vec::new() };
+            let token = s.sampler.sample(logits, 0);
+            let prompt_logits_top = top_logits(logits, s.prompt_logits_top);
             s.tokens.push(token);
-            let finish = finish_reason(
-                &self.model.config.eos_token_ids,
-                s.sampler.params(),
-                token,
-                s.tokens.len() - s.prompt_len,
-            );
+            let finish = finish_reason(&self.model.config.eos_token_ids, s.sampler.params(), token, 1);
             s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
-            results.push(Ok(StepOutput { seq: *id, token, finish, prompt_logits_top }));
+            s.mtp_rows = self.mtp;
+            results.push(Ok(StepOutput {
+                seq: *id,
+                tokens: vec![token],
+                finish,
+                prompt_logits_top,
+                draft_tokens: 0,
+                accepted_tokens: 0,
+            }));
+        }
+        // Every prefilled sequence gets its MTP rows, finished ones too: a push announces
+        // every layer of the cache.
+        self.advance_mtp(ids, &vec![0; ids.len()], &results, &out.hidden, false, on_layer)?;
+        Ok(results)
+    }
+
+    /// How many tokens `s` drafts this step: none without MTP state; never a draft for a
+    /// position beyond max_new_tokens (the step then emits at most what is left).
+    fn draft_len(&self, s: &Sequence) -> usize {
+        if s.mtp_hidden.is_none() {
+            return 0;
+        }
+        let left = s.sampler.params().max_new_tokens.saturating_sub(s.tokens.len() - s.prompt_len);
+        self.speculative_tokens.min(left.saturating_sub(1))
+    }
+
+    /// The MTP layer's drafts for each sequence: the first from its stored output, each
+    /// further one by running the layer on its own output and the previous draft.
+    fn draft(&mut self, ids: &[SeqId]) -> Result<Vec<Vec<Draft>>, EngineError> {
+        let h = self.model.config.hidden_size;
+        let vocab = self.model.config.vocab_size;
+        let want: Vec<usize> = ids.iter().map(|id| self.draft_len(&self.seqs[id])).collect();
+        let mut drafts: Vec<Vec<Draft>> = vec![Vec::new(); ids.len()];
+        // The hidden state each drafting sequence drafts its next token from.
+        let mut prev: Vec<Option<Vec<f32>>> =
+            ids.iter().zip(&want).map(|(id, &k)| if k > 0 { self.seqs[id].mtp_hidden.clone() } else { None }).collect();
+        for round in 0..want.iter().copied().max().unwrap_or(0) {
+            if round > 0 {
+                // Run the layer over (previous output, last draft) at the draft's position.
+                let active: Vec<usize> = (0..ids.len()).filter(|&i| want[i] > round).collect();
+                let tokens: Vec<[u32; 1]> = active.iter().map(|&i| [drafts[i][round - 1].token]).collect();
+                let segments: Vec<Segment<'_>> = active
+                    .iter()
+                    .zip(&tokens)
+                    .map(|(&i, t)| {
+                        let s = &self.seqs[&ids[i]];
+                        Segment {
+                            tokens: t,
+                            start_pos: s.cached + round - 1,
+                            block_table: &s.blocks,
+                            logits: LogitsWanted::Last,
+                        }
+                    })
+                    .collect();
+                let rows: Vec<f32> = active.iter().flat_map(|&i| prev[i].take().expect("drafting")).collect();
+                let outs = self.backend.mtp_forward(
+                    &self.model,
+                    &mut self.cache,
+                    &segments,
+                    &rows,
+                    self.experts.as_ref(),
+                    None,
+                )?;
+                drop(segments);
+                for (&i, g) in active.iter().zip(outs) {
+                    prev[i] = Some(g);
+                }
+            }
+            let active: Vec<usize> = (0..ids.len()).filter(|&i| want[i] > round).collect();
+            let rows: Vec<f32> =
+                active.iter().flat_map(|&i| prev[i].as_deref().expect("drafting").iter().copied()).collect();
+            let logits = self.model.mtp_logits(&rows, active.len());
+            for (j, &i) in active.iter().enumerate() {
+                let s = &self.seqs[&ids[i]];
+                let index = (s.tokens.len() - s.prompt_len + round) as u64;
+                drafts[i].push(s.sampler.draft(&logits[j * vocab..(j + 1) * vocab], index));
+            }
+            debug_assert!(rows.len() == active.len() * h);
+        }
+        Ok(drafts)
+    }
+
+    /// Verifies each sequence's drafts against the target's logits (one row per input
+    /// token), emits the accepted drafts and one more token, and advances its state. A
+    /// sequence whose logits are not all finite is finished with an error instead.
+    fn accept(
+        &mut self,
+        ids: &[SeqId],
+        drafts: &[Vec<Draft>],
+        logits: &[Vec<f32>],
+    ) -> Vec<Result<StepOutput, EngineError>> {
+        let vocab = self.model.config.vocab_size;
+        let eos = &self.model.config.eos_token_ids;
+        let mut results = Vec::with_capacity(ids.len());
+        for ((id, drafts), logits) in ids.iter().zip(drafts).zip(logits) {
+            let s = self.seqs.get_mut(id).expect("checked above");
+            let generated = s.tokens.len() - s.prompt_len;
+            let (mut tokens, mut finish, mut failed, mut accepted) = (Vec::new(), None, None, 0);
+            for (j, row) in logits.chunks_exact(vocab).enumerate() {
+                if let Err(e) = finite(*id, s, row, s.cached + j) {
+                    failed = Some(e);
+                    break;
+                }
+                let index = (generated + j) as u64;
+                let token = match drafts.get(j) {
+                    Some(d) => match s.sampler.verify(row, d, index, self.accept_rule) {
+                        Ok(()) => {
+                            accepted += 1;
+                            d.token
+                        }
+                        Err(t) => t,
+                    },
+                    None => s.sampler.sample(row, index),
+                };
+                tokens.push(token);
+                finish = finish_reason(eos, s.sampler.params(), token, generated + tokens.len());
+                if finish.is_some() || tokens.len() > accepted {
+                    break;
+                }
+            }
+            if let Some(e) = failed.filter(|_| tokens.is_empty()) {
+                results.push(Err(e));
+                continue;
+            }
+            // Rows of rejected drafts stay behind the cached length, to be overwritten.
+            s.cached = s.tokens.len() + tokens.len() - 1;
+            s.tokens.extend_from_slice(&tokens);
+            s.phase = if finish.is_some() { Phase::Finished } else { Phase::Running };
+            results.push(Ok(StepOutput {
+                seq: *id,
+                tokens,
+                finish,
+                prompt_logits_top: Vec::new(),
+                draft_tokens: drafts.len(),
+                accepted_tokens: accepted,
+            }));
         }
         results
+    }
+
+    /// Runs the MTP layer over the positions each sequence just cached, `[starts[i], cached)`
+    /// (h_p from `hidden`, whose rows start at `starts[i]`, and the token after p), so its MTP
+    /// rows cover every cached position and its output at the last one drafts the next step.
+    /// Skips sequences without MTP rows, failed ones and (`skip_finished`) finished ones.
+    fn advance_mtp(
+        &mut self,
+        ids: &[SeqId],
+        starts: &[usize],
+        results: &[Result<StepOutput, EngineError>],
+        hidden: &[Vec<f32>],
+        skip_finished: bool,
+        on_layer: Option<&mut LayerSink<'_>>,
+    ) -> Result<(), EngineError> {
+        if !self.mtp {
+            return Ok(());
+        }
+        let h = self.model.config.hidden_size;
+        let mut picked = Vec::new();
+        let mut prev = Vec::new();
+        for (((id, &start), r), hid) in ids.iter().zip(starts).zip(results).zip(hidden) {
+            let Ok(out) = r else { continue };
+            let s = &self.seqs[id];
+            if !s.mtp_rows || (skip_finished && out.finish.is_some()) {
+                continue;
+            }
+            prev.extend_from_slice(&hid[..(s.cached - start) * h]);
+            picked.push((*id, start));
+        }
+        if picked.is_empty() {
+            return Ok(());
+        }
+        let seqs = &self.seqs;
+        let segments: Vec<Segment<'_>> = picked
+            .iter()
+            .map(|(id, start)| {
+                let s = &seqs[id];
+                Segment {
+                    tokens: &s.tokens[start + 1..=s.cached],
+                    start_pos: *start,
+                    block_table: &s.blocks,
+                    logits: LogitsWanted::Last,
+                }
+            })
+            .collect();
+        let tables: Vec<(SeqId, &[u32], usize)> = match on_layer {
+            Some(_) => picked.iter().map(|(id, _)| (*id, &seqs[id].blocks[..], seqs[id].cached)).collect(),
+            None => Vec::new(),
+        };
+        let exports = on_layer.map(|f| (&tables[..], f));
+        let outs =
+            self.backend.mtp_forward(&self.model, &mut self.cache, &segments, &prev, self.experts.as_ref(), exports)?;
+        drop(segments);
+        drop(tables);
+        for ((id, _), g) in picked.iter().zip(outs) {
+            self.seqs.get_mut(id).expect("picked above").mtp_hidden = Some(g);
+        }
+        Ok(())
     }
 
     /// Tokens generated so far by `id`.
     pub fn generated(&self, id: SeqId) -> Result<&[u32], EngineError> {
         let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         Ok(&s.tokens[s.prompt_len..])
+    }
+
+    /// The MTP layer's output at the sequence's last cached position (empty when it has
+    /// none): what a prefill worker ships with the cache ([`crate::kv::KvCommit::mtp_hidden`]).
+    pub fn mtp_hidden(&self, id: SeqId) -> Result<Vec<f32>, EngineError> {
+        let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        Ok(s.mtp_hidden.clone().unwrap_or_default())
     }
 
     /// Frees the sequence and its cache blocks.
@@ -311,12 +593,12 @@ impl Engine {
     pub fn export_cache(&self, id: SeqId) -> Result<SequenceCacheExport, EngineError> {
         let s = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id.0))?;
         let layout = self.cache.layout();
+        let layers = if s.mtp_rows { layout.num_layers } else { self.model.config.num_hidden_layers };
         Ok(SequenceCacheExport {
             num_tokens: s.cached,
             latent_dim: layout.latent_dim,
-            layers: (0..layout.num_layers)
-                .map(|l| self.export_layer(l, &s.blocks, s.cached))
-                .collect::<Result<_, _>>()?,
+            layers: (0..layers).map(|l| self.export_layer(l, &s.blocks, s.cached)).collect::<Result<_, _>>()?,
+            mtp_hidden: s.mtp_hidden.clone().unwrap_or_default(),
         })
     }
 
@@ -331,7 +613,8 @@ impl Engine {
         export: &SequenceCacheExport,
     ) -> Result<(), EngineError> {
         let layout = self.cache.layout();
-        if export.latent_dim != layout.latent_dim || export.layers.len() != layout.num_layers {
+        let main = self.model.config.num_hidden_layers;
+        if export.latent_dim != layout.latent_dim || !(main..=layout.num_layers).contains(&export.layers.len()) {
             return Err(EngineError::BadCacheImport(format!(
                 "shape {}x{} does not match this model's {} layers x {}",
                 export.layers.len(),
@@ -345,6 +628,9 @@ impl Engine {
         let staged = (|| {
             for rows in &export.layers {
                 self.import_layer(id, rows)?;
+            }
+            if !export.mtp_hidden.is_empty() {
+                self.import_mtp_hidden(id, export.mtp_hidden.clone())?;
             }
             self.finish_import(id, tokens, prompt_len, params)
         })();
@@ -379,6 +665,8 @@ impl Engine {
             phase: Phase::Importing,
             prompt_logits_top: 0,
             imported_layers: vec![None; self.cache.layout().num_layers],
+            mtp_rows: false,
+            mtp_hidden: None,
         };
         self.seqs.insert(id, seq);
         Ok(())
@@ -410,8 +698,30 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes an importing sequence runnable once every layer has arrived. `tokens` is the
-    /// prompt plus the tokens generated where it was prefilled (at least the first).
+    /// Takes the MTP layer's output at the last prompt position of an importing sequence (what
+    /// its first step drafts from; [`SequenceCacheExport::mtp_hidden`]). Ignored by an engine
+    /// that does not speculate.
+    pub fn import_mtp_hidden(&mut self, id: SeqId, hidden: Vec<f32>) -> Result<(), EngineError> {
+        let h = self.model.config.hidden_size;
+        let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id.0))?;
+        if s.phase != Phase::Importing {
+            return Err(EngineError::WrongState(id.0, "importing"));
+        }
+        if hidden.len() != h || hidden.iter().any(|v| !v.is_finite()) {
+            return Err(EngineError::BadCacheImport(format!(
+                "the MTP state must be {h} finite values, got {} values",
+                hidden.len()
+            )));
+        }
+        if self.mtp {
+            s.mtp_hidden = Some(hidden);
+        }
+        Ok(())
+    }
+
+    /// Makes an importing sequence runnable once every layer has arrived (the MTP layer's
+    /// rows are optional: without them the sequence decodes without speculation). `tokens` is
+    /// the prompt plus the tokens generated where it was prefilled (at least the first).
     pub fn finish_import(
         &mut self,
         id: SeqId,
@@ -424,12 +734,15 @@ impl Engine {
             return Err(EngineError::WrongState(id.0, "importing"));
         }
         let num_tokens = tokens.len().saturating_sub(1);
-        if let Some(l) = s.imported_layers.iter().position(|n| *n != Some(num_tokens)) {
+        let main = self.model.config.num_hidden_layers;
+        let missing = |l: usize, n: Option<usize>| n != Some(num_tokens) && (l < main || n.is_some());
+        if let Some(l) = s.imported_layers.iter().enumerate().position(|(l, n)| missing(l, *n)) {
             return Err(EngineError::BadCacheImport(match s.imported_layers[l] {
                 None => format!("layer {l} never arrived"),
                 Some(n) => format!("layer {l} holds {n} tokens, expected {num_tokens}"),
             }));
         }
+        let mtp_rows = self.mtp && s.imported_layers.get(main).is_some_and(Option::is_some);
         self.check_import(&tokens, prompt_len, &params, num_tokens)?;
         let layout = self.cache.layout();
         let s = self.seqs.get_mut(&id).expect("checked above");
@@ -440,12 +753,18 @@ impl Engine {
                 params.max_new_tokens
             )));
         }
-        let generated = (tokens.len() - prompt_len) as u64;
-        s.sampler = Sampler::resume(params, generated);
+        s.sampler = Sampler::new(params);
         s.prompt_len = prompt_len;
         s.tokens = tokens;
         s.cached = num_tokens;
         s.imported_layers.clear();
+        s.mtp_rows = mtp_rows;
+        if !mtp_rows {
+            s.mtp_hidden = None;
+            if self.mtp {
+                tracing::debug!(seq = %id, "imported_without_mtp_rows");
+            }
+        }
         // A sequence whose last token was a stop token, or that has all its tokens, is
         // already finished.
         let last = *s.tokens.last().expect("checked: at least one generated token");

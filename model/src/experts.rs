@@ -80,7 +80,7 @@ impl ExpertWeights {
 }
 
 /// Experts held in this process: `layers[layer][expert]`, `None` where not loaded. Every
-/// MoE layer has `n_routed_experts` entries, every dense layer none.
+/// MoE layer (the MTP layer's included) has `n_routed_experts` entries, every dense layer none.
 #[derive(Debug)]
 pub struct LocalExperts {
     pub(crate) layers: Vec<Vec<Option<Mlp>>>,
@@ -93,7 +93,7 @@ impl LocalExperts {
     /// Hosts nothing yet; experts arrive through [`LocalExperts::insert`].
     pub fn empty(config: &ModelConfig, precision: Precision) -> Self {
         let layers =
-            (0..config.num_hidden_layers)
+            (0..config.num_layers_with_mtp())
                 .map(|l| {
                     if config.is_moe_layer(l) {
                         (0..config.n_routed_experts).map(|_| None).collect()
@@ -114,7 +114,7 @@ impl LocalExperts {
         progress: &dyn Fn(u64),
     ) -> Result<Self, ModelError> {
         let mut experts = LocalExperts::empty(config, Precision::Exact);
-        for l in (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)) {
+        for l in config.moe_layers() {
             for id in (0..config.n_routed_experts as u32).map(ExpertId).filter(|&id| want(l, id)) {
                 let w = LocalExperts::load_expert(ckpt, config, dtype, l, id)?;
                 experts.layers[l][id.0 as usize] = Some(w.mlp);
@@ -133,7 +133,7 @@ impl LocalExperts {
         layer: usize,
         expert: ExpertId,
     ) -> Result<ExpertWeights, ModelError> {
-        let routed = layer < config.num_hidden_layers && config.is_moe_layer(layer);
+        let routed = layer < config.num_layers_with_mtp() && config.is_moe_layer(layer);
         if !routed || expert.0 as usize >= config.n_routed_experts {
             return Err(ModelError::Config {
                 path: ckpt.dir().join("config.json"),
@@ -272,7 +272,7 @@ mod tests {
         let c = ckpt.config().clone();
         let dense = (0..c.num_hidden_layers).find(|&l| !c.is_moe_layer(l)).expect("a dense layer");
         let moe = (0..c.num_hidden_layers).find(|&l| c.is_moe_layer(l)).expect("a MoE layer");
-        for (layer, expert) in [(dense, 0), (moe, c.n_routed_experts as u32), (c.num_hidden_layers, 0)] {
+        for (layer, expert) in [(dense, 0), (moe, c.n_routed_experts as u32), (c.num_layers_with_mtp(), 0)] {
             let e = ckpt.load(layer, ExpertId(expert)).expect_err("not an expert").to_string();
             assert!(e.contains("config.json") && e.contains(&format!("layer {layer} expert {expert}")), "{e}");
         }

@@ -93,8 +93,99 @@ pub(crate) struct Layer {
     pub(crate) ffn: Ffn,
 }
 
+impl Layer {
+    fn load(r: &WeightReader<'_>, c: &ModelConfig, t: &LayerSpec) -> Result<Self, ModelError> {
+        let (heads, dn, dv) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim);
+        let q = match &t.q {
+            QSpec::Full(w) => QProj::Full(r.matrix(w)?.packed()),
+            QSpec::Lora { a, norm, b } => {
+                QProj::Lora { a: r.matrix(a)?.packed(), norm: r.vector(norm)?, b: r.matrix(b)?.packed() }
+            }
+        };
+        let kv_b = r.matrix(&t.kv_b)?;
+        let per = dn + dv;
+        let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed().packed()).collect();
+        let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per).packed()).collect();
+        let attn = Attention {
+            q,
+            kv_a: r.matrix(&t.kv_a)?.packed(),
+            kv_a_norm: r.vector(&t.kv_a_norm)?,
+            w_uk_t,
+            w_uv,
+            o_proj: r.matrix(&t.o_proj)?.packed(),
+        };
+        let ffn = match &t.ffn {
+            FfnSpec::Moe { gate, bias, shared } => {
+                let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
+                Ffn::Moe(Moe {
+                    gate: f32_reader.matrix(gate)?,
+                    bias: bias.as_ref().map(|b| r.vector(b)).transpose()?,
+                    shared: shared.as_ref().map(|s| Mlp::load(r, s)).transpose()?,
+                })
+            }
+            FfnSpec::Dense(mlp) => Ffn::Dense(Mlp::load(r, mlp)?),
+        };
+        Ok(Layer { input_norm: r.vector(&t.input_norm)?, post_norm: r.vector(&t.post_norm)?, attn, ffn })
+    }
+}
+
+/// DeepSeek's multi-token prediction module (checkpoint layer `index`): at position i it
+/// combines the main model's final-normed hidden state h_i with the embedding of token
+/// x_{i+1}, runs one decoder block over its own latent cache layer, and its `shared_head`
+/// gives the distribution of x_{i+2}. Drafts further ahead feed its own output back as h.
+#[derive(Debug)]
+pub(crate) struct Mtp {
+    pub(crate) index: usize,
+    pub(crate) enorm: Vec<f32>,
+    pub(crate) hnorm: Vec<f32>,
+    /// `[hidden, 2 * hidden]`: embeddings first, then the hidden state.
+    pub(crate) eh_proj: Matrix,
+    pub(crate) block: Layer,
+    pub(crate) head_norm: Vec<f32>,
+    /// `shared_head.head` when the checkpoint has its own; the main head otherwise.
+    pub(crate) head: Option<Matrix>,
+    /// The layer's own `embed_tokens` when the checkpoint has one; the main embedding otherwise.
+    pub(crate) embed: Option<Matrix>,
+}
+
+impl Mtp {
+    fn load(r: &WeightReader<'_>, c: &ModelConfig, index: usize) -> Result<Self, ModelError> {
+        let t = shapes::MtpSpec::new(c, index);
+        let optional = |spec: &shapes::Spec| r.ckpt.contains(&spec.name).then(|| r.matrix(spec)).transpose();
+        Ok(Mtp {
+            index,
+            enorm: r.vector(&t.enorm)?,
+            hnorm: r.vector(&t.hnorm)?,
+            eh_proj: r.matrix(&t.eh_proj)?.packed(),
+            block: Layer::load(r, c, &t.block)?,
+            head_norm: r.vector(&t.head_norm)?,
+            head: optional(&t.head)?.map(Matrix::packed),
+            embed: optional(&t.embed)?,
+        })
+    }
+}
+
 /// Called with a layer index once that layer's latent rows are in the cache.
 pub type LayerHook<'a> = dyn FnMut(usize, &LatentCache) + Send + 'a;
+
+impl std::fmt::Debug for Pass<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pass")
+            .field("trace", &self.trace.is_some())
+            .field("on_layer", &self.on_layer.is_some())
+            .field("hidden", &self.hidden)
+            .finish()
+    }
+}
+
+/// What a forward pass does besides computing logits (see [`Model::forward_with`]).
+#[derive(Default)]
+pub struct Pass<'t, 'h> {
+    pub trace: Option<&'t mut RouterTrace>,
+    pub on_layer: Option<&'h mut LayerHook<'h>>,
+    /// Return every token's final-normed hidden state ([`ForwardOutput::hidden`]).
+    pub hidden: bool,
+}
 
 /// The non-expert weights of a model (routed experts live behind [`ExpertBackend`]).
 #[derive(Debug)]
@@ -104,6 +195,8 @@ pub struct Model {
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Vec<f32>,
     pub(crate) lm_head: Option<Matrix>,
+    /// The MTP module, when the config names one (`num_nextn_predict_layers`).
+    pub(crate) mtp: Option<Mtp>,
     pub(crate) rope: RopeTable,
     pub(crate) scale: f32,
     precision: Precision,
@@ -127,10 +220,12 @@ pub struct Segment<'a> {
     pub logits: LogitsWanted,
 }
 
-/// Logits per segment: one row (`Last`), one per token (`All`) or none.
+/// Logits per segment: one row (`Last`), one per token (`All`) or none; and, when asked, the
+/// final-normed hidden state of every token per segment (what the MTP layer reads).
 #[derive(Debug, Default)]
 pub struct ForwardOutput {
     pub logits: Vec<Vec<f32>>,
+    pub hidden: Vec<Vec<f32>>,
 }
 
 /// Router choices recorded during a forward: `layers[i] = (layer, ids)` where `ids` holds
@@ -143,42 +238,11 @@ pub struct RouterTrace {
 impl Model {
     pub(crate) fn load(r: &WeightReader<'_>, config: ModelConfig, progress: &dyn Fn(u64)) -> Result<Self, ModelError> {
         let c = &config;
-        let (heads, dn, dv) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim);
         let embed = r.matrix(&shapes::embed(c))?;
         progress(1);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let t = LayerSpec::new(c, l);
-            let q = match &t.q {
-                QSpec::Full(w) => QProj::Full(r.matrix(w)?.packed()),
-                QSpec::Lora { a, norm, b } => {
-                    QProj::Lora { a: r.matrix(a)?.packed(), norm: r.vector(norm)?, b: r.matrix(b)?.packed() }
-                }
-            };
-            let kv_b = r.matrix(&t.kv_b)?;
-            let per = dn + dv;
-            let w_uk_t = (0..heads).map(|hd| kv_b.rows_range(hd * per..hd * per + dn).transposed().packed()).collect();
-            let w_uv = (0..heads).map(|hd| kv_b.rows_range(hd * per + dn..(hd + 1) * per).packed()).collect();
-            let attn = Attention {
-                q,
-                kv_a: r.matrix(&t.kv_a)?.packed(),
-                kv_a_norm: r.vector(&t.kv_a_norm)?,
-                w_uk_t,
-                w_uv,
-                o_proj: r.matrix(&t.o_proj)?.packed(),
-            };
-            let ffn = match &t.ffn {
-                FfnSpec::Moe { gate, bias, shared } => {
-                    let f32_reader = WeightReader { dtype: crate::WeightDtype::F32, ..*r };
-                    Ffn::Moe(Moe {
-                        gate: f32_reader.matrix(gate)?,
-                        bias: bias.as_ref().map(|b| r.vector(b)).transpose()?,
-                        shared: shared.as_ref().map(|s| Mlp::load(r, s)).transpose()?,
-                    })
-                }
-                FfnSpec::Dense(mlp) => Ffn::Dense(Mlp::load(r, mlp)?),
-            };
-            let layer = Layer { input_norm: r.vector(&t.input_norm)?, post_norm: r.vector(&t.post_norm)?, attn, ffn };
+            let layer = Layer::load(r, c, &LayerSpec::new(c, l))?;
             progress(1);
             layers.push(layer);
         }
@@ -187,10 +251,11 @@ impl Model {
         // A tied head is the embedding: packed too (embedding rows are then read through the
         // packed layout, one row per token).
         let embed = if c.tie_word_embeddings { embed.packed() } else { embed };
+        let mtp = c.mtp_layer().map(|l| Mtp::load(r, c, l)).transpose()?;
         progress(1);
         let rope = RopeTable::new(c.qk_rope_head_dim, c.rope_theta, c.yarn.as_ref(), c.rope_interleave);
         let scale = c.softmax_scale();
-        Ok(Model { config, embed, layers, norm, lm_head, rope, scale, precision: Precision::Exact })
+        Ok(Model { config, embed, layers, norm, lm_head, mtp, rope, scale, precision: Precision::Exact })
     }
 
     pub fn set_precision(&mut self, precision: Precision) {
@@ -209,24 +274,23 @@ impl Model {
         experts: &dyn ExpertBackend,
         trace: Option<&mut RouterTrace>,
     ) -> Result<ForwardOutput, ExpertError> {
-        // The caller's span (a decode step, a prefill batch) follows onto the pool thread, so
-        // expert calls made there are its children.
-        let span = tracing::Span::current();
-        rayon::scope(|_| span.in_scope(|| self.forward_on_pool(cache, segments, experts, trace, None)))
+        self.forward_with(cache, segments, experts, Pass { trace, on_layer: None, hidden: false })
     }
 
-    /// [`Model::forward`], calling `on_layer(l, cache)` as soon as layer `l`'s latent rows
-    /// for every segment are in the cache (before its FFN runs), so they can be shipped
-    /// while later layers compute.
-    pub fn forward_with_layer_hook(
+    /// [`Model::forward`] with what `pass` asks besides: router choices recorded, each layer's
+    /// rows handed to a hook as soon as they are in the cache (before its FFN runs, so they
+    /// can be shipped while later layers compute), the final-normed hidden states returned.
+    pub fn forward_with(
         &self,
         cache: &mut LatentCache,
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
-        on_layer: &mut LayerHook<'_>,
+        pass: Pass<'_, '_>,
     ) -> Result<ForwardOutput, ExpertError> {
+        // The caller's span (a decode step, a prefill batch) follows onto the pool thread, so
+        // expert calls made there are its children.
         let span = tracing::Span::current();
-        rayon::scope(|_| span.in_scope(|| self.forward_on_pool(cache, segments, experts, None, Some(on_layer))))
+        rayon::scope(|_| span.in_scope(|| self.forward_on_pool(cache, segments, experts, pass)))
     }
 
     fn forward_on_pool(
@@ -234,36 +298,120 @@ impl Model {
         cache: &mut LatentCache,
         segments: &[Segment<'_>],
         experts: &dyn ExpertBackend,
-        trace: Option<&mut RouterTrace>,
-        mut on_layer: Option<&mut LayerHook<'_>>,
+        mut pass: Pass<'_, '_>,
     ) -> Result<ForwardOutput, ExpertError> {
-        let c = &self.config;
-        let h = c.hidden_size;
-        let mut b = Batch::new(segments, experts, trace);
-        let n = b.len();
-        let mut x = vec![0f32; n * h];
+        let h = self.config.hidden_size;
+        let mut b = Batch::new(segments, experts, pass.trace.take());
+        let mut x = vec![0f32; b.len() * h];
         for (i, &t) in b.tokens.iter().enumerate() {
             self.embed.row_f32(t as usize, &mut x[i * h..(i + 1) * h]);
         }
-        let mut hn = vec![0f32; n * h];
-        let mut out = vec![0f32; n * h];
         for (li, layer) in self.layers.iter().enumerate() {
-            hn.copy_from_slice(&x);
-            rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
-            self.attention(li, &layer.attn, &b, &hn, cache, &mut out);
-            if let Some(hook) = on_layer.as_deref_mut() {
-                hook(li, cache);
-            }
-            add(&mut x, &out);
-            hn.copy_from_slice(&x);
-            rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);
-            match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&hn, n, &mut out, self.precision),
-                Ffn::Moe(moe) => self.moe(li, moe, &mut b, &hn, &mut out)?,
-            }
-            add(&mut x, &out);
+            self.block(li, layer, &mut b, &mut x, cache, pass.on_layer.as_deref_mut())?;
         }
-        Ok(self.logits(&x, segments))
+        let mut out = self.logits(&x, segments);
+        if pass.hidden {
+            rms_norm(&mut x, &self.norm, self.config.rms_norm_eps);
+            out.hidden = split_rows(&x, h, segments);
+        }
+        Ok(out)
+    }
+
+    /// One decoder layer over the batch's rows `x`, in place.
+    fn block(
+        &self,
+        li: usize,
+        layer: &Layer,
+        b: &mut Batch<'_>,
+        x: &mut [f32],
+        cache: &mut LatentCache,
+        on_layer: Option<&mut LayerHook<'_>>,
+    ) -> Result<(), ExpertError> {
+        let c = &self.config;
+        let n = b.len();
+        let mut hn = x.to_vec();
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
+        self.attention(li, &layer.attn, b, &hn, cache, &mut out);
+        if let Some(hook) = on_layer {
+            hook(li, cache);
+        }
+        add(x, &out);
+        hn.copy_from_slice(x);
+        rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);
+        match &layer.ffn {
+            Ffn::Dense(mlp) => mlp.forward(&hn, n, &mut out, self.precision),
+            Ffn::Moe(moe) => self.moe(li, moe, b, &hn, &mut out)?,
+        }
+        add(x, &out);
+        Ok(())
+    }
+
+    /// Whether the checkpoint's MTP layer was loaded.
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    /// The MTP layer over `segments`: token i of a segment is x_{p+1} at position p, `prev`
+    /// holds the hidden state it is combined with (`[tokens, hidden]` in batch order: the main
+    /// model's final-normed h_p, or the MTP layer's own output when drafting further). Writes
+    /// the MTP layer's latent rows (cache layer `num_hidden_layers`) and returns, per segment,
+    /// the `shared_head.norm`-ed outputs of the rows its `logits` asks for: what
+    /// [`Model::mtp_logits`] turns into the distribution of x_{p+2}, and what a further
+    /// draft takes as its hidden state. Calls `on_layer` once the rows are in the cache.
+    ///
+    /// The model must have an MTP layer ([`Model::has_mtp`]).
+    pub fn mtp_forward(
+        &self,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        prev: &[f32],
+        experts: &dyn ExpertBackend,
+        on_layer: Option<&mut LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>, ExpertError> {
+        let span = tracing::Span::current();
+        rayon::scope(|_| span.in_scope(|| self.mtp_on_pool(cache, segments, prev, experts, on_layer)))
+    }
+
+    fn mtp_on_pool(
+        &self,
+        cache: &mut LatentCache,
+        segments: &[Segment<'_>],
+        prev: &[f32],
+        experts: &dyn ExpertBackend,
+        on_layer: Option<&mut LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>, ExpertError> {
+        let mtp = self.mtp.as_ref().expect("callers check has_mtp");
+        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+        let mut b = Batch::new(segments, experts, None);
+        let n = b.len();
+        debug_assert_eq!(prev.len(), n * h);
+        let embed = mtp.embed.as_ref().unwrap_or(&self.embed);
+        let mut e = vec![0f32; n * h];
+        for (i, &t) in b.tokens.iter().enumerate() {
+            embed.row_f32(t as usize, &mut e[i * h..(i + 1) * h]);
+        }
+        rms_norm(&mut e, &mtp.enorm, eps);
+        let mut hp = prev.to_vec();
+        rms_norm(&mut hp, &mtp.hnorm, eps);
+        let cat: Vec<f32> =
+            e.chunks_exact(h).zip(hp.chunks_exact(h)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
+        let mut x = vec![0f32; n * h];
+        matmul(&cat, n, 2 * h, mtp.eh_proj.weight(), h, &mut x, self.precision);
+        self.block(mtp.index, &mtp.block, &mut b, &mut x, cache, on_layer)?;
+        let rows = logit_rows(segments);
+        let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+        rms_norm(&mut hs, &mtp.head_norm, eps);
+        Ok(split_logits(&hs, h, segments).logits)
+    }
+
+    /// The MTP head over `m` rows of [`Model::mtp_forward`]'s outputs: `[m, vocab]` logits.
+    pub fn mtp_logits(&self, rows: &[f32], m: usize) -> Vec<f32> {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let head = self.mtp.as_ref().and_then(|t| t.head.as_ref()).or(self.lm_head.as_ref()).unwrap_or(&self.embed);
+        let mut out = vec![0f32; m * vocab];
+        matmul(rows, m, h, head.weight(), vocab, &mut out, self.precision);
+        out
     }
 
     fn logits(&self, x: &[f32], segments: &[Segment<'_>]) -> ForwardOutput {
@@ -476,6 +624,20 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// `rows` (`[tokens, width]` in batch order) handed out per segment, every token.
+fn split_rows(rows: &[f32], width: usize, segments: &[Segment<'_>]) -> Vec<Vec<f32>> {
+    let mut start = 0;
+    segments
+        .iter()
+        .map(|s| {
+            let end = start + s.tokens.len() * width;
+            let seg = rows[start..end].to_vec();
+            start = end;
+            seg
+        })
+        .collect()
+}
+
 /// Rows of the flattened batch whose logits the segments want, in segment order.
 pub(crate) fn logit_rows(segments: &[Segment<'_>]) -> Vec<usize> {
     let mut rows = Vec::new();
@@ -504,7 +666,7 @@ pub(crate) fn split_logits(all: &[f32], vocab: usize, segments: &[Segment<'_>]) 
         logits.push(all[row * vocab..(row + k) * vocab].to_vec());
         row += k;
     }
-    ForwardOutput { logits }
+    ForwardOutput { logits, hidden: Vec::new() }
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

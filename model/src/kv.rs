@@ -114,6 +114,9 @@ pub struct KvCommit {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     pub prompt_logits_top: Vec<(u32, f32)>,
+    /// The MTP layer's output at the last prompt position (what decoding drafts from first);
+    /// empty when the sender ran no MTP layer.
+    pub mtp_hidden: Vec<f32>,
 }
 
 /// One message of a cache push.
@@ -267,8 +270,9 @@ impl Reassembly {
                 let whole = add_chunk(shape, layers, chunk)?;
                 self.bytes += bytes;
                 Ok(match whole {
-                    Some(rows) => Received::Layer { request_id, rows },
-                    None => Received::Partial,
+                    Some(rows) if rows.layer() < self.layout.num_layers => Received::Layer { request_id, rows },
+                    // The MTP layer of a sender, for a receiver without one.
+                    Some(_) | None => Received::Partial,
                 })
             }
             KvPart::Commit(commit) => {
@@ -296,8 +300,11 @@ impl Reassembly {
 }
 
 /// Whether a header fits this worker: its model's shape, at least one token, within the cache.
+/// One layer more or less is the MTP layer: a sender that ran none (the engine then decodes
+/// without speculation, and refuses the push if a main layer is what is missing), or a
+/// receiver that does not speculate (the rows are received and dropped).
 fn check_header(l: CacheLayout, shape: KvShape) -> Result<(), KvError> {
-    if shape.latent_dim != l.latent_dim || shape.num_layers != l.num_layers {
+    if shape.latent_dim != l.latent_dim || shape.num_layers.abs_diff(l.num_layers) > 1 {
         return Err(KvError::ShapeMismatch {
             num_layers: shape.num_layers,
             latent_dim: shape.latent_dim,

@@ -23,7 +23,12 @@ fn header(shape: KvShape) -> KvPart {
 }
 
 fn commit() -> KvCommit {
-    KvCommit { tokens: vec![1, 2, 3, 4, 5, 9], prompt_len: 5, prompt_logits_top: vec![(9, 1.5)] }
+    KvCommit {
+        tokens: vec![1, 2, 3, 4, 5, 9],
+        prompt_len: 5,
+        prompt_logits_top: vec![(9, 1.5)],
+        mtp_hidden: Vec::new(),
+    }
 }
 
 fn chunk(layer: usize, first_token: usize, num_rows: usize) -> KvPart {
@@ -189,7 +194,7 @@ fn a_second_header_is_refused() {
 
 #[test]
 fn a_header_of_another_model_is_refused() {
-    for (num_layers, latent_dim) in [(4, 2), (3, 3)] {
+    for (num_layers, latent_dim) in [(5, 2), (1, 2), (3, 3)] {
         let mut r = Reassembly::new(layout_for(SHAPE));
         let shape = KvShape { num_layers, latent_dim, ..SHAPE };
         assert_eq!(
@@ -197,8 +202,29 @@ fn a_header_of_another_model_is_refused() {
             Err(KvError::ShapeMismatch { num_layers, latent_dim, want_layers: 3, want_dim: 2 })
         );
     }
-    let e = KvError::ShapeMismatch { num_layers: 4, latent_dim: 2, want_layers: 3, want_dim: 2 }.to_string();
-    assert_eq!(e, "cache shape 4 layers x 2 does not match this model's 3 x 2");
+    let e = KvError::ShapeMismatch { num_layers: 5, latent_dim: 2, want_layers: 3, want_dim: 2 }.to_string();
+    assert_eq!(e, "cache shape 5 layers x 2 does not match this model's 3 x 2");
+}
+
+/// One layer more is a sender's MTP layer that this side does not keep: received, counted
+/// and dropped. One layer fewer is left to the engine (a push without the MTP layer).
+#[test]
+fn an_mtp_layer_more_or_less_is_accepted() {
+    let more = KvShape { num_layers: 4, ..SHAPE };
+    let mut r = Reassembly::new(layout_for(SHAPE));
+    r.accept(header(more)).expect("one layer more");
+    for layer in 0..4 {
+        let got = r.accept(KvPart::Layer(chunk_layer(&rows(layer, more), usize::MAX).next().expect("a chunk")));
+        match got.expect("accepted") {
+            Received::Layer { rows, .. } => assert!(rows.layer() < 3),
+            Received::Partial => assert_eq!(layer, 3, "only the extra layer is dropped"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(r.accept(KvPart::Commit(commit())), Ok(Received::Commit { .. })));
+    assert_eq!(r.finish(), Ok(4 * more.layer_bytes() as u64));
+    let mut r = Reassembly::new(layout_for(SHAPE));
+    r.accept(header(KvShape { num_layers: 2, ..SHAPE })).expect("one layer fewer");
 }
 
 #[test]

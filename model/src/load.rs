@@ -36,7 +36,7 @@ pub struct Loaded {
 /// Loads `dir`, reporting progress through `on_progress`.
 pub fn load_model(dir: &Path, opts: LoadOptions, on_progress: &dyn Fn(LoadProgress)) -> Result<Loaded, ModelError> {
     let (config, ckpt) = open_checked(dir)?;
-    let n_moe = (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).count();
+    let n_moe = config.moe_layers().len();
     let expert_steps = if opts.local_experts { (n_moe * config.n_routed_experts) as u64 } else { 0 };
     let total = config.num_hidden_layers as u64 + 2 + expert_steps;
     let done = AtomicU64::new(0);

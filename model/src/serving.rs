@@ -91,8 +91,9 @@ pub fn open_experts(
 ) -> Result<HostedExperts, ModelError> {
     let dir = crate::default_model::resolve_dir(dir)?;
     let (config, ckpt) = crate::load::open_checked(&dir)?;
-    let total = (0..config.num_hidden_layers)
-        .filter(|&l| config.is_moe_layer(l))
+    let total = config
+        .moe_layers()
+        .into_iter()
         .map(|l| (0..config.n_routed_experts).filter(|&e| want(&config, l, ExpertId(e as u32))).count() as u64)
         .sum();
     let done = std::sync::atomic::AtomicU64::new(0);

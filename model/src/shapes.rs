@@ -187,6 +187,36 @@ impl LayerSpec {
     }
 }
 
+/// The MTP module at checkpoint layer `L = num_hidden_layers`: `eh_proj(cat(enorm(embed(x)),
+/// hnorm(h)))`, a decoder block, `shared_head.norm`, then a head. Its own `shared_head.head`
+/// and `embed_tokens` are optional (transformers uses the main model's).
+#[derive(Debug)]
+pub(crate) struct MtpSpec {
+    pub(crate) enorm: Spec,
+    pub(crate) hnorm: Spec,
+    pub(crate) eh_proj: Spec,
+    pub(crate) block: LayerSpec,
+    pub(crate) head_norm: Spec,
+    pub(crate) head: Spec,
+    pub(crate) embed: Spec,
+}
+
+impl MtpSpec {
+    pub(crate) fn new(c: &ModelConfig, l: usize) -> Self {
+        let p = format!("model.layers.{l}");
+        let h = c.hidden_size;
+        MtpSpec {
+            enorm: Spec::vector(format!("{p}.enorm.weight"), h, HIDDEN),
+            hnorm: Spec::vector(format!("{p}.hnorm.weight"), h, HIDDEN),
+            eh_proj: Spec::matrix(format!("{p}.eh_proj.weight"), h, 2 * h, "[hidden_size, 2 * hidden_size]"),
+            block: LayerSpec::new(c, l),
+            head_norm: Spec::vector(format!("{p}.shared_head.norm.weight"), h, HIDDEN),
+            head: Spec::matrix(format!("{p}.shared_head.head.weight"), c.vocab_size, h, "[vocab_size, hidden_size]"),
+            embed: Spec::matrix(format!("{p}.embed_tokens.weight"), c.vocab_size, h, "[vocab_size, hidden_size]"),
+        }
+    }
+}
+
 pub(crate) fn embed(c: &ModelConfig) -> Spec {
     Spec::matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size, "[vocab_size, hidden_size]")
 }
@@ -273,6 +303,36 @@ pub(crate) fn check(c: &ModelConfig, ckpt: &Checkpoint) -> Result<(), ModelError
     r.checked(&final_norm(c))?;
     if let Some(head) = lm_head(c) {
         r.checked(&head)?;
+    }
+    if let Some(l) = c.mtp_layer() {
+        if held.layers <= l {
+            return Err(config_err(
+                "num_nextn_predict_layers",
+                format!(
+                    "{} asks for an MTP layer, but the checkpoint in {} holds no tensors of layer {l} \
+                     (model.layers.{l}.*); set it to 0 to serve without speculative decoding",
+                    c.num_nextn_predict_layers,
+                    ckpt.dir().display()
+                ),
+            ));
+        }
+        let mtp = MtpSpec::new(c, l);
+        if let Some((field, reason)) = kind_mismatch(c, ckpt, l, &mtp.block) {
+            return Err(config_err(field, reason));
+        }
+        let optional = [&mtp.head, &mtp.embed].into_iter().filter(|s| ckpt.contains(&s.name));
+        for spec in
+            [&mtp.enorm, &mtp.hnorm, &mtp.eh_proj, &mtp.head_norm].into_iter().chain(mtp.block.all()).chain(optional)
+        {
+            r.checked(spec)?;
+        }
+        if c.is_moe_layer(l) {
+            for e in 0..c.n_routed_experts {
+                for spec in expert(c, l, ExpertId(e as u32)).all() {
+                    r.checked(spec)?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -480,7 +480,7 @@ fn duplicate_unknown_and_wrong_state_sequences_are_refused() {
     assert!(matches!(err, EngineError::RepeatedInBatch(7)), "{err:?}");
     // A refused batch changed nothing: the sequence still runs to the reference tokens.
     let out = e.prefill(&[SeqId(7)]).all_ok("prefill");
-    assert_eq!(out[0].token, case.greedy[0]);
+    assert_eq!(out[0].tokens[0], case.greedy[0]);
     let err = e.prefill(&[SeqId(7)]).expect_err("prefill twice");
     assert!(matches!(err, EngineError::WrongState(7, _)), "{err:?}");
     let mut last = out;
@@ -502,7 +502,7 @@ fn bad_cache_imports_are_refused() {
     let mut a = engine(256);
     let params = greedy(case.greedy.len());
     a.add_sequence(SeqId(1), case.prompt_ids.clone(), params.clone(), 0).expect("add");
-    let first = a.prefill(&[SeqId(1)]).all_ok("prefill")[0].token;
+    let first = a.prefill(&[SeqId(1)]).all_ok("prefill")[0].tokens[0];
     let export = a.export_cache(SeqId(1)).expect("export");
     let n = case.prompt_ids.len();
     assert_eq!(export.num_tokens, n);
@@ -599,7 +599,7 @@ fn cache_full_is_refused_and_the_engine_keeps_serving() {
     assert_eq!(initial, 8);
     e.add_sequence(SeqId(1), a.prompt_ids.clone(), greedy(a.greedy.len()), 0).expect("first fits");
     let out = e.prefill(&[SeqId(1)]).all_ok("prefill");
-    assert_eq!(out[0].token, a.greedy[0]);
+    assert_eq!(out[0].tokens[0], a.greedy[0]);
     // 9 + 8 = 17 tokens → 5 blocks; 2 are free.
     let err = add_err(&mut e, 2, b.prompt_ids.clone(), greedy(b.greedy.len()));
     assert!(matches!(err, EngineError::CacheFull { needed: 5, free: 2 }), "{err:?}");

@@ -17,7 +17,13 @@ use std::sync::Arc;
 
 const FIXTURES: [&str; 2] = ["v3_f32", "v2lite_f32"];
 const NEW_TOKENS: usize = 10;
-const OPTS: EngineOptions = EngineOptions { cache_tokens: 1024, block_size: 4, device: model::Device::Cpu };
+const OPTS: EngineOptions = EngineOptions {
+    cache_tokens: 1024,
+    block_size: 4,
+    device: model::Device::Cpu,
+    speculative_tokens: 0,
+    accept_rule: model::AcceptRule::Rejection,
+};
 
 struct Fixture {
     name: &'static str,
@@ -128,7 +134,7 @@ impl Batch {
         assert_eq!(out.len(), ids.len(), "one output per sequence");
         for (id, o) in ids.iter().zip(out) {
             assert_eq!(o.seq, *id, "outputs in request order");
-            self.tokens.entry(*id).or_default().push(o.token);
+            self.tokens.entry(*id).or_default().push(o.tokens[0]);
             if o.finish.is_none() {
                 self.running.push(*id);
             }
@@ -241,7 +247,7 @@ fn exported_cache_continues_identically_in_another_engine() {
             // Prefill in A, decode in B.
             let id = SeqId(i as u64);
             a.add_sequence(id, prompt.clone(), params.clone(), 0).expect("add");
-            let first = a.prefill(&[id]).all_ok("prefill")[0].token;
+            let first = a.prefill(&[id]).all_ok("prefill")[0].tokens[0];
             assert_eq!(first, expected[0], "{what}: first token");
             let export = a.export_cache(id).expect("export");
             assert_eq!(export.num_tokens, prompt.len(), "{what}: exported rows");
@@ -336,7 +342,7 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
                 }
                 e.generated(SeqId(0)).expect("generated").to_vec()
             };
-            assert_eq!(firsts[k].token, expected[0], "{name}: first sampled token");
+            assert_eq!(firsts[k].tokens[0], expected[0], "{name}: first sampled token");
             // Through the transfer codec (chunks of 3 rows, the layers last to first) into B,
             // layer by layer as each is reassembled, then decode there.
             let moved = SeqId(50 + k as u64);
@@ -344,8 +350,13 @@ fn streamed_prefill_layers_equal_the_export_and_sampled_sequences_move_intact() 
             let layout = b.cache_layout();
             let shape = KvShape { num_tokens: p.len(), latent_dim: layout.latent_dim, num_layers: layers };
             let mut tokens = p.clone();
-            tokens.push(firsts[k].token);
-            let commit = KvCommit { tokens: tokens.clone(), prompt_len: p.len(), prompt_logits_top: Vec::new() };
+            tokens.push(firsts[k].tokens[0]);
+            let commit = KvCommit {
+                tokens: tokens.clone(),
+                prompt_len: p.len(),
+                prompt_logits_top: Vec::new(),
+                mtp_hidden: export.mtp_hidden.clone(),
+            };
             let mut parts = vec![KvPart::Header { request_id: moved.0, shape }];
             for l in (0..layers).rev() {
                 parts.extend(chunk_layer(&streamed[&(id.0, l)], 3 * shape.row_bytes()).map(KvPart::Layer));

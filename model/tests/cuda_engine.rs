@@ -15,7 +15,13 @@ use model::{
 use std::io::Write;
 use std::sync::Arc;
 
-const OPTS: EngineOptions = EngineOptions { cache_tokens: 512, block_size: 4, device: Device::Cpu };
+const OPTS: EngineOptions = EngineOptions {
+    cache_tokens: 512,
+    block_size: 4,
+    device: Device::Cpu,
+    speculative_tokens: 0,
+    accept_rule: model::AcceptRule::Rejection,
+};
 const GPU: EngineOptions = EngineOptions { device: Device::Cuda(0), ..OPTS };
 
 fn load(name: &str) -> (Arc<Model>, Arc<dyn ExpertBackend>) {
@@ -127,9 +133,9 @@ fn long_prompts_and_batches_take_the_grouped_expert_path_and_match() {
             let p: Vec<u32> = (0..3 + i as u32).map(|t| (t * 11 + i as u32) % vocab as u32).collect();
             engine.add_sequence(*id, p, greedy(4, vocab), 0).expect("add");
         }
-        let mut tokens = vec![engine.prefill(&batch).all_ok("prefill").iter().map(|o| o.token).collect::<Vec<_>>()];
+        let mut tokens = vec![engine.prefill(&batch).all_ok("prefill").iter().map(|o| o.tokens[0]).collect::<Vec<_>>()];
         for _ in 0..3 {
-            tokens.push(engine.decode_step(&batch).all_ok("decode").iter().map(|o| o.token).collect());
+            tokens.push(engine.decode_step(&batch).all_ok("decode").iter().map(|o| o.tokens[0]).collect());
         }
         for id in &batch {
             engine.release(*id).expect("release");
@@ -155,7 +161,7 @@ fn a_cache_prefilled_on_the_gpu_decodes_on_the_cpu_and_back() {
 fn moved(from: &mut Engine, to: &mut Engine, prompt: &[u32], vocab: usize) -> Vec<u32> {
     let id = SeqId(3);
     from.add_sequence(id, prompt.to_vec(), greedy(8, vocab), 0).expect("add");
-    let first = from.prefill(&[id]).all_ok("prefill")[0].token;
+    let first = from.prefill(&[id]).all_ok("prefill")[0].tokens[0];
     let export = from.export_cache(id).expect("export");
     from.release(id).expect("release");
     let mut tokens = prompt.to_vec();

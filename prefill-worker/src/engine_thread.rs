@@ -312,11 +312,16 @@ impl EngineActor {
                             continue;
                         }
                     };
+                    let first_token = out.tokens[0];
                     let mut tokens = a.prompt.clone();
-                    tokens.push(out.token);
-                    let commit =
-                        KvCommit { tokens, prompt_len: a.prompt.len(), prompt_logits_top: out.prompt_logits_top };
-                    forward(&a.events, SeqEvent::Done { commit, first_token: out.token, compute });
+                    tokens.push(first_token);
+                    let commit = KvCommit {
+                        tokens,
+                        prompt_len: a.prompt.len(),
+                        prompt_logits_top: out.prompt_logits_top,
+                        mtp_hidden: engine.mtp_hidden(a.id).unwrap_or_default(),
+                    };
+                    forward(&a.events, SeqEvent::Done { commit, first_token, compute });
                 }
                 tracing::debug!(compute_s = compute.as_secs_f64(), "prefill_batch_done");
             }

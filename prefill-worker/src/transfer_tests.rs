@@ -104,7 +104,12 @@ fn wire(rows: &LayerRows) -> Vec<u8> {
 }
 
 fn commit() -> KvCommit {
-    KvCommit { tokens: vec![1, 2, 3, 4, 5, 9], prompt_len: 5, prompt_logits_top: vec![(9, 1.5)] }
+    KvCommit {
+        tokens: vec![1, 2, 3, 4, 5, 9],
+        prompt_len: 5,
+        prompt_logits_top: vec![(9, 1.5)],
+        mtp_hidden: vec![0.5, -1.0],
+    }
 }
 
 struct Started {

@@ -237,7 +237,7 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
                 let out = engine.prefill(&[SeqId(1)]).expect("prefills").remove(0).expect("finite logits");
                 let cache = engine.export_cache(SeqId(1)).expect("exports");
                 engine.release(SeqId(1)).expect("releases");
-                Reference { token: out.token, cache, logits_top: out.prompt_logits_top }
+                Reference { token: out.tokens[0], cache, logits_top: out.prompt_logits_top }
             })
             .collect()
     })

@@ -11,7 +11,7 @@ use crate::schedule;
 use crate::telemetry::RequestOutcome;
 use cluster_core::Role;
 use cluster_core::stall::StallWatch;
-use model::{FinishReason, StreamDecoder, Tokenizer};
+use model::{FinishReason, SpeculationStats, StreamDecoder, Tokenizer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -42,6 +42,8 @@ pub enum Delivery {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub reason: FinishReason,
+    /// The speculative decoding counts of the attempt that finished.
+    pub speculation: SpeculationStats,
     pub completion_tokens: usize,
     pub time_to_first_token: Duration,
     pub total: Duration,
@@ -121,10 +123,11 @@ impl Driver {
         let mut last = String::new();
         for retry in 0..=self.config.max_retries {
             match self.attempt(&job, &out, &mut progress).await {
-                Ok(reason) => {
+                Ok((reason, speculation)) => {
                     let now = Instant::now();
                     let outcome = Outcome {
                         reason,
+                        speculation,
                         completion_tokens: progress.delivered.len(),
                         time_to_first_token: progress.first_token_at.unwrap_or(now) - started,
                         total: now - started,
@@ -153,7 +156,12 @@ impl Driver {
         let _ = out.send(Err(RequestError::RetriesExhausted { attempts: self.config.max_retries + 1, last })).await;
     }
 
-    async fn attempt(&self, job: &Job, out: &Out, progress: &mut Progress) -> Result<FinishReason, AttemptError> {
+    async fn attempt(
+        &self,
+        job: &Job,
+        out: &Out,
+        progress: &mut Progress,
+    ) -> Result<(FinishReason, SpeculationStats), AttemptError> {
         let attempt_id = AttemptId::fresh();
         let has_prefill = self.pool.has_role(Role::Prefill);
         let local = job.prompt.len() <= self.config.local_prefill_max_tokens || !has_prefill;
@@ -247,7 +255,7 @@ impl Driver {
                             }
                         }
                     }
-                    Ok(Some(DecodeEvent::Finished(reason))) => return Ok(reason),
+                    Ok(Some(DecodeEvent::Finished(reason, spec))) => return Ok((reason, spec)),
                     Ok(None) => {
                         self.pool.mark_failed(&decode.id);
                         return Err(AttemptError::Retry(format!("decode worker {} ended the stream early", decode.id)));

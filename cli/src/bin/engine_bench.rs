@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     };
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let cache_tokens = (max_batch.max(args.prefill_batch) + 1) * (args.prompt_len + args.steps + 8);
-    let opts = EngineOptions { cache_tokens, block_size: 16, device: args.device };
+    let opts = EngineOptions { cache_tokens, block_size: 16, device: args.device, ..EngineOptions::default() };
     let params = |n: usize| SamplingParams {
         max_new_tokens: n,
         stop_token_ids: vec![c.vocab_size as u32],

@@ -63,7 +63,12 @@ fn synthetic_push(request_id: u64, shape: KvShape) -> anyhow::Result<Vec<KvPart>
         parts.extend(chunk_layer(&rows, CHUNK_BYTES).map(KvPart::Layer));
     }
     let tokens = (0..=shape.num_tokens).map(|i| (i % 100) as u32).collect();
-    parts.push(KvPart::Commit(KvCommit { tokens, prompt_len: shape.num_tokens, prompt_logits_top: Vec::new() }));
+    parts.push(KvPart::Commit(KvCommit {
+        tokens,
+        prompt_len: shape.num_tokens,
+        prompt_logits_top: Vec::new(),
+        mtp_hidden: Vec::new(),
+    }));
     Ok(parts)
 }
 
@@ -95,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         device: kernels::Device::Cpu,
         cache_tokens,
         block_size: 16,
+        speculation: model::args::SpeculationArgs { speculative_tokens: 0 },
     };
     let decode_config = decode_worker::DecodeConfig {
         node: node("decode-0"),

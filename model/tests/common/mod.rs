@@ -22,6 +22,24 @@ pub struct Case {
     pub argmax: Vec<u32>,
     pub greedy: Vec<u32>,
     pub router: Vec<RouterLayer>,
+    /// transformers' MtpModel, for checkpoints with an MTP layer.
+    #[serde(default)]
+    pub mtp: Option<MtpCase>,
+}
+
+#[derive(Deserialize)]
+pub struct MtpCase {
+    /// At every prompt position i: the argmax of the MTP layer's prediction of token i + 2.
+    pub argmax: Vec<u32>,
+    pub logits: Vec<PositionLogits>,
+    /// `argmax` over the prompt followed by `greedy` (teacher-forced).
+    pub argmax_over_greedy: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+pub struct PositionLogits {
+    pub position: usize,
+    pub values: Vec<f32>,
 }
 
 #[derive(Deserialize)]

@@ -121,6 +121,7 @@ fn to_chunk(part: KvPart) -> KvChunk {
                 .into_iter()
                 .map(|(id, logit)| proto::v1::Logit { id, logit })
                 .collect(),
+            mtp_hidden: c.mtp_hidden.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }),
     };
     KvChunk { part: Some(part) }

@@ -2,7 +2,7 @@
 
 use crate::ids::AttemptId;
 use crate::request::Job;
-use model::FinishReason;
+use model::{FinishReason, SpeculationStats};
 use proto::internal::decode_client::DecodeClient;
 use proto::internal::prefill_client::PrefillClient;
 use proto::internal::{self as pb, decode_event};
@@ -35,7 +35,7 @@ impl CallError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecodeEvent {
     Token { id: u32, prompt_logits_top: Vec<(u32, f32)> },
-    Finished(FinishReason),
+    Finished(FinishReason, SpeculationStats),
 }
 
 /// A worker's reported load.
@@ -82,7 +82,12 @@ impl DecodeEvents {
                         Ok(proto::v1::FinishReason::Stop) => FinishReason::Stop,
                         _ => FinishReason::Length,
                     };
-                    return Ok(Some(DecodeEvent::Finished(reason)));
+                    let spec = f.speculative.map_or_else(SpeculationStats::default, |s| SpeculationStats {
+                        draft_tokens: s.draft_tokens,
+                        accepted_tokens: s.accepted_tokens,
+                        draft_steps: s.draft_steps,
+                    });
+                    return Ok(Some(DecodeEvent::Finished(reason, spec)));
                 }
                 Some(decode_event::Event::Admitted(_)) | None => continue,
             }

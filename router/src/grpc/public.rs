@@ -132,6 +132,11 @@ fn summary(o: &Outcome, prompt_ids: Vec<u32>, request_id: RequestId, trace_id: S
         prompt_ids,
         retries: o.retries,
         trace_id,
+        speculative: Some(pb::Speculative {
+            draft_tokens: o.speculation.draft_tokens,
+            accepted_tokens: o.speculation.accepted_tokens,
+            draft_steps: o.speculation.draft_steps,
+        }),
     }
 }
 
