@@ -23,7 +23,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 const LATENT_DIM: usize = 80;
-const NUM_LAYERS: usize = 4;
+/// The default model's 4 layers and its MTP layer (the worker runs it: --speculative-tokens
+/// defaults to more than 0).
+const NUM_LAYERS: usize = 5;
 const VOCAB: u32 = 6144;
 
 // ---------------------------------------------------------------- the prefill worker
@@ -226,7 +228,12 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
         let setup = EngineSetup {
             weight_dtype: WeightDtype::Auto,
             precision: kernels::cpu::Precision::Exact,
-            options: EngineOptions { cache_tokens: 32768, block_size: 16, ..Default::default() },
+            options: EngineOptions {
+                cache_tokens: 32768,
+                block_size: 16,
+                speculative_tokens: model::args::DEFAULT_SPECULATIVE_TOKENS as usize,
+                ..Default::default()
+            },
         };
         let mut engine = open_engine(None, setup, &|_| {}).expect("default model loads").engine;
         let params = SamplingParams { seed: Some(5), max_new_tokens: 16, ..SamplingParams::default() };
@@ -310,6 +317,8 @@ async fn prefill_matches_the_in_process_engine_and_streams_the_cache() {
         assert_eq!(got.commit.prompt_len as usize, p.len());
         let top: Vec<(u32, f32)> = got.commit.prompt_logits_top.iter().map(|l| (l.id, l.logit)).collect();
         assert_eq!(top, want.logits_top);
+        let mtp: Vec<u8> = want.cache.mtp_hidden.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(!mtp.is_empty() && got.commit.mtp_hidden == mtp, "the MTP layer's state travels with the commit");
     }
     worker.stop().await;
 }

@@ -120,8 +120,9 @@ pub async fn reference(prompt_ids: &[u32], max_new_tokens: u32) -> Vec<u32> {
     reference_full(prompt_ids, max_new_tokens).await.generated_ids
 }
 
-/// Runs `expertmesh generate --json --prompt-ids .. --max-new-tokens ..` (memoized per test
-/// binary: the same prompt is run once).
+/// Runs `expertmesh generate --json --prompt-ids .. --max-new-tokens .. --speculative-tokens 0`
+/// (memoized per test binary: the same prompt is run once). Without speculation: the workers
+/// speculate by default, and must give exactly what plain decoding gives.
 pub async fn reference_full(prompt_ids: &[u32], max_new_tokens: u32) -> Reference {
     type Memo = Mutex<HashMap<(Vec<u32>, u32), Reference>>;
     static MEMO: OnceLock<Memo> = OnceLock::new();
@@ -133,11 +134,13 @@ pub async fn reference_full(prompt_ids: &[u32], max_new_tokens: u32) -> Referenc
     ensure_model().await;
     let ids = prompt_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let max_new = max_new_tokens.to_string();
-    let out = run_cli(&["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new]).await;
+    let args = ["generate", "--json", "--prompt-ids", &ids, "--max-new-tokens", &max_new, "--speculative-tokens", "0"];
+    let out = run_cli(&args).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "reference `expertmesh generate --json --prompt-ids {ids} --max-new-tokens {max_new}` failed ({}):\n{}",
+        "reference `expertmesh {}` failed ({}):\n{}",
+        args.join(" "),
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );

@@ -1,0 +1,54 @@
+//! Speculative decoding through the cluster: decode workers drafting with the MTP layer give
+//! exactly the plain engine's greedy tokens (`expertmesh generate --speculative-tokens 0`),
+//! with the MTP layer's routed experts on expert workers too, and report their drafts in the
+//! Summary; a prefill worker that ships no MTP rows leaves its sequences unspeculated.
+
+use cluster_tests::grpc::{Streams, check_all, ids_request, test_prompts};
+use cluster_tests::{Cluster, ClusterSpec, references, secs};
+
+const MAX_NEW: u32 = 24;
+
+/// (drafted, accepted) summed over the results' summaries.
+fn drafts(results: &[cluster_tests::grpc::StreamResult]) -> (u64, u64) {
+    results.iter().fold((0, 0), |(d, a), r| {
+        let spec = r.summary.as_ref().and_then(|s| s.speculative.as_ref());
+        let (drafted, accepted) = spec.map(|s| (s.draft_tokens, s.accepted_tokens)).unwrap_or_default();
+        assert!(accepted <= drafted, "{spec:?}");
+        (d + drafted, a + accepted)
+    })
+}
+
+#[tokio::test]
+async fn speculating_decode_workers_with_remote_experts_match_the_plain_engine() {
+    let prompts = test_prompts(6, 11);
+    let expected = references(&prompts, MAX_NEW).await;
+    let spec = ClusterSpec::new(1, 1).experts(2).decode_args(&["--speculative-tokens", "3"]);
+    let cluster = Cluster::start("speculation", spec).await;
+    let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();
+    let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(120)).await;
+    check_all(&results, &expected, MAX_NEW).unwrap_or_else(|e| panic!("{e}"));
+    let (drafted, accepted) = drafts(&results);
+    eprintln!("drafted {drafted}, accepted {accepted}");
+    assert!(accepted > 0, "the trained MTP layer's drafts are sometimes right");
+    // The MTP layer (model layer 4) ran its routed experts on the expert workers.
+    let mut mtp_tokens = 0;
+    for i in 0..2 {
+        let load = cluster.expert_load(i).await.expect("GetLoad");
+        mtp_tokens += load.slots.iter().filter(|s| s.layer == 4).map(|s| s.tokens).sum::<u64>();
+    }
+    assert!(mtp_tokens > 0, "no MTP-layer expert ran remotely");
+}
+
+#[tokio::test]
+async fn a_prefill_worker_without_the_mtp_layer_leaves_sequences_unspeculated() {
+    let prompts = test_prompts(4, 12);
+    let expected = references(&prompts, MAX_NEW).await;
+    let spec = ClusterSpec::new(1, 1)
+        .prefill_args(&["--speculative-tokens", "0"])
+        .decode_args(&["--speculative-tokens", "2"]);
+    let cluster = Cluster::start("speculation-mixed", spec).await;
+    let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();
+    let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(120)).await;
+    check_all(&results, &expected, MAX_NEW).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(drafts(&results), (0, 0), "no MTP rows arrived: nothing to draft from");
+}
