@@ -15,6 +15,13 @@ struct Json {
     generated_ids: Vec<u32>,
     text: String,
     last_prompt_logits_top: Vec<(u32, f32)>,
+    speculative: Speculative,
+}
+
+#[derive(serde::Deserialize, Debug, PartialEq)]
+struct Speculative {
+    draft_tokens: u64,
+    accepted_tokens: u64,
 }
 
 fn expertmesh(args: &[&str], cache: &Path) -> Output {
@@ -121,6 +128,16 @@ fn default_model_generates_text_and_is_deterministic() {
         tmp.path(),
     ));
     assert_eq!(s.generated_ids, t.generated_ids, "same seed, same tokens");
+    // The default model has an MTP layer and --speculative-tokens defaults to more than 0.
+    assert!(s.speculative.draft_tokens > 0 && s.speculative.accepted_tokens <= s.speculative.draft_tokens);
+    let plain = |k: &str| {
+        let args = ["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--json"];
+        ok_json(expertmesh(&[&args[..], &["--speculative-tokens", k]].concat(), tmp.path()))
+    };
+    let (off, three) = (plain("0"), plain("3"));
+    assert_eq!(off.speculative, Speculative { draft_tokens: 0, accepted_tokens: 0 });
+    assert_eq!(three.generated_ids, off.generated_ids, "speculation changes no greedy token");
+    assert!(three.speculative.accepted_tokens > 0, "{:?}", three.speculative);
     let b = ok_json(expertmesh(
         &["generate", "--prompt", "Hello, world", "--max-new-tokens", "6", "--json", "--precision", "bf16"],
         tmp.path(),

@@ -35,6 +35,10 @@ use crate::stats::{LatencySummary, Stats};
 /// - `ttft_slo_ms`, `tpot_slo_ms`: the SLOs; `slo_met`: completed requests within both
 ///   (single-token requests on TTFT alone); `slo_attainment`: `slo_met /
 ///   requests_measured` (failures count as misses); `goodput_rps`: `slo_met / duration_s`.
+/// - `draft_tokens`, `accepted_tokens`: speculative decoding over completed requests (the
+///   MTP layer's drafts, and those the model accepted); `acceptance_rate`: their ratio;
+///   `mean_accepted_length`: tokens per drafting decode step (accepted drafts + 1). Null
+///   when nothing was drafted.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub addr: String,
@@ -70,6 +74,10 @@ pub struct Report {
     pub slo_met: u64,
     pub slo_attainment: f64,
     pub goodput_rps: f64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    pub acceptance_rate: Option<f64>,
+    pub mean_accepted_length: Option<f64>,
 }
 
 /// A latency summary in milliseconds (microsecond precision).
@@ -141,6 +149,10 @@ impl Report {
             slo_met: stats.slo_met,
             slo_attainment: stats.slo_attainment(),
             goodput_rps: stats.goodput(),
+            draft_tokens: stats.speculation.draft_tokens,
+            accepted_tokens: stats.speculation.accepted_tokens,
+            acceptance_rate: stats.speculation.acceptance_rate(),
+            mean_accepted_length: stats.speculation.mean_accepted_length(),
         }
     }
 
@@ -209,6 +221,15 @@ impl Report {
             self.tpot_slo_ms
         );
         let _ = writeln!(t, "{:<28}{:.2} req/s", "Goodput", self.goodput_rps);
+        if let (Some(rate), Some(len)) = (self.acceptance_rate, self.mean_accepted_length) {
+            let _ = writeln!(
+                t,
+                "{:<28}{:.1}% of {} drafts accepted, mean accepted length {len:.2} tokens/step",
+                "Speculative decoding",
+                rate * 100.0,
+                self.draft_tokens
+            );
+        }
         t
     }
 }
@@ -217,7 +238,7 @@ impl Report {
 mod tests {
     use super::*;
     use crate::args::Args;
-    use crate::stats::{Completion, Record};
+    use crate::stats::{Completion, Record, Speculation};
     use clap::Parser;
 
     #[test]
@@ -233,6 +254,7 @@ mod tests {
                 e2e: Duration::from_secs(2),
                 output_tokens: 4,
                 first_to_last: Duration::from_millis(1500),
+                speculation: Speculation { draft_tokens: 3, accepted_tokens: 2, draft_steps: 2 },
             }),
         };
         let stats = Stats::from_records(&[rec], &config.slo);
@@ -251,6 +273,8 @@ mod tests {
         assert_eq!(v["slo_met"], 0); // TPOT 500 ms > 100 ms
         assert_eq!(v["goodput_rps"], 0.0);
         assert_eq!(v["failed_by_code"], serde_json::json!({}));
+        assert_eq!((v["draft_tokens"].as_u64(), v["accepted_tokens"].as_u64()), (Some(3), Some(2)));
+        assert_eq!(v["mean_accepted_length"], 2.0);
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         for k in [
             "addr",
@@ -268,5 +292,6 @@ mod tests {
             assert!(keys.contains(&k), "missing {k}");
         }
         assert!(report.to_table().contains("Goodput"));
+        assert!(report.to_table().contains("mean accepted length 2.00"), "{}", report.to_table());
     }
 }

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::args::{Args, Config, Load};
 use crate::report::{Report, RunFacts};
-use crate::stats::{Completion, Failure, Record, Stats};
+use crate::stats::{Completion, Failure, Record, Speculation, Stats};
 use crate::workload::{Arrivals, RequestSpec, Workload, WorkloadParams, ignore_eos_stop_id};
 
 /// HTTP/2 keepalive, so that a dead router fails requests instead of hanging them.
@@ -301,6 +301,7 @@ async fn stream(
     let mut last = start;
     let mut tokens: u32 = 0;
     let mut summary_at: Option<Instant> = None;
+    let mut speculation = Speculation::default();
     while let Some(message) = stream.message().await.map_err(status)? {
         match message.event {
             Some(Event::Token(_)) => {
@@ -309,13 +310,28 @@ async fn stream(
                 last = now;
                 tokens += 1;
             }
-            Some(Event::Summary(_)) => summary_at = Some(Instant::now()),
+            Some(Event::Summary(s)) => {
+                summary_at = Some(Instant::now());
+                if let Some(s) = s.speculative {
+                    speculation = Speculation {
+                        draft_tokens: s.draft_tokens,
+                        accepted_tokens: s.accepted_tokens,
+                        draft_steps: s.draft_steps,
+                    };
+                }
+            }
             None => {}
         }
     }
     let summary_at = summary_at.ok_or(Failure::IncompleteStream)?;
     let first = first.ok_or(Failure::NoTokens)?;
-    Ok(Completion { ttft: first - start, e2e: summary_at - start, output_tokens: tokens, first_to_last: last - first })
+    Ok(Completion {
+        ttft: first - start,
+        e2e: summary_at - start,
+        output_tokens: tokens,
+        first_to_last: last - first,
+        speculation,
+    })
 }
 
 #[cfg(test)]

@@ -80,6 +80,35 @@ pub struct Completion {
     pub output_tokens: u32,
     /// First TokenChunk to last TokenChunk.
     pub first_to_last: Duration,
+    /// The Summary's speculative decoding counts.
+    pub speculation: Speculation,
+}
+
+/// Tokens drafted, drafts accepted, and decode steps that drafted (the Summary's
+/// `speculative`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Speculation {
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    pub draft_steps: u64,
+}
+
+impl Speculation {
+    fn add(&mut self, o: Speculation) {
+        self.draft_tokens += o.draft_tokens;
+        self.accepted_tokens += o.accepted_tokens;
+        self.draft_steps += o.draft_steps;
+    }
+
+    /// Accepted over drafted; `None` when nothing was drafted.
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.draft_tokens > 0).then(|| self.accepted_tokens as f64 / self.draft_tokens as f64)
+    }
+
+    /// Tokens per drafting step: its accepted drafts plus the one token every step makes.
+    pub fn mean_accepted_length(&self) -> Option<f64> {
+        (self.draft_steps > 0).then(|| 1.0 + self.accepted_tokens as f64 / self.draft_steps as f64)
+    }
 }
 
 impl Completion {
@@ -166,6 +195,8 @@ pub struct Stats {
     pub e2e: Option<LatencySummary>,
     /// Completed requests meeting both SLOs.
     pub slo_met: u64,
+    /// Summed over completed requests.
+    pub speculation: Speculation,
 }
 
 impl Stats {
@@ -183,6 +214,7 @@ impl Stats {
             tpot: None,
             e2e: None,
             slo_met: 0,
+            speculation: Speculation::default(),
         };
         let mut window: Option<(Duration, Duration)> = None;
         for r in records {
@@ -202,6 +234,7 @@ impl Stats {
                         tpot.record(t);
                     }
                     s.slo_met += u64::from(c.meets(slo));
+                    s.speculation.add(c.speculation);
                 }
                 Err(f) => {
                     s.failed += 1;
@@ -268,6 +301,7 @@ mod tests {
                 e2e,
                 output_tokens: tokens,
                 first_to_last: ms(first_to_last_ms),
+                speculation: Speculation { draft_tokens: 4, accepted_tokens: 3, draft_steps: 2 },
             }),
         }
     }
@@ -279,15 +313,30 @@ mod tests {
     const SLO: Slo = Slo { ttft: Duration::from_millis(100), tpot: Duration::from_millis(20) };
 
     #[test]
+    fn speculation_sums_over_completed_requests() {
+        let records = [ok(0, 10, 5, 40), ok(5, 10, 5, 40), failed(0, 9, Failure::NoTokens)];
+        let s = Stats::from_records(&records, &SLO).speculation;
+        assert_eq!(s, Speculation { draft_tokens: 8, accepted_tokens: 6, draft_steps: 4 });
+        assert_eq!((s.acceptance_rate(), s.mean_accepted_length()), (Some(0.75), Some(2.5)));
+        assert_eq!(Speculation::default().mean_accepted_length(), None);
+    }
+
+    #[test]
     fn tpot_and_slo_of_one_request() {
         // 11 tokens over 200 ms after the first: 20 ms each.
-        let c = Completion { ttft: ms(100), e2e: ms(300), output_tokens: 11, first_to_last: ms(200) };
+        let c = Completion {
+            ttft: ms(100),
+            e2e: ms(300),
+            output_tokens: 11,
+            first_to_last: ms(200),
+            speculation: Speculation::default(),
+        };
         assert_eq!(c.tpot(), Some(ms(20)));
         assert!(c.meets(&SLO), "both SLOs met exactly at the limit");
         assert!(!Completion { ttft: ms(101), ..c }.meets(&SLO));
         assert!(!Completion { first_to_last: ms(201), ..c }.meets(&SLO));
         // One token: no TPOT, judged on TTFT only.
-        let one = Completion { ttft: ms(50), e2e: ms(50), output_tokens: 1, first_to_last: Duration::ZERO };
+        let one = Completion { output_tokens: 1, first_to_last: Duration::ZERO, e2e: ms(50), ttft: ms(50), ..c };
         assert_eq!(one.tpot(), None);
         assert!(one.meets(&SLO));
     }

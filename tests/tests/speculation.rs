@@ -43,9 +43,8 @@ async fn speculating_decode_workers_with_remote_experts_match_the_plain_engine()
 async fn a_prefill_worker_without_the_mtp_layer_leaves_sequences_unspeculated() {
     let prompts = test_prompts(4, 12);
     let expected = references(&prompts, MAX_NEW).await;
-    let spec = ClusterSpec::new(1, 1)
-        .prefill_args(&["--speculative-tokens", "0"])
-        .decode_args(&["--speculative-tokens", "2"]);
+    let spec =
+        ClusterSpec::new(1, 1).prefill_args(&["--speculative-tokens", "0"]).decode_args(&["--speculative-tokens", "2"]);
     let cluster = Cluster::start("speculation-mixed", spec).await;
     let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();
     let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(120)).await;
