@@ -4,13 +4,15 @@ HuggingFace DeepSeek layout (model_type deepseek_v3, one tensor per expert), sha
 into ~2 GB safetensors files with model.safetensors.index.json.
 
 Usage: python3 tools/make_bench_checkpoint.py OUT_DIR [--dtype bf16|f32] [--seed N]
-                                              [--layers 4] [--shard-gb 2.0]
+                                              [--layers 4] [--shard-gb 2.0] [--mtp]
 
 Shape: hidden 2048, vocab 102400, 16 heads, qk_nope 128, qk_rope 64, v_head 128,
 kv_lora_rank 512, no q LoRA, first_k_dense_replace 1 (layer 0 dense, intermediate 10944),
 64 routed experts top-6, 2 shared experts, moe_intermediate 1408, n_group 1, topk_group 1,
 norm_topk_prob false, routed_scaling_factor 1.0. About 2.27 G parameters
-(4.5 GB bf16, 9.1 GB f32).
+(4.5 GB bf16, 9.1 GB f32). `--mtp` adds one MTP layer in DeepSeek-V3's layout at
+model.layers.{layers} (num_nextn_predict_layers 1: its norms and eh_proj, an MLA + MoE block,
+shared_head; +0.8 G parameters), for the speculative decoding benchmark.
 
 Tensors are generated one at a time and written shard by shard (no transformers model
 is instantiated), so peak RAM is about one shard plus the largest tensor in f32 (~3.5 GB).
@@ -32,7 +34,7 @@ from gen_reference import tensor_specs  # noqa: E402
 DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "f32": (torch.float32, "float32")}
 
 
-def bench_config(layers, torch_dtype):
+def bench_config(layers, torch_dtype, mtp=False):
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -77,7 +79,7 @@ def bench_config(layers, torch_dtype):
                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": 1 if mtp else 0,
         "torch_dtype": torch_dtype,
     }
 
@@ -101,10 +103,11 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--mtp", action="store_true", help="add one MTP layer (num_nextn_predict_layers 1)")
     args = ap.parse_args()
 
     dtype, dtype_name = DTYPES[args.dtype]
-    cfg = bench_config(args.layers, dtype_name)
+    cfg = bench_config(args.layers, dtype_name, args.mtp)
     specs = tensor_specs(cfg)
     esize = torch.empty((), dtype=dtype).element_size()
 

@@ -108,8 +108,10 @@ pub struct SpeculationArgs {
     pub speculative_tokens: u32,
 }
 
-/// `--speculative-tokens` by default (docs/BENCHMARKS.md: the fastest setting measured).
-pub const DEFAULT_SPECULATIVE_TOKENS: u32 = 1;
+/// `--speculative-tokens` by default: off. Measured on CPU (docs/BENCHMARKS.md), verifying a
+/// draft costs more than its expected gain at every batch size: a second token of a sequence
+/// reads its own routed experts, and on a small model the MTP layer is a large share of a step.
+pub const DEFAULT_SPECULATIVE_TOKENS: u32 = 0;
 /// Past a few drafts, the chance that all are accepted is too small to pay for verifying them.
 pub const MAX_SPECULATIVE_TOKENS: i64 = 8;
 

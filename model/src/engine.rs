@@ -761,8 +761,13 @@ impl Engine {
         s.mtp_rows = mtp_rows;
         if !mtp_rows {
             s.mtp_hidden = None;
-            if self.mtp {
-                tracing::debug!(seq = %id, "imported_without_mtp_rows");
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if self.mtp && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    seq = %id,
+                    "a sequence arrived without the MTP layer's rows (--speculative-tokens 0 where it was \
+                     prefilled?): such sequences decode without speculation"
+                );
             }
         }
         // A sequence whose last token was a stop token, or that has all its tokens, is

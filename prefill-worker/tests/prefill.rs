@@ -23,8 +23,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 const LATENT_DIM: usize = 80;
-/// The default model's 4 layers and its MTP layer (the worker runs it: --speculative-tokens
-/// defaults to more than 0).
+/// The default model's 4 layers and its MTP layer (the worker runs it: `start_worker` passes
+/// --speculative-tokens 1).
 const NUM_LAYERS: usize = 5;
 const VOCAB: u32 = 6144;
 
@@ -45,8 +45,9 @@ struct Worker {
 }
 
 async fn start_worker(extra: &[&str]) -> Worker {
-    let args =
-        ["prefill-worker", "--listen", "127.0.0.1:0", "--cluster", "test"].into_iter().chain(extra.iter().copied());
+    // Speculating decode workers get the MTP layer's rows and state too.
+    let base = ["prefill-worker", "--listen", "127.0.0.1:0", "--cluster", "test", "--speculative-tokens", "1"];
+    let args = base.into_iter().chain(extra.iter().copied());
     let config = Cli::try_parse_from(args).expect("flags parse").config;
     let store = MemoryStore::new();
     let shutdown = CancellationToken::new();
@@ -228,12 +229,7 @@ async fn reference(prompts: Vec<Vec<u32>>, logits_top: usize) -> Vec<Reference> 
         let setup = EngineSetup {
             weight_dtype: WeightDtype::Auto,
             precision: kernels::cpu::Precision::Exact,
-            options: EngineOptions {
-                cache_tokens: 32768,
-                block_size: 16,
-                speculative_tokens: model::args::DEFAULT_SPECULATIVE_TOKENS as usize,
-                ..Default::default()
-            },
+            options: EngineOptions { cache_tokens: 32768, block_size: 16, speculative_tokens: 1, ..Default::default() },
         };
         let mut engine = open_engine(None, setup, &|_| {}).expect("default model loads").engine;
         let params = SamplingParams { seed: Some(5), max_new_tokens: 16, ..SamplingParams::default() };

@@ -52,6 +52,9 @@ async fn every_process_exposes_its_metrics() {
         .experts(2)
         .controllers(1, &["--check-period-ms", "250"])
         .expert_args(&["--load-report-ms", "250"])
+        // Speculating, for the speculative decoding series.
+        .prefill_args(&["--speculative-tokens", "1"])
+        .decode_args(&["--speculative-tokens", "2"])
         .with_metrics();
     let cluster = Cluster::start("metrics", spec).await;
     let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();

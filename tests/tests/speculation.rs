@@ -1,4 +1,5 @@
-//! Speculative decoding through the cluster: decode workers drafting with the MTP layer give
+//! Speculative decoding through the cluster (off by default: the other cluster tests run
+//! without it): decode workers drafting with the MTP layer give
 //! exactly the plain engine's greedy tokens (`expertmesh generate --speculative-tokens 0`),
 //! with the MTP layer's routed experts on expert workers too, and report their drafts in the
 //! Summary; a prefill worker that ships no MTP rows leaves its sequences unspeculated.
@@ -22,7 +23,10 @@ fn drafts(results: &[cluster_tests::grpc::StreamResult]) -> (u64, u64) {
 async fn speculating_decode_workers_with_remote_experts_match_the_plain_engine() {
     let prompts = test_prompts(6, 11);
     let expected = references(&prompts, MAX_NEW).await;
-    let spec = ClusterSpec::new(1, 1).experts(2).decode_args(&["--speculative-tokens", "3"]);
+    let spec = ClusterSpec::new(1, 1)
+        .experts(2)
+        .prefill_args(&["--speculative-tokens", "1"])
+        .decode_args(&["--speculative-tokens", "3"]);
     let cluster = Cluster::start("speculation", spec).await;
     let requests = prompts.iter().map(|p| ids_request(p, MAX_NEW)).collect();
     let results = Streams::start(&cluster.router_url(), requests).await.finish(secs(120)).await;
