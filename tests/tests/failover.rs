@@ -1,4 +1,4 @@
-//! Failover: a decode worker killed mid-stream, a prefill worker killed with prompts in
+//! Failover: a decode worker killed mid-stream (speculating), a prefill worker killed with prompts in
 //! flight, a worker frozen (SIGSTOP) until its lease expires, a decode worker whose engine
 //! thread dies. Every request still completes with exactly the reference tokens: no
 //! duplicate, no gap.
@@ -31,7 +31,12 @@ async fn busiest_decode(cluster: &Cluster) -> usize {
 async fn decode_worker_killed_mid_stream() {
     let prompts = test_prompts(8, 11);
     let expected = references(&prompts, LONG).await;
-    let mut cluster = Cluster::start("kill-decode", ClusterSpec::new(1, 2).lease_ttl(LEASE_TTL)).await;
+    // Speculating: the rerun on the survivor drafts and verifies afresh, token-identical.
+    let spec = ClusterSpec::new(1, 2)
+        .lease_ttl(LEASE_TTL)
+        .prefill_args(&["--speculative-tokens", "1"])
+        .decode_args(&["--speculative-tokens", "2"]);
+    let mut cluster = Cluster::start("kill-decode", spec).await;
 
     let requests = prompts.iter().map(|p| ids_request(p, LONG)).collect();
     let streams = Streams::start(&cluster.router_url(), requests).await;

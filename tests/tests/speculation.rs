@@ -4,6 +4,7 @@
 //! with the MTP layer's routed experts on expert workers too, and report their drafts in the
 //! Summary; a prefill worker that ships no MTP rows leaves its sequences unspeculated.
 
+use cluster_tests::binaries::{parse_reference, run_cli};
 use cluster_tests::grpc::{Streams, check_all, ids_request, test_prompts};
 use cluster_tests::{Cluster, ClusterSpec, references, secs};
 
@@ -41,6 +42,39 @@ async fn speculating_decode_workers_with_remote_experts_match_the_plain_engine()
         mtp_tokens += load.slots.iter().filter(|s| s.layer == 4).map(|s| s.tokens).sum::<u64>();
     }
     assert!(mtp_tokens > 0, "no MTP-layer expert ran remotely");
+
+    // Sampled: the same tokens as the in-process engine with the same seed and drafts (draws
+    // are keyed by seed, token index and purpose, wherever the sequence runs).
+    for (i, p) in prompts.iter().take(3).enumerate() {
+        let seed = 40 + i as u64;
+        let mut request = ids_request(p, MAX_NEW);
+        let sampling = request.sampling.as_mut().expect("sampling");
+        (sampling.temperature, sampling.top_p, sampling.seed) = (Some(0.8), Some(0.95), Some(seed));
+        let got = Streams::start(&cluster.router_url(), vec![request]).await.finish(secs(60)).await;
+        let got: Vec<u32> = got[0].chunks.iter().map(|t| t.id).collect();
+        let ids = p.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let (max_new, seed) = (MAX_NEW.to_string(), seed.to_string());
+        let args = [
+            "generate",
+            "--json",
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            &max_new,
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--seed",
+            &seed,
+            "--speculative-tokens",
+            "3",
+        ];
+        let out = run_cli(&args).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let want = parse_reference(&String::from_utf8_lossy(&out.stdout)).expect("generate --json");
+        assert_eq!(got, want.generated_ids, "prompt {i}: sampled tokens through the cluster");
+    }
 }
 
 #[tokio::test]
