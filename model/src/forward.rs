@@ -370,39 +370,32 @@ impl Model {
         on_layer: Option<&mut LayerHook<'_>>,
     ) -> Result<Vec<Vec<f32>>, ExpertError> {
         let span = tracing::Span::current();
-        rayon::scope(|_| span.in_scope(|| self.mtp_on_pool(cache, segments, prev, experts, on_layer)))
-    }
-
-    fn mtp_on_pool(
-        &self,
-        cache: &mut LatentCache,
-        segments: &[Segment<'_>],
-        prev: &[f32],
-        experts: &dyn ExpertBackend,
-        on_layer: Option<&mut LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>, ExpertError> {
-        let mtp = self.mtp.as_ref().expect("callers check has_mtp");
-        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
-        let mut b = Batch::new(segments, experts, None);
-        let n = b.len();
-        debug_assert_eq!(prev.len(), n * h);
-        let embed = mtp.embed.as_ref().unwrap_or(&self.embed);
-        let mut e = vec![0f32; n * h];
-        for (i, &t) in b.tokens.iter().enumerate() {
-            embed.row_f32(t as usize, &mut e[i * h..(i + 1) * h]);
-        }
-        rms_norm(&mut e, &mtp.enorm, eps);
-        let mut hp = prev.to_vec();
-        rms_norm(&mut hp, &mtp.hnorm, eps);
-        let cat: Vec<f32> =
-            e.chunks_exact(h).zip(hp.chunks_exact(h)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
-        let mut x = vec![0f32; n * h];
-        matmul(&cat, n, 2 * h, mtp.eh_proj.weight(), h, &mut x, self.precision);
-        self.block(mtp.index, &mtp.block, &mut b, &mut x, cache, on_layer)?;
-        let rows = logit_rows(segments);
-        let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
-        rms_norm(&mut hs, &mtp.head_norm, eps);
-        Ok(split_logits(&hs, h, segments).logits)
+        rayon::scope(|_| {
+            span.in_scope(|| {
+                let mtp = self.mtp.as_ref().expect("callers check has_mtp");
+                let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+                let mut b = Batch::new(segments, experts, None);
+                let n = b.len();
+                debug_assert_eq!(prev.len(), n * h);
+                let embed = mtp.embed.as_ref().unwrap_or(&self.embed);
+                let mut e = vec![0f32; n * h];
+                for (i, &t) in b.tokens.iter().enumerate() {
+                    embed.row_f32(t as usize, &mut e[i * h..(i + 1) * h]);
+                }
+                rms_norm(&mut e, &mtp.enorm, eps);
+                let mut hp = prev.to_vec();
+                rms_norm(&mut hp, &mtp.hnorm, eps);
+                let cat: Vec<f32> =
+                    e.chunks_exact(h).zip(hp.chunks_exact(h)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
+                let mut x = vec![0f32; n * h];
+                matmul(&cat, n, 2 * h, mtp.eh_proj.weight(), h, &mut x, self.precision);
+                self.block(mtp.index, &mtp.block, &mut b, &mut x, cache, on_layer)?;
+                let rows = logit_rows(segments);
+                let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+                rms_norm(&mut hs, &mtp.head_norm, eps);
+                Ok(split_logits(&hs, h, segments).logits)
+            })
+        })
     }
 
     /// The MTP head over `m` rows of [`Model::mtp_forward`]'s outputs: `[m, vocab]` logits.

@@ -56,9 +56,8 @@ pub enum AcceptRule {
     /// max(0, p − q).
     #[default]
     Rejection,
-    /// Wrong on purpose: a rejected draft is replaced by a sample from p itself, which
-    /// over-weights the tokens the draft favours.
-    #[doc(hidden)]
+    /// Wrong on purpose, for tests only: a rejected draft is replaced by a sample from p
+    /// itself, which over-weights the tokens the draft favours.
     ResampleFromTarget,
 }
 
