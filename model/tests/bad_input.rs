@@ -732,6 +732,21 @@ fn config_sizes_the_checkpoint_disagrees_with_are_refused_naming_the_field() {
 }
 
 #[test]
+fn an_mtp_layer_the_checkpoint_lacks_is_refused_naming_the_field_or_tensor() {
+    // Asked for, but the checkpoint holds no layer 3.
+    let tmp = copy_fixture("v3_f32");
+    set_config(tmp.path(), "num_nextn_predict_layers", 1.into());
+    let e = load_err(tmp.path());
+    assert!(matches!(&e, ModelError::Config { field, .. } if field == "num_nextn_predict_layers"), "{e:?}");
+    assert_names(&e.to_string(), &["config.json", "model.layers.3", "set it to 0"]);
+    // Two main layers: layer 2 is then read as the MTP layer, which lacks its projection.
+    let tmp = copy_fixture("v3_mtp");
+    set_config(tmp.path(), "num_hidden_layers", 2.into());
+    let e = load_err(tmp.path()).to_string();
+    assert_names(&e, &["model.layers.2.enorm.weight"]);
+}
+
+#[test]
 fn a_cache_too_large_to_address_or_allocate_is_refused() {
     let (m, x) = loaded();
     // Block ids are u32; the size of all layers overflows; the allocation itself fails

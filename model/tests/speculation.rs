@@ -178,6 +178,31 @@ fn sequences_that_do_not_speculate_share_the_batch() {
     assert_eq!(spec.generated(SeqId(3)).expect("seq"), &want[1].0[..]);
 }
 
+/// An MTP state of the wrong size or with non-finite values is refused, and the reservation
+/// freed: the push is bad, not the engine.
+#[test]
+fn a_bad_mtp_state_in_an_import_is_refused() {
+    let (model, experts) = load("default_model", WeightDtype::Auto);
+    let vocab = model.config.vocab_size;
+    let prompt = expected("default_model").cases[0].prompt_ids.clone();
+    let mut from = common::engine(&model, &experts, options(1));
+    from.add_sequence(SeqId(1), prompt.clone(), greedy(8, vocab), 0).expect("add");
+    let first = from.prefill(&[SeqId(1)]).all_ok("prefill")[0].tokens[0];
+    let good = from.export_cache(SeqId(1)).expect("export");
+    assert_eq!(good.mtp_hidden.len(), model.config.hidden_size);
+    let tokens: Vec<u32> = prompt.iter().copied().chain([first]).collect();
+    let mut to = common::engine(&model, &experts, options(1));
+    let free = to.free_blocks();
+    for bad in [vec![0.5; 3], vec![f32::NAN; model.config.hidden_size]] {
+        let export = model::SequenceCacheExport { mtp_hidden: bad, ..good.clone() };
+        let e = to.import_sequence(SeqId(2), tokens.clone(), prompt.len(), greedy(8, vocab), &export);
+        let e = e.expect_err("a bad MTP state").to_string();
+        assert!(e.contains("MTP state"), "{e}");
+        assert_eq!(to.free_blocks(), free, "the reservation is returned");
+    }
+    to.import_sequence(SeqId(2), tokens, prompt.len(), greedy(8, vocab), &good).expect("the good one imports");
+}
+
 /// With one draft per step: a draft made by the MTP layer at position i is accepted iff its
 /// argmax over the teacher-forced sequence (transformers' MtpModel) equals token i + 2; the
 /// next draft is at i + 2 when accepted, else at i + 1; no draft for a token beyond
