@@ -402,20 +402,26 @@ impl Actor {
         }
         let ids = round_robin(&running, self.max_batch, &mut self.next_start);
         // One span per step (not per token), linked to every sequence it advances.
-        let span = tracing::info_span!("decode_step", batch = ids.len());
+        let empty = tracing::field::Empty;
+        let span =
+            tracing::info_span!("decode_step", batch = ids.len(), tokens = empty, drafted = empty, accepted = empty);
         for id in &ids {
             if let Some(slot) = self.slots.get(id) {
                 cluster_core::trace::link_to(&slot.trace, &span);
             }
         }
-        let _span = span.entered();
+        let span = span.entered();
         let started = std::time::Instant::now();
         let result = self.engine.decode_step(&ids);
-        let emitted = result.iter().flatten().flatten().map(|o| o.tokens.len()).sum();
-        crate::telemetry::decode_step(emitted, started.elapsed());
+        let mut step = SpeculationStats::default();
+        let mut emitted = 0;
         for out in result.iter().flatten().flatten() {
             crate::telemetry::speculation(out);
+            step.add(out);
+            emitted += out.tokens.len();
         }
+        crate::telemetry::decode_step(emitted, started.elapsed());
+        span.record("tokens", emitted).record("drafted", step.draft_tokens).record("accepted", step.accepted_tokens);
         match result {
             Ok(outs) => self.emit_all(&ids, outs),
             Err(e) => self.fail(&ids, &e),
