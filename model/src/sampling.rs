@@ -193,7 +193,14 @@ impl Sampler {
         }
         let u = self.uniform(index, Draw::Residual);
         let residual: Vec<f32> = match rule {
-            AcceptRule::Rejection => p.ids.iter().zip(&p.probs).map(|(&t, &pt)| (pt - q.prob(t)).max(0.0)).collect(),
+            AcceptRule::Rejection => {
+                // q over the whole vocabulary: one pass, not a search per candidate of p.
+                let mut dense = vec![0f32; logits.len()];
+                for (&t, &qt) in q.ids.iter().zip(&q.probs) {
+                    dense[t as usize] = qt;
+                }
+                p.ids.iter().zip(&p.probs).map(|(&t, &pt)| (pt - dense[t as usize]).max(0.0)).collect()
+            }
             AcceptRule::ResampleFromTarget => p.probs.clone(),
         };
         // p == q up to rounding leaves no residual mass: p itself is then the answer.
