@@ -188,24 +188,13 @@ fn part_of(chunk: pb::KvChunk) -> Result<KvPart, Status> {
         kv_chunk::Part::Layer(l) => {
             KvPart::Layer(LayerChunk { layer: l.layer as usize, first_token: l.first_token as usize, data: l.data })
         }
-        kv_chunk::Part::Commit(c) => {
-            if !c.mtp_hidden.len().is_multiple_of(4) {
-                return Err(Status::invalid_argument(format!(
-                    "KvCommit.mtp_hidden: {} bytes are not whole f32 values",
-                    c.mtp_hidden.len()
-                )));
-            }
-            KvPart::Commit(KvCommit {
-                tokens: c.tokens,
-                prompt_len: c.prompt_len as usize,
-                prompt_logits_top: c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect(),
-                mtp_hidden: c
-                    .mtp_hidden
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            })
-        }
+        kv_chunk::Part::Commit(c) => KvPart::Commit(KvCommit {
+            tokens: c.tokens,
+            prompt_len: c.prompt_len as usize,
+            prompt_logits_top: c.prompt_logits_top.into_iter().map(|l| (l.id, l.logit)).collect(),
+            mtp_hidden: model::kv::decode("KvCommit.mtp_hidden", &c.mtp_hidden)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        }),
     })
 }
 

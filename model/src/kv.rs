@@ -160,6 +160,8 @@ pub enum KvError {
     AfterCommit,
     #[error("stream ended before KvCommit")]
     NoCommit,
+    #[error("{what}: {bytes} bytes are not whole little-endian f32 values")]
+    PartialValue { what: &'static str, bytes: usize },
 }
 
 /// `rows` cut into chunks of whole rows of at most `max_bytes` (at least one row each), in
@@ -174,12 +176,24 @@ pub fn chunk_layer(rows: &LayerRows, max_bytes: usize) -> impl Iterator<Item = L
     })
 }
 
-fn encode(values: &[f32]) -> Vec<u8> {
+/// `values` in the transfer format (little-endian f32): what a chunk's rows and the commit's
+/// MTP state are on the wire.
+pub fn encode(values: &[f32]) -> Vec<u8> {
     if cfg!(target_endian = "little") {
         bytemuck::cast_slice(values).to_vec()
     } else {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
+}
+
+/// The values of `bytes` in the transfer format; refused unless they are whole values.
+pub fn decode(what: &'static str, bytes: &[u8]) -> Result<Vec<f32>, KvError> {
+    if !bytes.len().is_multiple_of(VALUE_BYTES) {
+        return Err(KvError::PartialValue { what, bytes: bytes.len() });
+    }
+    let mut out = Vec::with_capacity(bytes.len() / VALUE_BYTES);
+    decode_into(bytes, &mut out);
+    Ok(out)
 }
 
 /// Appends `bytes` (whole values) to `out`.

@@ -206,6 +206,14 @@ fn a_header_of_another_model_is_refused() {
     assert_eq!(e, "cache shape 5 layers x 2 does not match this model's 3 x 2");
 }
 
+#[test]
+fn values_round_trip_and_partial_values_are_refused() {
+    let values = [1.5f32, -0.0, f32::MAX];
+    assert_eq!(decode("v", &encode(&values)).map(|v| bits(&v)), Ok(bits(&values)));
+    let e = decode("KvCommit.mtp_hidden", &[0; 6]).expect_err("6 bytes");
+    assert_eq!(e.to_string(), "KvCommit.mtp_hidden: 6 bytes are not whole little-endian f32 values");
+}
+
 /// One layer more is a sender's MTP layer that this side does not keep: received, counted
 /// and dropped. One layer fewer is left to the engine (a push without the MTP layer).
 #[test]

@@ -121,7 +121,7 @@ fn to_chunk(part: KvPart) -> KvChunk {
                 .into_iter()
                 .map(|(id, logit)| proto::v1::Logit { id, logit })
                 .collect(),
-            mtp_hidden: c.mtp_hidden.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            mtp_hidden: model::kv::encode(&c.mtp_hidden),
         }),
     };
     KvChunk { part: Some(part) }
