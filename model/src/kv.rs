@@ -5,7 +5,8 @@
 //!
 //! Transfer format: a row is `latent_dim` little-endian f32 values; a chunk holds whole rows
 //! of one layer starting at `first_token`; a layer's chunks come in order, layers in any
-//! order; a push is a header, the chunks of every layer, then the commit.
+//! order; a push is a header, the chunks of every layer (the MTP layer's last, when the
+//! sender ran it), then the commit (with the MTP layer's state, in the same encoding).
 
 use crate::cache::CacheLayout;
 
