@@ -30,9 +30,9 @@ impl Engine {
         let mut prev: Vec<Option<Vec<f32>>> =
             ids.iter().zip(&want).map(|(id, &k)| if k > 0 { self.seqs[id].mtp_hidden.clone() } else { None }).collect();
         for round in 0..want.iter().copied().max().unwrap_or(0) {
+            let active: Vec<usize> = (0..ids.len()).filter(|&i| want[i] > round).collect();
             if round > 0 {
                 // Run the layer over (previous output, last draft) at the draft's position.
-                let active: Vec<usize> = (0..ids.len()).filter(|&i| want[i] > round).collect();
                 let tokens: Vec<[u32; 1]> = active.iter().map(|&i| [drafts[i][round - 1].token]).collect();
                 let segments: Vec<Segment<'_>> = active
                     .iter()
@@ -61,7 +61,6 @@ impl Engine {
                     prev[i] = Some(g);
                 }
             }
-            let active: Vec<usize> = (0..ids.len()).filter(|&i| want[i] > round).collect();
             let rows: Vec<f32> =
                 active.iter().flat_map(|&i| prev[i].as_deref().expect("drafting").iter().copied()).collect();
             let logits = self.model.mtp_logits(&rows, active.len());

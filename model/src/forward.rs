@@ -306,8 +306,9 @@ impl Model {
         for (i, &t) in b.tokens.iter().enumerate() {
             self.embed.row_f32(t as usize, &mut x[i * h..(i + 1) * h]);
         }
+        let mut scratch = Scratch::new(x.len());
         for (li, layer) in self.layers.iter().enumerate() {
-            self.block(li, layer, &mut b, &mut x, cache, pass.on_layer.as_deref_mut())?;
+            self.block(li, layer, &mut b, &mut x, &mut scratch, cache, pass.on_layer.as_deref_mut())?;
         }
         let mut out = self.logits(&x, segments);
         if pass.hidden {
@@ -317,33 +318,36 @@ impl Model {
         Ok(out)
     }
 
-    /// One decoder layer over the batch's rows `x`, in place.
+    /// One decoder layer over the batch's rows `x`, in place; `scratch` is sized like `x`
+    /// and reused across layers (a prefill's activations are too large to allocate per layer).
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         li: usize,
         layer: &Layer,
         b: &mut Batch<'_>,
         x: &mut [f32],
+        scratch: &mut Scratch,
         cache: &mut LatentCache,
         on_layer: Option<&mut LayerHook<'_>>,
     ) -> Result<(), ExpertError> {
         let c = &self.config;
         let n = b.len();
-        let mut hn = x.to_vec();
-        let mut out = vec![0f32; x.len()];
-        rms_norm(&mut hn, &layer.input_norm, c.rms_norm_eps);
-        self.attention(li, &layer.attn, b, &hn, cache, &mut out);
+        let Scratch { hn, out } = scratch;
+        hn.copy_from_slice(x);
+        rms_norm(hn, &layer.input_norm, c.rms_norm_eps);
+        self.attention(li, &layer.attn, b, hn, cache, out);
         if let Some(hook) = on_layer {
             hook(li, cache);
         }
-        add(x, &out);
+        add(x, out);
         hn.copy_from_slice(x);
-        rms_norm(&mut hn, &layer.post_norm, c.rms_norm_eps);
+        rms_norm(hn, &layer.post_norm, c.rms_norm_eps);
         match &layer.ffn {
-            Ffn::Dense(mlp) => mlp.forward(&hn, n, &mut out, self.precision),
-            Ffn::Moe(moe) => self.moe(li, moe, b, &hn, &mut out)?,
+            Ffn::Dense(mlp) => mlp.forward(hn, n, out, self.precision),
+            Ffn::Moe(moe) => self.moe(li, moe, b, hn, out)?,
         }
-        add(x, &out);
+        add(x, out);
         Ok(())
     }
 
@@ -389,7 +393,7 @@ impl Model {
                     e.chunks_exact(h).zip(hp.chunks_exact(h)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
                 let mut x = vec![0f32; n * h];
                 matmul(&cat, n, 2 * h, mtp.eh_proj.weight(), h, &mut x, self.precision);
-                self.block(mtp.index, &mtp.block, &mut b, &mut x, cache, on_layer)?;
+                self.block(mtp.index, &mtp.block, &mut b, &mut x, &mut Scratch::new(n * h), cache, on_layer)?;
                 let rows = logit_rows(segments);
                 let mut hs: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
                 rms_norm(&mut hs, &mtp.head_norm, eps);
@@ -580,6 +584,18 @@ impl Model {
             add(out, &s);
         }
         Ok(())
+    }
+}
+
+/// A block's normalized input and sublayer output, `[tokens, hidden]` each.
+struct Scratch {
+    hn: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(len: usize) -> Self {
+        Scratch { hn: vec![0f32; len], out: vec![0f32; len] }
     }
 }
 
